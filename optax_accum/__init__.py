@@ -1,0 +1,15 @@
+"""optax_accum: exact gradient accumulation for Optax and Flax."""
+
+from optax_accum._accumulate import accumulate
+from optax_accum._accumulate import AccumulateState
+from optax_accum._accumulate import has_updated
+from optax_accum._chain import chain
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AccumulateState",
+    "accumulate",
+    "chain",
+    "has_updated",
+)

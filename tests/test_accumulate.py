@@ -1,0 +1,294 @@
+"""Tests for optax_accum.accumulate: equivalence, the chainable form, jit."""
+
+import chex
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_accum
+from conftest import grad_fn
+from conftest import make_problem
+from conftest import max_abs_diff
+from conftest import microbatches
+from conftest import train_accumulated
+from conftest import train_large_batch
+
+K = 5
+
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.05),
+    "sgd_nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    "lion": lambda: optax.lion(1e-3),
+    "adafactor": lambda: optax.adafactor(1e-2),
+    "rmsprop": lambda: optax.rmsprop(1e-2),
+    "clip_adamw_warmup_cosine": lambda: optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(
+            optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 10, 1e-4),
+            weight_decay=0.1,
+        ),
+    ),
+}
+
+FORMS = {
+    "inner": lambda opt: optax_accum.accumulate(K, opt),
+    "chain": lambda opt: optax_accum.chain(optax_accum.accumulate(K), opt),
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_matches_large_batch(problem, name, form):
+  params, xs, ys = problem
+  want_params, want_state = train_large_batch(OPTIMIZERS[name](), params, xs, ys)
+  tx = FORMS[form](OPTIMIZERS[name]())
+  got_params, got_state = train_accumulated(tx, params, xs, ys, lambda i: K)
+
+  chex.assert_trees_all_close(got_params, want_params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+      got_state.inner_opt_state, want_state, rtol=1e-5, atol=1e-6
+  )
+  assert int(got_state.gradient_step) == len(xs)
+  assert int(got_state.mini_step) == 0
+  # The parameters really moved: equality is not trivially at the start.
+  assert max_abs_diff(got_params, params) > 1e-3
+
+
+def test_chain_keeps_elements_before_the_accumulator_per_microbatch(problem):
+  params, xs, ys = problem
+  # scale(2) before the accumulator sees every micro-batch; its effect on
+  # the mean is the same factor 2, so this equals sgd(2 * lr) on large batch.
+  tx = optax_accum.chain(
+      optax.scale(2.0), optax_accum.accumulate(K), optax.sgd(0.05)
+  )
+  got, state = train_accumulated(tx, params, xs, ys, lambda i: K)
+  want, _ = train_large_batch(optax.sgd(0.1), params, xs, ys)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  assert isinstance(state[1], optax_accum.AccumulateState)
+
+
+def test_mid_steps_do_not_run_the_inner_update():
+  calls = []
+
+  def counting_update(updates, state, params=None):
+    del params
+    jax.debug.callback(lambda: calls.append(1))
+    return updates, state
+
+  inner = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                       counting_update)
+  tx = optax_accum.accumulate(K, inner)
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(3 * K):
+    _, state = update(jnp.ones(3), state, params)
+  jax.effects_barrier()
+  assert len(calls) == 3
+
+
+def test_extra_args_reach_the_inner_optimizer():
+  def update(updates, state, params=None, *, factor):
+    del params
+    return jax.tree.map(lambda u: factor * u, updates), state
+
+  inner = optax.GradientTransformationExtraArgs(
+      lambda p: optax.EmptyState(), update
+  )
+  tx = optax_accum.accumulate(2, inner)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  _, state = step(jnp.array([1.0, 2.0]), state, params, factor=3.0)
+  u, state = step(jnp.array([3.0, 4.0]), state, params, factor=3.0)
+  np.testing.assert_allclose(u, [6.0, 9.0])
+
+
+# The chainable form, ``inner=None``.
+
+
+def test_chainable_form_emits_zeros_then_the_mean():
+  tx = optax_accum.accumulate(3)
+  params = {"a": jnp.zeros(2), "b": jnp.zeros((), jnp.bfloat16)}
+  grads = [
+      {"a": jnp.array([1.0, -2.0]), "b": jnp.asarray(1.5, jnp.bfloat16)},
+      {"a": jnp.array([4.0, 0.5]), "b": jnp.asarray(-3.0, jnp.bfloat16)},
+      {"a": jnp.array([-2.0, 7.0]), "b": jnp.asarray(6.0, jnp.bfloat16)},
+  ]
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for i, g in enumerate(grads):
+    u, state = step(g, state, params)
+    chex.assert_trees_all_equal_dtypes(u, g)
+    if i < 2:
+      chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, g))
+      assert not bool(optax_accum.has_updated(state))
+  want = jax.tree.map(
+      lambda *x: jnp.mean(jnp.stack(x).astype(jnp.float32), 0), *grads
+  )
+  chex.assert_trees_all_close(u, optax.tree.cast_like(want, u), rtol=1e-6)
+  assert bool(optax_accum.has_updated(state))
+  chex.assert_trees_all_equal(
+      state.acc_grads, jax.tree.map(jnp.zeros_like, state.acc_grads)
+  )
+
+
+def test_chainable_form_with_sgd_matches_large_batch(problem):
+  params, xs, ys = problem
+  tx = optax.chain(optax_accum.accumulate(K), optax.sgd(0.05))
+  got, _ = train_accumulated(tx, params, xs, ys, lambda i: K)
+  want, _ = train_large_batch(optax.sgd(0.05), params, xs, ys)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt", [optax.adam, optax.adamw])
+def test_chainable_form_drifts_with_a_stateful_optimizer(problem, opt):
+  """Pins down the trap documented in `accumulate`'s warning."""
+  params, xs, ys = problem
+  want, _ = train_large_batch(opt(1e-2), params, xs, ys)
+  card, card_state = train_accumulated(
+      optax.chain(optax_accum.accumulate(K), opt(1e-2)),
+      params, xs, ys, lambda i: K,
+  )
+  exact, exact_state = train_accumulated(
+      optax_accum.chain(optax_accum.accumulate(K), opt(1e-2)),
+      params, xs, ys, lambda i: K,
+  )
+  # Adam's count advances on every mini-step in optax.chain, once per
+  # gradient step in the exact form.
+  adam_count = lambda s: int(_adam_state(s).count)
+  assert adam_count(card_state[1]) == K * len(xs)
+  assert adam_count(exact_state.inner_opt_state) == len(xs)
+  assert max_abs_diff(card, want) > 1e-2
+  assert max_abs_diff(exact, want) < 1e-5
+
+
+def _adam_state(state):
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  return next(
+      s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)
+  )
+
+
+# jit, scan, schedules.
+
+
+def test_no_recompilation_after_the_first_step():
+  params, xs, ys = make_problem(steps=3)
+  tx = optax_accum.accumulate(lambda step: jnp.where(step < 1, 2, 4),
+                              optax.adamw(1e-2))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(g, state, params):
+    return tx.update(g, state, params)
+
+  state = tx.init(params)
+  for _ in range(12):  # mid-steps, emitting steps, and a change of k
+    _, state = step(grad_fn(params, xs[0], ys[0]), state, params)
+  assert int(state.gradient_step) == 1 + 2  # k=2 once, then k=4 twice
+
+
+def test_state_dtypes_are_stable_and_scan_accepts_the_state():
+  params, xs, ys = make_problem(steps=4, batch=20)
+  tx = optax_accum.accumulate(K, optax.adamw(1e-2))
+  state = tx.init(params)
+  _, new_state = jax.jit(tx.update)(grad_fn(params, xs[0], ys[0]), state,
+                                    params)
+  chex.assert_trees_all_equal_dtypes(new_state, state)
+  chex.assert_trees_all_equal_shapes(new_state, state)
+
+  micro_x = xs.reshape(-1, 4, xs.shape[-1])
+  micro_y = ys.reshape(-1, 4, ys.shape[-1])
+
+  def body(carry, batch):
+    params, state = carry
+    updates, state = tx.update(grad_fn(params, *batch), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  (scanned, scan_state), _ = jax.jit(
+      lambda c: lax.scan(body, c, (micro_x, micro_y))
+  )((params, state))
+  looped, loop_state = train_accumulated(tx, params, xs, ys, lambda i: K)
+  chex.assert_trees_all_close(scanned, looped, rtol=1e-6, atol=1e-7)
+  assert int(scan_state.gradient_step) == int(loop_state.gradient_step) == 4
+
+
+def test_varying_every_k_schedule_matches_large_batches():
+  params, xs, ys = make_problem(steps=6, batch=24)
+  k_of_step = lambda step: jnp.where(step < 3, 2, 4)
+  tx = optax_accum.accumulate(k_of_step, optax.adam(1e-2))
+  got, state = train_accumulated(
+      tx, params, xs, ys, lambda i: int(k_of_step(i))
+  )
+  want, _ = train_large_batch(optax.adam(1e-2), params, xs, ys)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  assert int(state.gradient_step) == 6
+
+
+def test_float_schedule_is_rounded():
+  tx = optax_accum.accumulate(optax.constant_schedule(3.0))
+  params = jnp.zeros(())
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(jnp.ones(()), state, params)
+  assert int(state.gradient_step) == 1
+
+
+# Errors.
+
+
+@pytest.mark.parametrize(
+    "k, error",
+    [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError),
+     (None, TypeError), ("5", TypeError)],
+)
+def test_bad_every_k_schedule_raises_naming_the_value(k, error):
+  with pytest.raises(error, match=r"every_k_schedule.*" + repr(k)[:2]):
+    optax_accum.accumulate(k)
+
+
+def test_schedule_returning_zero_raises_at_construction():
+  with pytest.raises(ValueError, match="every_k_schedule.*>= 1"):
+    optax_accum.accumulate(lambda step: 0 * step)
+
+
+def test_schedule_returning_a_vector_raises():
+  with pytest.raises(ValueError, match="scalar"):
+    optax_accum.accumulate(lambda step: jnp.array([2, 2]))
+
+
+def test_updates_with_another_structure_raise():
+  tx = optax_accum.accumulate(2)
+  state = tx.init({"a": jnp.zeros(2), "b": jnp.zeros(3)})
+  with pytest.raises(ValueError, match="structure") as info:
+    tx.update({"a": jnp.zeros(2)}, state)
+  assert "'b'" in str(info.value)
+
+
+def test_updates_with_another_shape_raise():
+  tx = optax_accum.accumulate(2)
+  state = tx.init({"a": jnp.zeros(2)})
+  with pytest.raises(ValueError, match=r"\['a'\] has shape \(3,\)"):
+    tx.update({"a": jnp.zeros(3)}, state)
+
+
+def test_integer_params_are_rejected_by_name():
+  tx = optax_accum.accumulate(2)
+  with pytest.raises(TypeError, match=r"\['step'\] has dtype int32"):
+    tx.init({"w": jnp.zeros(2), "step": jnp.zeros((), jnp.int32)})
+
+
+def test_has_updated_finds_the_state_in_a_chain_and_raises_without_it():
+  tx = optax.chain(optax.scale(1.0), optax_accum.accumulate(1))
+  state = tx.init(jnp.zeros(2))
+  assert not bool(optax_accum.has_updated(state))
+  _, state = tx.update(jnp.ones(2), state)
+  assert bool(optax_accum.has_updated(state))
+  with pytest.raises(ValueError, match="no AccumulateState"):
+    optax_accum.has_updated(optax.adam(1e-3).init(jnp.zeros(2)))
