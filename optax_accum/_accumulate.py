@@ -414,7 +414,9 @@ def has_updated(opt_state: Any) -> jax.Array:
   for node in jax.tree.leaves(opt_state, is_leaf=is_acc):
     if is_acc(node):
       flag = node.has_updated
-      return jnp.asarray(getattr(flag, 'value', flag))
+      if hasattr(flag, 'get_value'):  # a Flax nnx.Variable
+        flag = flag.get_value()
+      return jnp.asarray(flag)
   raise ValueError(
       'has_updated found no AccumulateState in `opt_state` (a '
       f'{type(opt_state).__name__}). Pass the state of an optimizer built '

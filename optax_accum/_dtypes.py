@@ -36,9 +36,14 @@ def canonical_accumulator_dtype(
 
 def default_accumulator_dtype(param_dtype: jnp.dtype) -> jnp.dtype:
   """float32, or the param dtype when it is wider (float64 under x64)."""
-  return jax.dtypes.canonicalize_dtype(
-      jnp.promote_types(param_dtype, jnp.float32)
-  )
+  param_dtype = jnp.dtype(param_dtype)
+  if jnp.issubdtype(param_dtype, jnp.complexfloating):
+    floor = jnp.dtype(jnp.complex64)
+  else:
+    floor = jnp.dtype(jnp.float32)
+  if param_dtype.itemsize >= floor.itemsize:
+    return jax.dtypes.canonicalize_dtype(param_dtype)
+  return floor
 
 
 def accumulator_zeros(params, accumulator_dtype: Optional[jnp.dtype]):

@@ -1,0 +1,112 @@
+"""Accumulator dtypes and the dtypes of emitted updates and state."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_accum
+
+FLOATS = [jnp.float32, jnp.float16, jnp.bfloat16]
+
+
+def _grads(k, shape, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=shape) + 1.0, dtype) for _ in range(k)]
+
+
+def _run(tx, params, grads):
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    u, state = step(g, state, params)
+    outs.append(u)
+  return outs, state
+
+
+def test_bf16_grads_accumulate_in_float32():
+  k = 64
+  params = jnp.zeros(256, jnp.bfloat16)
+  grads = _grads(k, params.shape, jnp.bfloat16)
+  outs, state = _run(optax_accum.accumulate(k), params, grads)
+  assert state.acc_grads.dtype == jnp.float32
+  want = jnp.mean(jnp.stack(grads).astype(jnp.float32), 0).astype(jnp.bfloat16)
+  assert outs[-1].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(outs[-1], want)
+  # A bf16 accumulator loses that exactness on the same data.
+  bf16_outs, _ = _run(
+      optax_accum.accumulate(k, accumulator_dtype=jnp.bfloat16), params, grads
+  )
+  assert not np.array_equal(bf16_outs[-1], want)
+
+
+def test_float64_params_accumulate_in_float64_under_x64():
+  with jax.enable_x64(True):
+    params = jnp.zeros(8, jnp.float64)
+    grads = [g + 1e-12 for g in _grads(4, (8,), jnp.float64)]
+    outs, state = _run(optax_accum.accumulate(4), params, grads)
+    assert state.acc_grads.dtype == jnp.float64
+    assert outs[-1].dtype == jnp.float64
+    np.testing.assert_allclose(
+        outs[-1], np.mean(np.stack(grads), 0), rtol=1e-14
+    )
+
+
+def test_explicit_float64_is_float32_without_x64():
+  state = optax_accum.accumulate(2, accumulator_dtype=jnp.float64).init(
+      jnp.zeros(2)
+  )
+  assert state.acc_grads.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bad", [jnp.int32, "not-a-dtype", bool])
+def test_non_float_accumulator_dtype_raises(bad):
+  with pytest.raises(TypeError, match="accumulator_dtype"):
+    optax_accum.accumulate(2, accumulator_dtype=bad)
+
+
+@pytest.mark.parametrize(
+    "param_dtype, grad_dtype", list(itertools.product(FLOATS, FLOATS))
+)
+def test_updates_have_the_bare_optimizers_dtype(param_dtype, grad_dtype):
+  k = 3
+  params = {"w": jnp.ones((4, 2), param_dtype), "b": jnp.ones(2, param_dtype)}
+  grads = [
+      {"w": jnp.full((4, 2), 0.5, grad_dtype), "b": jnp.full(2, 0.5, grad_dtype)}
+      for _ in range(k)
+  ]
+  bare = optax.adamw(1e-3)
+  want, _ = bare.update(grads[0], bare.init(params), params)
+  outs, state = _run(
+      optax_accum.accumulate(k, optax.adamw(1e-3)), params, grads
+  )
+  for u in outs:  # mid-step zeros and the emitted update alike
+    chex.assert_trees_all_equal_dtypes(u, want)
+  # Every state leaf keeps its dtype across steps.
+  chex.assert_trees_all_equal_dtypes(
+      state, optax_accum.accumulate(k, optax.adamw(1e-3)).init(params)
+  )
+
+
+@pytest.mark.parametrize(
+    "param_dtype, grad_dtype", list(itertools.product(FLOATS, FLOATS))
+)
+def test_chainable_form_promotes_nothing_under_strict_promotion(
+    param_dtype, grad_dtype
+):
+  params = jnp.ones(3, param_dtype)
+  grads = [jnp.full(3, 0.25, grad_dtype) for _ in range(2)]
+  with jax.numpy_dtype_promotion("strict"):
+    outs, state = _run(optax_accum.accumulate(2), params, grads)
+    # weights and flush too
+    tx = optax_accum.accumulate(2)
+    s = tx.init(params)
+    u, s = tx.update(grads[0], s, params, weight=3.0, flush=True)
+  assert all(u.dtype == grad_dtype for u in outs)
+  assert state.acc_grads.dtype == jnp.float32
+  assert u.dtype == grad_dtype
