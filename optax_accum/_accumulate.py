@@ -25,6 +25,10 @@ class AccumulateState(NamedTuple):
       ``every_k_schedule`` is evaluated on it.
     acc_grads: pytree shaped like the params, ``sum_i w_i g_i`` over the
       accepted micro-batches of the current window, in the accumulator dtype.
+      When ``mini_step`` is 0 the window is empty and ``acc_grads`` still
+      holds the sum of the window emitted last (zeros after ``init``); the
+      next accepted micro-batch overwrites it in the same pass that would
+      add to it, so the reset costs no memory pass of its own.
     acc_weight: float32 scalar, ``sum_i w_i`` over the accepted micro-batches
       of the current window (the number of micro-batches when no ``weight``
       is passed).
@@ -299,11 +303,16 @@ def accumulate(
     if flush is not None:
       emit = emit | (jnp.asarray(flush, jnp.bool_) & (mini_step > 0))
 
+    # A new window starts from the first accepted micro-batch: the previous
+    # window's sum is overwritten here rather than zeroed on emission, so the
+    # reset costs no pass of its own.
+    fresh = state.mini_step == 0
+
     def add(acc, g):
       g = g.astype(acc.dtype)
       if weight is not None:
         g = g * weight.astype(acc.dtype)
-      return jnp.where(accept, acc + g, acc)
+      return jnp.where(accept, jnp.where(fresh, g, acc + g), acc)
 
     def mean_of(acc_grads):
       scale = jnp.where(acc_weight > 0, acc_weight, 1.0)
@@ -317,8 +326,15 @@ def accumulate(
         inner_update, updates, state.inner_opt_state, params
     )
 
-    def emit_branch(acc_grads, updates, inner_state, params, grad_norm):
-      acc_grads = jax.tree.map(add, acc_grads, updates)
+    # The sum is formed outside the conditional, in one fused pass that XLA
+    # writes in place into the donated accumulator, and the conditional does
+    # not return it: a conditional that returns a buffer it also reads gets
+    # a full-size copy. The inner state passes through the mid-step branch
+    # untouched, which XLA aliases without a copy (benchmarks/step_cost.py).
+    acc_grads = jax.tree.map(add, state.acc_grads, updates)
+
+    def emit_branch(acc_grads, inner_state, params, grad_norm):
+      del grad_norm
       mean = mean_of(acc_grads)
       new_updates, new_inner = inner_update(mean, inner_state, params)
       new_inner = jax.tree.map(
@@ -326,24 +342,21 @@ def accumulate(
           new_inner,
           inner_state,
       )
-      zeros = jax.tree.map(jnp.zeros_like, acc_grads)
       grad_norm = optax.tree.norm(mean).astype(jnp.float32)
-      return new_updates, zeros, new_inner, grad_norm
+      return new_updates, new_inner, grad_norm
 
-    def mid_branch(acc_grads, updates, inner_state, params, grad_norm):
-      del params
-      acc_grads = jax.tree.map(add, acc_grads, updates)
+    def mid_branch(acc_grads, inner_state, params, grad_norm):
+      del acc_grads, params
       zeros = jax.tree.map(
           lambda s: jnp.zeros(s.shape, s.dtype), out_shape
       )
-      return zeros, acc_grads, inner_state, grad_norm
+      return zeros, inner_state, grad_norm
 
-    new_updates, acc_grads, inner_state, grad_norm = lax.cond(
+    new_updates, inner_state, grad_norm = lax.cond(
         emit,
         emit_branch,
         mid_branch,
-        state.acc_grads,
-        updates,
+        acc_grads,
         state.inner_opt_state,
         params,
         state.grad_norm,
