@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_accum import _dtypes
+from optax_accum import _accumulator
 
 ScheduleLike = Union[int, Callable[[jax.Array], jax.typing.ArrayLike]]
 
@@ -24,11 +24,15 @@ class AccumulateState(NamedTuple):
     gradient_step: int32 scalar, the number of updates emitted so far. The
       ``every_k_schedule`` is evaluated on it.
     acc_grads: pytree shaped like the params, ``sum_i w_i g_i`` over the
-      accepted micro-batches of the current window, in the accumulator dtype.
+      accepted micro-batches of the current window, in the accumulator dtype
+      (bfloat16 in the ``"kahan_bfloat16"`` mode).
       When ``mini_step`` is 0 the window is empty and ``acc_grads`` still
       holds the sum of the window emitted last (zeros after ``init``); the
       next accepted micro-batch overwrites it in the same pass that would
       add to it, so the reset costs no memory pass of its own.
+    acc_compensation: ``None``, or in the ``"kahan_bfloat16"`` mode a
+      bfloat16 pytree shaped like ``acc_grads`` holding Kahan's running
+      error term; the window's sum is ``acc_grads - acc_compensation``.
     acc_weight: float32 scalar, ``sum_i w_i`` over the accepted micro-batches
       of the current window (the number of micro-batches when no ``weight``
       is passed).
@@ -46,6 +50,7 @@ class AccumulateState(NamedTuple):
   mini_step: jax.Array
   gradient_step: jax.Array
   acc_grads: optax.Updates
+  acc_compensation: Optional[optax.Updates]
   acc_weight: jax.Array
   has_updated: jax.Array
   num_rejected: jax.Array
@@ -138,7 +143,11 @@ def _check_weight(weight):
       raise ValueError(
           f'`weight` must be a finite number >= 0, but got {weight!r}.'
       )
-  return jnp.asarray(weight, jnp.float32)
+    return jnp.asarray(weight, jnp.float32)
+  # A traced weight cannot raise; a bad one makes the window's update NaN
+  # rather than a silently wrong mean.
+  weight = jnp.asarray(weight, jnp.float32)
+  return jnp.where((weight >= 0) & jnp.isfinite(weight), weight, jnp.nan)
 
 
 def _no_skip(updates, gradient_step, params):
@@ -213,7 +222,10 @@ def accumulate(
     accumulator_dtype: dtype of ``acc_grads``. ``None`` (default) means, per
       leaf, float32 or the param dtype when it is wider (float64 under
       ``jax_enable_x64``), so bfloat16 and float16 gradients accumulate in
-      float32. An explicit dtype is used for every leaf.
+      float32. An explicit floating dtype (float32, float64, bfloat16) is
+      used for every leaf. ``"kahan_bfloat16"`` keeps a bfloat16 sum and a
+      bfloat16 Kahan error term (4 bytes per param, as float32; see
+      ``benchmarks/precision.py`` for its error).
     should_skip_update_fn: optional function with the protocol of
       ``optax.MultiSteps``' (``optax.skip_not_finite``,
       ``optax.skip_large_updates``): ``fn(updates, gradient_step, params) ->
@@ -226,7 +238,9 @@ def accumulate(
     weight=None, flush=None, **extra_args)`` takes updates shaped like the
     params (any float dtype) and returns ``(updates, state)``. ``weight`` is a
     non-negative scalar, the number of items (tokens, samples) the micro-batch
-    gradient averages over; ``flush`` is a bool scalar that, when true, emits
+    gradient averages over (a traced negative or non-finite weight makes
+    that window's update NaN, since it cannot raise); ``flush`` is a bool
+    scalar that, when true, emits
     what the window holds now (normalised by its actual weight) and starts a
     new window. A flush of an empty window emits nothing. A window of total
     weight 0 emits a zero mean. Other ``extra_args`` reach ``inner``.
@@ -260,11 +274,11 @@ def accumulate(
   inner_tx = optax.with_extra_args_support(
       optax.identity() if inner is None else inner
   )
-  acc_dtype = _dtypes.canonical_accumulator_dtype(accumulator_dtype)
+  acc_dtype = _accumulator.canonical_accumulator_dtype(accumulator_dtype)
   skip_fn = _no_skip if should_skip_update_fn is None else should_skip_update_fn
 
   def init_fn(params):
-    acc_grads = _dtypes.accumulator_zeros(params, acc_dtype)
+    acc_grads, acc_compensation = _accumulator.init(params, acc_dtype)
     gradient_step = jnp.zeros([], jnp.int32)
     _, skip_state = skip_fn(
         optax.tree.zeros_like(params), gradient_step, params
@@ -273,6 +287,7 @@ def accumulate(
         mini_step=jnp.zeros([], jnp.int32),
         gradient_step=gradient_step,
         acc_grads=acc_grads,
+        acc_compensation=acc_compensation,
         acc_weight=jnp.zeros([], jnp.float32),
         has_updated=jnp.zeros([], jnp.bool_),
         num_rejected=jnp.zeros([], jnp.int32),
@@ -303,20 +318,10 @@ def accumulate(
     if flush is not None:
       emit = emit | (jnp.asarray(flush, jnp.bool_) & (mini_step > 0))
 
-    # A new window starts from the first accepted micro-batch: the previous
-    # window's sum is overwritten here rather than zeroed on emission, so the
-    # reset costs no pass of its own.
-    fresh = state.mini_step == 0
-
-    def add(acc, g):
-      g = g.astype(acc.dtype)
-      if weight is not None:
-        g = g * weight.astype(acc.dtype)
-      return jnp.where(accept, jnp.where(fresh, g, acc + g), acc)
-
-    def mean_of(acc_grads):
+    def mean_of(acc_grads, acc_compensation):
+      acc_sum = _accumulator.total(acc_grads, acc_compensation)
       scale = jnp.where(acc_weight > 0, acc_weight, 1.0)
-      mean = jax.tree.map(lambda a: a / scale.astype(a.dtype), acc_grads)
+      mean = jax.tree.map(lambda a: a / scale.astype(a.dtype), acc_sum)
       return optax.tree.cast_like(mean, updates)
 
     def inner_update(mean, inner_state, params):
@@ -331,11 +336,21 @@ def accumulate(
     # not return it: a conditional that returns a buffer it also reads gets
     # a full-size copy. The inner state passes through the mid-step branch
     # untouched, which XLA aliases without a copy (benchmarks/step_cost.py).
-    acc_grads = jax.tree.map(add, state.acc_grads, updates)
+    # A new window starts from its first accepted micro-batch: the previous
+    # window's sum is overwritten in that same pass (`fresh`) rather than
+    # zeroed on emission, so the reset costs no pass of its own.
+    acc_grads, acc_compensation = _accumulator.add(
+        state.acc_grads,
+        state.acc_compensation,
+        updates,
+        weight,
+        accept,
+        fresh=state.mini_step == 0,
+    )
 
-    def emit_branch(acc_grads, inner_state, params, grad_norm):
+    def emit_branch(acc, inner_state, params, grad_norm):
       del grad_norm
-      mean = mean_of(acc_grads)
+      mean = mean_of(*acc)
       new_updates, new_inner = inner_update(mean, inner_state, params)
       new_inner = jax.tree.map(
           lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
@@ -345,8 +360,8 @@ def accumulate(
       grad_norm = optax.tree.norm(mean).astype(jnp.float32)
       return new_updates, new_inner, grad_norm
 
-    def mid_branch(acc_grads, inner_state, params, grad_norm):
-      del acc_grads, params
+    def mid_branch(acc, inner_state, params, grad_norm):
+      del acc, params
       zeros = jax.tree.map(
           lambda s: jnp.zeros(s.shape, s.dtype), out_shape
       )
@@ -356,7 +371,7 @@ def accumulate(
         emit,
         emit_branch,
         mid_branch,
-        acc_grads,
+        (acc_grads, acc_compensation),
         state.inner_opt_state,
         params,
         state.grad_norm,
@@ -369,6 +384,7 @@ def accumulate(
             state.gradient_step,
         ),
         acc_grads=acc_grads,
+        acc_compensation=acc_compensation,
         acc_weight=jnp.where(emit, 0.0, acc_weight),
         has_updated=emit,
         num_rejected=state.num_rejected + skip.astype(jnp.int32),

@@ -1,5 +1,7 @@
 """Tests for optax_accum.accumulate: equivalence, the chainable form, jit."""
 
+import re
+
 import chex
 import jax
 from jax import lax
@@ -90,6 +92,39 @@ def test_mid_steps_do_not_run_the_inner_update():
     _, state = update(jnp.ones(3), state, params)
   jax.effects_barrier()
   assert len(calls) == 3
+
+
+def _full_size_copies(tx, params):
+  """`copy` ops of param-shaped buffers in the donated, compiled step."""
+
+  def step(state, grads, params):
+    updates, state = tx.update(grads, state, params)
+    return state, updates
+
+  hlo = (
+      jax.jit(step, donate_argnums=0)
+      .lower(tx.init(params), params, params)
+      .compile()
+      .as_text()
+  )
+  shapes = "|".join(",".join(map(str, p.shape)) for p in params.values())
+  return re.findall(rf"f32\[(?:{shapes})\]\{{[\d,]*\}} copy\(", hlo)
+
+
+def test_compiled_step_copies_no_full_size_buffer():
+  """Issue 3: the accumulator and AdamW's moments are updated in place."""
+  # Distinct shapes, so XLA cannot share one zeros buffer between leaves.
+  params = {"w": jnp.zeros((37, 41)), "b": jnp.zeros(43)}
+  assert _full_size_copies(
+      optax_accum.accumulate(K, optax.adamw(1e-3)), params
+  ) == []
+  assert _full_size_copies(
+      optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-3)), params
+  ) == []
+  # The detector finds the copies that optax.MultiSteps' select makes.
+  assert _full_size_copies(
+      optax.MultiSteps(optax.adamw(1e-3), K).gradient_transformation(), params
+  )
 
 
 def test_extra_args_reach_the_inner_optimizer():

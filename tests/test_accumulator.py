@@ -1,4 +1,4 @@
-"""Accumulator dtypes and the dtypes of emitted updates and state."""
+"""The accumulator: dtypes, the Kahan mode, dtypes of emitted updates."""
 
 import itertools
 
@@ -110,3 +110,39 @@ def test_chainable_form_promotes_nothing_under_strict_promotion(
   assert all(u.dtype == grad_dtype for u in outs)
   assert state.acc_grads.dtype == jnp.float32
   assert u.dtype == grad_dtype
+
+
+# The compensated bfloat16 mode.
+
+
+def _window_errors(accumulator_dtype, k, seed=0, n=4096):
+  """Per-element abs error of the emitted mean against a float64 mean.
+
+  Also returns sum_i |g_i| per element, the scale of Kahan's error bound.
+  """
+  rng = np.random.default_rng(seed)
+  grads = [jnp.asarray(rng.normal(size=n), jnp.bfloat16) for _ in range(k)]
+  outs, state = _run(
+      optax_accum.accumulate(k, accumulator_dtype=accumulator_dtype),
+      jnp.zeros(n, jnp.float32),
+      [g.astype(jnp.float32) for g in grads],
+  )
+  g64 = np.stack([np.asarray(g, np.float64) for g in grads])
+  err = np.abs(np.asarray(outs[-1], np.float64) - g64.mean(0))
+  return err, np.abs(g64).sum(0), state
+
+
+@pytest.mark.parametrize("k", [64, 256])
+def test_kahan_bfloat16_error_bound_on_a_long_window(k):
+  kahan, abs_sum, state = _window_errors("kahan_bfloat16", k)
+  plain, _, _ = _window_errors(jnp.bfloat16, k)
+  f32, _, _ = _window_errors(jnp.float32, k)
+  assert state.acc_grads.dtype == jnp.bfloat16
+  assert state.acc_compensation.dtype == jnp.bfloat16
+  # Each step the error term c (|c| <= ulp(s) / 2 <= |s| 2^-8) is stored in
+  # bf16 (relative rounding 2^-9), so the sum drifts by at most
+  # |s| 2^-17 <= sum_i |g_i| 2^-17 per step; k steps, divided by k for the
+  # mean: |error of the mean| <= sum_i |g_i| 2^-17.
+  assert np.all(kahan <= abs_sum * 2.0**-17), np.max(kahan / abs_sum)
+  assert kahan.max() < plain.max() / 100
+  assert f32.max() < kahan.max()
