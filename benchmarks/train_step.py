@@ -12,7 +12,7 @@ Both steps donate params and optimizer state. Reports the median time of a
 micro-step (mid and emitting), the time per 8b sequences, and XLA's temp
 bytes (activations and workspace) from `compile().memory_analysis()`.
 
-  python benchmarks/train_step.py [--micro-batch 2] [--seq 32] [--rounds 3]
+  python benchmarks/train_step.py [--micro-batch 2] [--seq 128] [--rounds 2]
 """
 
 import argparse
@@ -104,8 +104,8 @@ def measure(name, tx, batch, steps_per_window, rounds, args):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--micro-batch", type=int, default=2)
-  parser.add_argument("--seq", type=int, default=32)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
   args = parser.parse_args()
   b = args.micro_batch
