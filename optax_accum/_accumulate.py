@@ -172,6 +172,7 @@ def accumulate(
     *,
     accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
     should_skip_update_fn: Optional[optax.ShouldSkipUpdateFunction] = None,
+    axis_name: Optional[Union[str, tuple[str, ...]]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulates micro-batch gradients and emits their mean every k mini-steps.
 
@@ -233,6 +234,18 @@ def accumulate(
       ``optax.skip_large_updates``): ``fn(updates, gradient_step, params) ->
       (bool scalar, skip_state)``. A micro-batch for which it returns true adds
       no gradient, no weight and no mini-step; ``num_rejected`` counts it.
+    axis_name: for code inside ``jax.shard_map`` or ``jax.pmap``: the mapped
+      axis (or axes) over which data-parallel gradients are reduced, as in
+      ``jax.lax.psum``. Callers pass each device's local, unreduced
+      micro-batch gradient; the accumulator sums locally and reduces the sum
+      and the weight across ``axis_name`` once per gradient step, inside the
+      emitting branch (PyTorch's ``no_sync``), so mid-steps run no
+      collective. Each device keeps its own ``acc_grads``, so the state is
+      per-device (stack it along the mapped axis). With ``axis_name`` a
+      rejected micro-batch still counts as a mini-step, so every device
+      emits on the same mini-step without communicating; it adds no
+      gradient and no weight, and the mean renormalizes over the weight
+      accepted on all devices.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``init(params)`` returns
@@ -315,14 +328,20 @@ def accumulate(
     accept = jnp.logical_not(skip)
     step_weight = jnp.ones([], jnp.float32) if weight is None else weight
     acc_weight = state.acc_weight + jnp.where(accept, step_weight, 0.0)
-    mini_step = state.mini_step + accept.astype(jnp.int32)
+    if axis_name is None:
+      mini_step = state.mini_step + accept.astype(jnp.int32)
+    else:
+      mini_step = state.mini_step + 1
     emit = mini_step >= k
     if flush is not None:
       emit = emit | (jnp.asarray(flush, jnp.bool_) & (mini_step > 0))
 
     def mean_of(acc_grads, acc_compensation):
       acc_sum = _accumulator.total(acc_grads, acc_compensation)
-      scale = jnp.where(acc_weight > 0, acc_weight, 1.0)
+      total_weight = acc_weight
+      if axis_name is not None:  # the one reduction of the gradient step
+        acc_sum, total_weight = lax.psum((acc_sum, acc_weight), axis_name)
+      scale = jnp.where(total_weight > 0, total_weight, 1.0)
       mean = jax.tree.map(lambda a: a / scale.astype(a.dtype), acc_sum)
       return optax.tree.cast_like(mean, updates)
 
@@ -402,6 +421,7 @@ def accumulate(
       new_inner,
       accumulator_dtype=accumulator_dtype,
       should_skip_update_fn=should_skip_update_fn,
+      axis_name=axis_name,
   )
   tx.inner = inner
   return tx

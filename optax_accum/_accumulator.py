@@ -97,7 +97,8 @@ def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
     weight: None (1) or a float32 scalar.
     accept: bool scalar; false leaves the accumulator as it is.
     fresh: bool scalar; true means the window is empty and the old sums are
-      dropped (overwritten in the same pass, never zeroed separately).
+      dropped (overwritten in the same pass, never zeroed separately; with
+      zeros when the micro-batch is rejected).
 
   Returns:
     `(acc_grads, acc_compensation)`.
@@ -111,7 +112,10 @@ def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
 
     def plain(acc, g):
       g = weighted(g, acc.dtype)
-      return jnp.where(accept, jnp.where(fresh, g, acc + g), acc)
+      zero = jnp.zeros([], acc.dtype)
+      return jnp.where(
+          fresh, jnp.where(accept, g, zero), jnp.where(accept, acc + g, acc)
+      )
 
     return jax.tree.map(plain, acc_grads, updates), None
 
@@ -122,7 +126,11 @@ def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
     y = weighted(g, jnp.float32) - c
     t = (s + y).astype(acc.dtype)
     new_comp = ((t.astype(jnp.float32) - s) - y).astype(comp.dtype)
-    return jnp.where(accept, t, acc), jnp.where(accept, new_comp, comp)
+    # Rejected: keep the sums, or drop them when the window is empty.
+    return (
+        jnp.where(accept, t, s.astype(acc.dtype)),
+        jnp.where(accept, new_comp, c.astype(comp.dtype)),
+    )
 
   treedef = jax.tree.structure(acc_grads)
   pairs = [
