@@ -155,6 +155,24 @@ def _no_skip(updates, gradient_step, params):
   return jnp.zeros([], jnp.bool_), ()
 
 
+def _zeros_like_output(out_shape, updates):
+  """Zeros with the structure and dtypes of `out_shape`.
+
+  Made with `zeros_like` of the same-shaped incoming update where there is
+  one, so the zeros carry its sharding (explicit-sharding meshes type the
+  branches of `lax.cond` by sharding too).
+  """
+  if jax.tree.structure(out_shape) != jax.tree.structure(updates):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+  def zeros(s, g):
+    if jnp.shape(g) == s.shape:
+      return jnp.zeros_like(g, dtype=s.dtype)
+    return jnp.zeros(s.shape, s.dtype)
+
+  return jax.tree.map(zeros, out_shape, updates)
+
+
 def _strong_types(tree):
   """Gives every array leaf a strong dtype, so jit sees one signature."""
 
@@ -383,10 +401,7 @@ def accumulate(
 
     def mid_branch(acc, inner_state, params, grad_norm):
       del acc, params
-      zeros = jax.tree.map(
-          lambda s: jnp.zeros(s.shape, s.dtype), out_shape
-      )
-      return zeros, inner_state, grad_norm
+      return _zeros_like_output(out_shape, updates), inner_state, grad_norm
 
     new_updates, inner_state, grad_norm = lax.cond(
         emit,

@@ -79,7 +79,7 @@ def init(params, accumulator_dtype):
       dtype = jnp.bfloat16
     else:
       dtype = accumulator_dtype or default_accumulator_dtype(dtype)
-    return jnp.zeros(jnp.shape(p), dtype)
+    return jnp.zeros_like(p, dtype=dtype)  # keeps the param's sharding
 
   acc_grads = jax.tree.map_with_path(zeros, params)
   if accumulator_dtype == KAHAN_BFLOAT16:

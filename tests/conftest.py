@@ -1,10 +1,18 @@
 """Shared helpers: a small regression problem and large-batch references."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import pytest
+import os
+
+# Eight host CPU devices for the sharding and shard_map tests; must be set
+# before JAX starts.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 # optax itself relies on standard promotion (adam's bias correction mixes a
 # Python float with an int32 count), so strict promotion is switched on only
