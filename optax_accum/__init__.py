@@ -4,6 +4,7 @@ from optax_accum._accumulate import accumulate
 from optax_accum._accumulate import AccumulateState
 from optax_accum._accumulate import has_updated
 from optax_accum._chain import chain
+from optax_accum._checkpoint import restore_checkpoint
 
 __version__ = "0.1.0"
 
@@ -12,4 +13,5 @@ __all__ = (
     "accumulate",
     "chain",
     "has_updated",
+    "restore_checkpoint",
 )

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from optax_accum import _accumulator
+from optax_accum import _checkpoint_registry
 
 ScheduleLike = Union[int, Callable[[jax.Array], jax.typing.ArrayLike]]
 
@@ -23,6 +24,9 @@ class AccumulateState(NamedTuple):
       current window (0 after an emitting mini-step).
     gradient_step: int32 scalar, the number of updates emitted so far. The
       ``every_k_schedule`` is evaluated on it.
+    every_k: int32 scalar, the k of the current window,
+      ``every_k_schedule(gradient_step)``; a restore checks it
+      (:func:`optax_accum.restore_checkpoint`).
     acc_grads: pytree shaped like the params, ``sum_i w_i g_i`` over the
       accepted micro-batches of the current window, in the accumulator dtype
       (bfloat16 in the ``"kahan_bfloat16"`` mode).
@@ -49,6 +53,7 @@ class AccumulateState(NamedTuple):
 
   mini_step: jax.Array
   gradient_step: jax.Array
+  every_k: jax.Array
   acc_grads: optax.Updates
   acc_compensation: Optional[optax.Updates]
   acc_weight: jax.Array
@@ -316,9 +321,11 @@ def accumulate(
     _, skip_state = skip_fn(
         optax.tree.zeros_like(params), gradient_step, params
     )
+    _checkpoint_registry.record(schedule)
     return AccumulateState(
         mini_step=jnp.zeros([], jnp.int32),
         gradient_step=gradient_step,
+        every_k=schedule(gradient_step),
         acc_grads=acc_grads,
         acc_compensation=acc_compensation,
         acc_weight=jnp.zeros([], jnp.float32),
@@ -412,13 +419,13 @@ def accumulate(
         params,
         state.grad_norm,
     )
+    gradient_step = jnp.where(
+        emit, optax.safe_increment(state.gradient_step), state.gradient_step
+    )
     new_state = AccumulateState(
         mini_step=jnp.where(emit, 0, mini_step),
-        gradient_step=jnp.where(
-            emit,
-            optax.safe_increment(state.gradient_step),
-            state.gradient_step,
-        ),
+        gradient_step=gradient_step,
+        every_k=jnp.where(emit, schedule(gradient_step), k),
         acc_grads=acc_grads,
         acc_compensation=acc_compensation,
         acc_weight=jnp.where(emit, 0.0, acc_weight),

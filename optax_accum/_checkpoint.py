@@ -1,0 +1,136 @@
+"""Restoring an optimizer state with accumulation from an orbax checkpoint."""
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import optax
+
+from optax_accum import _accumulate
+from optax_accum import _checkpoint_registry
+
+
+def _path_name(entry) -> str:
+  for attr in ("name", "key", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _flat(tree, is_leaf=None) -> dict[tuple[str, ...], Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {tuple(_path_name(e) for e in path): x for path, x in leaves}
+
+
+def _check_against_metadata(saved_tree, abstract_state, path):
+  """Raises ValueError where the checkpoint and the target disagree."""
+  is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  saved = _flat(saved_tree, is_leaf=is_meta)
+  want = _flat(abstract_state)
+  missing = sorted(set(want) - set(saved))
+  extra = sorted(set(saved) - set(want))
+  if missing or extra:
+    show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) or "none"
+    raise ValueError(
+        f"The checkpoint at {path} holds an optimizer state of another "
+        "structure than `tx.init(params)`: the optimizer, the params or the "
+        "accumulate(...) configuration differ. "
+        f"Missing from the checkpoint: {show(missing)}. "
+        f"Not in this optimizer's state: {show(extra)}."
+    )
+  for key, target in want.items():
+    meta = saved[key]
+    if tuple(meta.shape) != tuple(target.shape) or np.dtype(
+        meta.dtype) != np.dtype(target.dtype):
+      raise ValueError(
+          f"The checkpoint at {path} holds {'/'.join(key)} as "
+          f"{np.dtype(meta.dtype).name}{list(meta.shape)}, but this "
+          f"optimizer's state has {np.dtype(target.dtype).name}"
+          f"{list(target.shape)}. This is because the params or the "
+          "accumulator_dtype differ from the run that saved it; restoring "
+          "would cast or fail silently."
+      )
+
+
+def restore_checkpoint(
+    path: str,
+    tx: optax.GradientTransformation,
+    params: optax.Params,
+    checkpointer: Optional[Any] = None,
+) -> Any:
+  """Restores an optimizer state saved with orbax, checked against ``tx``.
+
+  Save the optimizer state as its own orbax item, for example
+  ``orbax.checkpoint.StandardCheckpointer().save(path, opt_state)``, at any
+  mini-step, also in the middle of a window. This function reads the
+  checkpoint's metadata, compares it with ``jax.eval_shape(tx.init, params)``
+  leaf by leaf (path, shape, dtype), restores into that target, and checks
+  that every :class:`optax_accum.AccumulateState` in it was saved with the
+  k that ``tx``'s ``every_k_schedule`` gives at the saved
+  ``gradient_step``. Training continued from the restored state is bit for
+  bit the uninterrupted run (``tests/test_checkpoint.py``).
+
+  Args:
+    path: the checkpoint directory (a str or ``pathlib.Path``).
+    tx: the optimizer to continue with (``accumulate``, ``optax_accum.chain``
+      or any chain holding them).
+    params: the params (arrays or ``jax.ShapeDtypeStruct``) ``tx`` trains;
+      only their structure, shapes, dtypes and shardings are used.
+    checkpointer: an ``orbax.checkpoint.StandardCheckpointer`` (or one with
+      the same ``metadata``/``restore`` methods); a new one by default.
+
+  Returns:
+    The restored optimizer state, structured as ``tx.init(params)``.
+
+  Raises:
+    ValueError: the checkpoint's state has another structure, shape or
+      dtype than ``tx.init(params)`` (another optimizer, params or
+      ``accumulator_dtype``), or it was saved by an ``accumulate`` whose k
+      differs from ``tx``'s at the saved gradient step.
+    ImportError: orbax-checkpoint is not installed.
+
+  Examples:
+    >>> import tempfile, os
+    >>> import jax.numpy as jnp, optax, optax_accum
+    >>> import orbax.checkpoint as ocp
+    >>> params = {'w': jnp.zeros(3)}
+    >>> tx = optax_accum.accumulate(5, optax.adamw(1e-3))
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.ones(3)}, state, params)
+    >>> path = os.path.join(tempfile.mkdtemp(), 'opt_state')
+    >>> ckptr = ocp.StandardCheckpointer()
+    >>> ckptr.save(path, state); ckptr.wait_until_finished()
+    >>> restored = optax_accum.restore_checkpoint(path, tx, params, ckptr)
+    >>> int(restored.mini_step)
+    1
+
+  References:
+    Orbax checkpointing, https://orbax.readthedocs.io/en/latest/.
+  """
+  if checkpointer is None:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    checkpointer = ocp.StandardCheckpointer()
+  with _checkpoint_registry.recording() as schedules:
+    abstract_state = jax.eval_shape(tx.init, params)
+  metadata = checkpointer.metadata(path)
+  saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree",
+                       metadata)
+  _check_against_metadata(saved_tree, abstract_state, path)
+  state = checkpointer.restore(path, abstract_state)
+
+  is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
+  acc_states = [
+      s for s in jax.tree.leaves(state, is_leaf=is_acc) if is_acc(s)
+  ]
+  for acc, schedule in zip(acc_states, schedules):
+    want_k = int(schedule(acc.gradient_step))
+    if int(acc.every_k) != want_k:
+      raise ValueError(
+          f"The checkpoint at {path} was saved by accumulate with k="
+          f"{int(acc.every_k)} at gradient_step {int(acc.gradient_step)} "
+          f"(mini_step {int(acc.mini_step)}), but this optimizer's "
+          f"every_k_schedule gives k={want_k} there. Continuing would change "
+          "the window in flight; build `tx` with the saved schedule."
+      )
+  return state
