@@ -3,10 +3,13 @@
 import os
 
 # Eight host CPU devices for the sharding and shard_map tests; must be set
-# before JAX starts.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-)
+# before JAX starts (tests/multiprocess_worker.py sets its own 4).
+if "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + " --xla_force_host_platform_device_count=8"
+  )
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -76,3 +79,8 @@ def max_abs_diff(a, b):
 @pytest.fixture
 def problem():
   return make_problem()
+
+
+# A script for subprocesses, not a test module: importing it would set up
+# this process for distributed CPU runs.
+collect_ignore = ["multiprocess_worker.py"]
