@@ -21,7 +21,8 @@ class AccumulateState(NamedTuple):
 
   Attributes:
     mini_step: int32 scalar, the number of micro-batches accepted into the
-      current window (0 after an emitting mini-step).
+      current window (0 after an emitting mini-step); with ``axis_name``,
+      every micro-batch, accepted or not.
     gradient_step: int32 scalar, the number of updates emitted so far. The
       ``every_k_schedule`` is evaluated on it.
     every_k: int32 scalar, the k of the current window,
@@ -32,8 +33,8 @@ class AccumulateState(NamedTuple):
       (bfloat16 in the ``"kahan_bfloat16"`` mode).
       When ``mini_step`` is 0 the window is empty and ``acc_grads`` still
       holds the sum of the window emitted last (zeros after ``init``); the
-      next accepted micro-batch overwrites it in the same pass that would
-      add to it, so the reset costs no memory pass of its own.
+      next micro-batch overwrites it in the same pass that would add to it,
+      so the reset costs no memory pass of its own.
     acc_compensation: ``None``, or in the ``"kahan_bfloat16"`` mode a
       bfloat16 pytree shaped like ``acc_grads`` holding Kahan's running
       error term; the window's sum is ``acc_grads - acc_compensation``.
