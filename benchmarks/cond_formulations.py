@@ -111,8 +111,9 @@ def main():
   for f in fns:
     state = (jnp.zeros(n), jnp.zeros(n), jnp.zeros(n), jnp.zeros([], jnp.int32))
     c = jax.jit(f, donate_argnums=0).lower(state, g).compile()
-    copies = len(re.findall(rf"f32\[{n}\]{{0}} copy\(%(?!wrapped_broadcast|broadcast)",
-                            c.as_text()))
+    copies = len(re.findall(
+        rf"f32\[{n}\]\{{0\}} copy\(%(?!wrapped_broadcast|broadcast)",
+        c.as_text()))
     compiled[f.__name__], states[f.__name__] = (c, copies), state
     times[f.__name__] = ([], [])
   for _ in range(args.rounds + 1):
