@@ -48,10 +48,10 @@ class CNN(nnx.Module):
 
   GELU, not ReLU: with ReLU, dead channels get gradients near 1e-10 whose
   float32 rounding AdamW (eps=1e-8) blows up to learning-rate-sized steps. On
-  this task that turned a 1.5e-8 difference at step 1 into 2.2e-3 after 120
-  steps, the same for (b) as for the micro-batch gradients summed by hand
-  with no accumulator at all: float32 sensitivity of the run, not an error of
-  the accumulation.
+  this task (b) ended 2.2e-3 from (a) after 120 steps, and as far from a run
+  that summed the same micro-batch gradients by hand with no accumulator,
+  though those two differed by 1.5e-8 after step 1: float32 sensitivity of
+  the run, not an error of the accumulation.
   """
 
   def __init__(self, rngs: nnx.Rngs):
