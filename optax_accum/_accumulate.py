@@ -50,6 +50,18 @@ class AccumulateState(NamedTuple):
       micro-batch (``()`` without one), as in :class:`optax.MultiStepsState`.
     inner_opt_state: the state of the inner optimizer (``optax.EmptyState()``
       in the chainable form, ``inner=None``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_accum
+    >>> tx = optax_accum.accumulate(3, optax.sgd(0.1))
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> _, state = tx.update({'w': jnp.ones(2)}, state, weight=4.0)
+    >>> int(state.mini_step), float(state.acc_weight), int(state.every_k)
+    (1, 4.0, 3)
+
+  References:
+    The field names follow ``optax.MultiStepsState``.
   """
 
   mini_step: jax.Array
