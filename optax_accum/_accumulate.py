@@ -298,7 +298,8 @@ def accumulate(
 
   Raises:
     TypeError: ``every_k_schedule`` is not an int or a callable (a float, a
-      bool, ``None``, a string), or a param leaf is not a float array.
+      bool, ``None``, a string), ``accumulator_dtype`` is not a floating
+      dtype nor ``"kahan_bfloat16"``, or a param leaf is not a float array.
     ValueError: ``every_k_schedule`` is below 1; at ``update``, the updates do
       not have the structure and shapes of the params given to ``init``, or a
       concrete ``weight`` is negative, not finite or not a scalar.

@@ -112,7 +112,9 @@ def restore_checkpoint(
 
     checkpointer = ocp.StandardCheckpointer()
   with _checkpoint_registry.recording() as schedules:
-    abstract_state = jax.eval_shape(tx.init, params)
+    # A fresh function, so JAX's trace cache cannot skip the Python `init`
+    # calls that record the schedules.
+    abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # pylint: disable=unnecessary-lambda
   metadata = checkpointer.metadata(path)
   saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree",
                        metadata)
@@ -123,6 +125,12 @@ def restore_checkpoint(
   acc_states = [
       s for s in jax.tree.leaves(state, is_leaf=is_acc) if is_acc(s)
   ]
+  if len(acc_states) != len(schedules):
+    raise RuntimeError(
+        f"Found {len(acc_states)} AccumulateState(s) in the state but "
+        f"recorded {len(schedules)} every_k_schedule(s) while tracing "
+        "`tx.init`; cannot check the saved k."
+    )
   for acc, schedule in zip(acc_states, schedules):
     want_k = int(schedule(acc.gradient_step))
     if int(acc.every_k) != want_k:

@@ -165,7 +165,6 @@ def test_flush_after_n_microbatches_emits_their_weighted_mean(form, n):
   assert int(acc.gradient_step) == 1 and int(acc.mini_step) == 0
   # A full window after the flush is unaffected by it.
   updates, state = _emit(tx, params, batches)
-  updates, state = (updates, state)
   want_full = _global_token_mean_grad(params, batches)
   got = jax.tree.map(lambda u: SIGN[form] * u, updates)
   chex.assert_trees_all_close(got, want_full, rtol=1e-5, atol=1e-7)

@@ -72,6 +72,15 @@ def test_restore_with_another_k_raises(saved):
     optax_accum.restore_checkpoint(path, _tx(k=4), params, ckptr)
 
 
+def test_k_is_checked_even_after_init_was_traced_before(saved):
+  path, ckptr, params, *_ = saved
+  tx = _tx(k=4)
+  jax.eval_shape(tx.init, params)  # fills JAX's trace cache for tx.init
+  jax.jit(tx.init)(params)
+  with pytest.raises(ValueError, match=r"gives k=4"):
+    optax_accum.restore_checkpoint(path, tx, params, ckptr)
+
+
 def test_restore_with_a_schedule_checks_k_at_the_saved_step(saved):
   path, ckptr, params, *_ = saved
   # k is 5 at gradient step 2, as saved: accepted.
