@@ -1,7 +1,7 @@
 """Gradient accumulation over micro-batches: `accumulate` and its state."""
 
 from collections.abc import Callable
-import numbers
+import dataclasses
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -11,9 +11,8 @@ import numpy as np
 import optax
 
 from optax_accum import _accumulator
-from optax_accum import _checkpoint_registry
-
-ScheduleLike = Union[int, Callable[[jax.Array], jax.typing.ArrayLike]]
+from optax_accum import _validate
+from optax_accum._validate import ScheduleLike
 
 
 class AccumulateState(NamedTuple):
@@ -21,13 +20,15 @@ class AccumulateState(NamedTuple):
 
   Attributes:
     mini_step: int32 scalar, the number of micro-batches accepted into the
-      current window (0 after an emitting mini-step); with ``axis_name``,
+      current window (0 when no window is in flight); with ``axis_name``,
       every micro-batch, accepted or not.
-    gradient_step: int32 scalar, the number of updates emitted so far. The
-      ``every_k_schedule`` is evaluated on it.
-    every_k: int32 scalar, the k of the current window,
-      ``every_k_schedule(gradient_step)``; a restore checks it
-      (:func:`optax_accum.restore_checkpoint`).
+    gradient_step: int32 scalar, the number of gradient steps taken (windows
+      that ran the inner optimizer). The ``every_k_schedule`` is evaluated
+      on it.
+    every_k: int32 scalar, the k of the window in flight, fixed when its
+      first micro-batch arrives, so a window always ends with the k it
+      started with, also after a restore into an optimizer with another
+      schedule. With no window in flight, the k the next one will take.
     acc_grads: pytree shaped like the params, ``sum_i w_i g_i`` over the
       accepted micro-batches of the current window, in the accumulator dtype
       (bfloat16 in the ``"kahan_bfloat16"`` mode).
@@ -41,11 +42,13 @@ class AccumulateState(NamedTuple):
     acc_weight: float32 scalar, ``sum_i w_i`` over the accepted micro-batches
       of the current window (the number of micro-batches when no ``weight``
       is passed).
-    has_updated: bool scalar, true when the last mini-step emitted an update.
+    has_updated: bool scalar, true when the last mini-step took a gradient
+      step (ran the inner optimizer on a window's mean).
     num_rejected: int32 scalar, micro-batches rejected by
       ``should_skip_update_fn`` since ``init``.
-    grad_norm: float32 scalar, the global L2 norm of the last emitted mean
-      gradient (before the inner optimizer); 0 before the first emission.
+    grad_norm: float32 scalar, the global L2 norm (computed in float32) of
+      the mean of the last window that ended, before the inner optimizer; 0
+      before the first.
     skip_state: the pytree returned by ``should_skip_update_fn`` for the last
       micro-batch (``()`` without one), as in :class:`optax.MultiStepsState`.
     inner_opt_state: the state of the inner optimizer (``optax.EmptyState()``
@@ -75,97 +78,6 @@ class AccumulateState(NamedTuple):
   grad_norm: jax.Array
   skip_state: Any
   inner_opt_state: Any
-
-
-class _Accumulate(optax.GradientTransformationExtraArgs):
-  """An `accumulate(...)` transformation; `optax_accum.chain` recognises it.
-
-  It is a plain `(init, update)` pair like any optax transformation; the
-  instance also carries `with_inner`, which rebuilds the same accumulator
-  around another inner optimizer.
-  """
-
-
-def _check_every_k_schedule(every_k_schedule: ScheduleLike):
-  """Returns a `gradient_step -> int32 k` function; raises on bad input."""
-  if callable(every_k_schedule):
-    k0 = every_k_schedule(jnp.zeros([], jnp.int32))
-    if jnp.shape(k0) != ():
-      raise ValueError(
-          '`every_k_schedule` must return a scalar, but every_k_schedule(0) '
-          f'returned shape {jnp.shape(k0)}.'
-      )
-    if not isinstance(k0, jax.core.Tracer) and not bool(np.asarray(k0) >= 1):
-      raise ValueError(
-          '`every_k_schedule` must return a number of mini-steps >= 1, but '
-          f'every_k_schedule(0) returned {k0!r}.'
-      )
-
-    def schedule(gradient_step):
-      k = jnp.asarray(every_k_schedule(gradient_step))
-      if not jnp.issubdtype(k.dtype, jnp.integer):
-        k = jnp.round(k)
-      return k.astype(jnp.int32)
-
-    return schedule
-  if isinstance(every_k_schedule, bool) or not isinstance(
-      every_k_schedule, numbers.Integral
-  ):
-    raise TypeError(
-        '`every_k_schedule` must be a positive int or a callable '
-        f'`gradient_step -> k`, but got {every_k_schedule!r} of type '
-        f'{type(every_k_schedule).__name__}.'
-    )
-  if every_k_schedule < 1:
-    raise ValueError(
-        '`every_k_schedule` must be >= 1 (the number of micro-batches per '
-        f'gradient step), but got {every_k_schedule!r}.'
-    )
-  k = int(every_k_schedule)
-  return lambda gradient_step: jnp.asarray(k, jnp.int32)
-
-
-def _check_updates(updates, acc_grads):
-  """Raises a ValueError naming the mismatch between updates and state."""
-  got, want = jax.tree.structure(updates), jax.tree.structure(acc_grads)
-  if got != want:
-    raise ValueError(
-        'The updates passed to accumulate(...).update do not have the '
-        'structure of the params given to init. This is because the '
-        'accumulator holds one array per parameter.\n'
-        f'updates structure: {got}\nstate structure:   {want}'
-    )
-  for (path, u), a in zip(
-      jax.tree.leaves_with_path(updates), jax.tree.leaves(acc_grads)
-  ):
-    if jnp.shape(u) != jnp.shape(a):
-      raise ValueError(
-          f'The update at {jax.tree_util.keystr(path)} has shape '
-          f'{jnp.shape(u)}, but the accumulator (built from the params given '
-          f'to init) has shape {jnp.shape(a)}.'
-      )
-
-
-def _check_weight(weight):
-  """Returns the weight as a float32 scalar; raises on bad concrete input."""
-  if weight is None:
-    return None
-  if jnp.shape(weight) != ():
-    raise ValueError(
-        '`weight` must be a scalar (the number of items the micro-batch '
-        f'gradient averages over), but got shape {jnp.shape(weight)}.'
-    )
-  if not isinstance(weight, jax.core.Tracer):
-    value = np.asarray(weight)
-    if not np.isfinite(value) or value < 0:
-      raise ValueError(
-          f'`weight` must be a finite number >= 0, but got {weight!r}.'
-      )
-    return jnp.asarray(weight, jnp.float32)
-  # A traced weight cannot raise; a bad one makes the window's update NaN
-  # rather than a silently wrong mean.
-  weight = jnp.asarray(weight, jnp.float32)
-  return jnp.where((weight >= 0) & jnp.isfinite(weight), weight, jnp.nan)
 
 
 def _no_skip(updates, gradient_step, params):
@@ -202,6 +114,255 @@ def _strong_types(tree):
   return jax.tree.map(strong, tree)
 
 
+def _float32_norm(tree) -> jax.Array:
+  """The global L2 norm, computed in float32 or wider (never in float16)."""
+  squares = [
+      jnp.sum(jnp.square(jnp.abs(x).astype(jnp.promote_types(
+          jnp.abs(x).dtype, jnp.float32))))
+      for x in jax.tree.leaves(tree)
+  ]
+  if not squares:
+    return jnp.zeros([], jnp.float32)
+  return jnp.sqrt(sum(squares)).astype(jnp.float32)
+
+
+def _all_finite(tree) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.ones([], jnp.bool_)
+
+
+def accumulate_states(tree) -> list[AccumulateState]:
+  """Every `AccumulateState` in a pytree, in pytree order."""
+  is_acc = lambda x: isinstance(x, AccumulateState)
+  return [s for s in jax.tree.leaves(tree, is_leaf=is_acc) if is_acc(s)]
+
+
+def _is_plain_leaf(x) -> bool:
+  return x is None or isinstance(
+      x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
+
+
+@dataclasses.dataclass(frozen=True)
+class Accumulator:
+  """The configuration of an ``accumulate(...)``, and its init and update.
+
+  :func:`optax_accum.accumulate` returns
+  ``optax.GradientTransformationExtraArgs(acc.init, acc.update)`` for an
+  instance ``acc``; :func:`optax_accum.chain` recognises it from
+  ``tx.update.__self__`` (see :func:`accumulator_of`) and folds the elements
+  after it into ``inner``. All mutable values live in the
+  :class:`AccumulateState`, which holds everything a restore needs.
+  """
+
+  every_k_schedule: Any
+  inner: Optional[optax.GradientTransformation] = None
+  accumulator_dtype: Any = None
+  should_skip_update_fn: Optional[Callable[..., Any]] = None
+  axis_name: Optional[Union[str, tuple[str, ...]]] = None
+  _schedule: Callable[[jax.Array], jax.Array] = dataclasses.field(
+      init=False, repr=False, compare=False)
+  _inner_tx: optax.GradientTransformationExtraArgs = dataclasses.field(
+      init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_('_schedule', _validate.schedule_fn(self.every_k_schedule))
+    _validate.check_inner(self.inner, Accumulator)
+    set_('accumulator_dtype',
+         _accumulator.canonical_accumulator_dtype(self.accumulator_dtype))
+    if self.should_skip_update_fn is not None and not callable(
+        self.should_skip_update_fn):
+      raise TypeError(
+          '`should_skip_update_fn` must be None or a callable such as '
+          f'optax.skip_not_finite, but got {self.should_skip_update_fn!r}.'
+      )
+    names = (self.axis_name,) if isinstance(self.axis_name, str) else (
+        self.axis_name)
+    if self.axis_name is not None and not (
+        isinstance(names, tuple) and names
+        and all(isinstance(n, str) for n in names)):
+      raise TypeError(
+          '`axis_name` must be None, a mapped axis name (str) or a tuple of '
+          f'them, as in jax.lax.psum, but got {self.axis_name!r}.'
+      )
+    set_('_inner_tx', optax.with_extra_args_support(
+        optax.identity() if self.inner is None else self.inner))
+
+  def transformation(self) -> optax.GradientTransformationExtraArgs:
+    """This accumulator as an optax transformation."""
+    return optax.GradientTransformationExtraArgs(self.init, self.update)
+
+  def with_inner(self, inner) -> optax.GradientTransformationExtraArgs:
+    """The same accumulator around another inner optimizer."""
+    return dataclasses.replace(self, inner=inner).transformation()
+
+  def _skip_fn(self):
+    return self.should_skip_update_fn or _no_skip
+
+  def init(self, params: optax.Params) -> AccumulateState:
+    """Returns the initial :class:`AccumulateState` for ``params``."""
+    acc_grads, acc_compensation = _accumulator.init(
+        params, self.accumulator_dtype)
+    gradient_step = jnp.zeros([], jnp.int32)
+    _, skip_state = self._skip_fn()(
+        optax.tree.zeros_like(params), gradient_step, params)
+    inner_state = self._inner_tx.init(params)
+    if accumulate_states(inner_state):
+      raise ValueError(
+          "accumulate's `inner` holds another accumulate(...) (for example "
+          'in an optax.chain or optax.partition). Nested windows are one '
+          'window of the product: write accumulate(k1 * k2, opt) instead.'
+      )
+    return AccumulateState(
+        mini_step=jnp.zeros([], jnp.int32),
+        gradient_step=gradient_step,
+        every_k=self._schedule(gradient_step),
+        acc_grads=acc_grads,
+        acc_compensation=acc_compensation,
+        acc_weight=jnp.zeros([], jnp.float32),
+        has_updated=jnp.zeros([], jnp.bool_),
+        num_rejected=jnp.zeros([], jnp.int32),
+        grad_norm=jnp.zeros([], jnp.float32),
+        skip_state=_strong_types(skip_state),
+        inner_opt_state=_strong_types(inner_state),
+    )
+
+  def update(
+      self,
+      updates: optax.Updates,
+      state: AccumulateState,
+      params: Optional[optax.Params] = None,
+      *,
+      weight: Optional[jax.typing.ArrayLike] = None,
+      flush: Optional[jax.typing.ArrayLike] = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, AccumulateState]:
+    """One mini-step; see :func:`optax_accum.accumulate`."""
+    _validate.check_updates(updates, state.acc_grads)
+    weight = _validate.check_weight(weight)
+    flush = _validate.check_flush(flush)
+    args = (updates, state, params, weight, flush, extra_args)
+    leaves = jax.tree.leaves(args)
+    eager = all(_is_plain_leaf(x) and not isinstance(x, jax.core.Tracer)
+                for x in leaves)
+    if eager:
+      try:
+        hash(self)
+      except TypeError:  # an unhashable schedule: run op by op
+        eager = False
+    if eager:
+      # One compilation per input signature, shared by all calls.
+      return _jitted_update(self, *args)
+    return self._update(*args)
+
+  def _update(self, updates, state, params, weight, flush, extra_args):
+    inner_tx = self._inner_tx
+    gradient_step = state.gradient_step
+    # The k of the window in flight is held in the state; a window that has
+    # not started takes the schedule's k now.
+    k = jnp.where(state.mini_step == 0, self._schedule(gradient_step),
+                  state.every_k)
+
+    skip, skip_state = self._skip_fn()(updates, gradient_step, params)
+    skip = jnp.asarray(skip)
+    if skip.shape != () or skip.dtype != jnp.bool_:
+      raise ValueError(
+          '`should_skip_update_fn` must return a bool scalar first, but it '
+          f'returned dtype {skip.dtype} and shape {skip.shape}.'
+      )
+    accept = jnp.logical_not(skip)
+    step_weight = jnp.ones([], jnp.float32) if weight is None else weight
+    acc_weight = state.acc_weight + jnp.where(accept, step_weight, 0.0)
+    if self.axis_name is None:
+      mini_step = state.mini_step + accept.astype(jnp.int32)
+    else:
+      mini_step = state.mini_step + 1
+    end = mini_step >= k
+    if flush is not None:
+      end = end | (flush & (mini_step > 0))
+
+    def inner_update(mean, inner_state, params):
+      return inner_tx.update(mean, inner_state, params, **extra_args)
+
+    out_shape, _ = jax.eval_shape(
+        inner_update, updates, state.inner_opt_state, params)
+
+    # The sum is formed outside the conditional, in one fused pass that XLA
+    # writes in place into the donated accumulator, and the conditional does
+    # not return it: a conditional that returns a buffer it also reads gets
+    # a full-size copy. A new window starts from its first accepted
+    # micro-batch: the previous window's sum is overwritten in that same pass
+    # (`fresh`) rather than zeroed on emission.
+    acc_grads, acc_compensation = _accumulator.add(
+        state.acc_grads, state.acc_compensation, updates, weight, accept,
+        fresh=state.mini_step == 0)
+
+    def no_step(mean, inner_state, params):
+      del params
+      return _zeros_like_output(out_shape, mean), inner_state
+
+    def step(mean, inner_state, params):
+      new_updates, new_inner = inner_update(mean, inner_state, params)
+      new_inner = jax.tree.map(
+          lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
+          new_inner, inner_state)
+      return new_updates, new_inner
+
+    def end_branch(acc, inner_state, params, grad_norm):
+      del grad_norm
+      acc_sum = _accumulator.total(*acc)
+      total_weight = acc_weight
+      if self.axis_name is not None:  # the one reduction of the window
+        acc_sum, total_weight = lax.psum((acc_sum, acc_weight),
+                                         self.axis_name)
+      # A window of total weight 0 (every micro-batch weighted 0, or with
+      # axis_name, rejected everywhere) takes no gradient step.
+      stepped = total_weight != 0
+      scale = jnp.where(stepped, total_weight, 1.0)
+      mean = jax.tree.map(lambda a: a / scale.astype(a.dtype), acc_sum)
+      grad_norm = _float32_norm(mean)
+      if self.should_skip_update_fn is not None:
+        stepped = stepped & _all_finite(mean)
+      mean = optax.tree.cast_like(mean, updates)
+      new_updates, new_inner = lax.cond(
+          stepped, step, no_step, mean, inner_state, params)
+      return new_updates, new_inner, grad_norm, stepped
+
+    def mid_branch(acc, inner_state, params, grad_norm):
+      del acc, params
+      zeros = _zeros_like_output(out_shape, updates)
+      return zeros, inner_state, grad_norm, jnp.zeros([], jnp.bool_)
+
+    new_updates, inner_state, grad_norm, stepped = lax.cond(
+        end, end_branch, mid_branch, (acc_grads, acc_compensation),
+        state.inner_opt_state, params, state.grad_norm)
+    gradient_step = jnp.where(
+        stepped, optax.safe_increment(gradient_step), gradient_step)
+    new_state = AccumulateState(
+        mini_step=jnp.where(end, 0, mini_step),
+        gradient_step=gradient_step,
+        every_k=jnp.where(end, self._schedule(gradient_step), k),
+        acc_grads=acc_grads,
+        acc_compensation=acc_compensation,
+        acc_weight=jnp.where(end, 0.0, acc_weight),
+        has_updated=stepped,
+        num_rejected=state.num_rejected + skip.astype(jnp.int32),
+        grad_norm=grad_norm,
+        skip_state=_strong_types(skip_state),
+        inner_opt_state=inner_state,
+    )
+    return new_updates, new_state
+
+
+_jitted_update = jax.jit(Accumulator._update, static_argnums=0)  # pylint: disable=protected-access
+
+
+def accumulator_of(tx: Any) -> Optional[Accumulator]:
+  """The :class:`Accumulator` behind ``tx``, or None if ``tx`` is not one."""
+  owner = getattr(getattr(tx, 'update', None), '__self__', None)
+  return owner if isinstance(owner, Accumulator) else None
+
+
 def accumulate(
     every_k_schedule: ScheduleLike,
     inner: Optional[optax.GradientTransformation] = None,
@@ -212,97 +373,81 @@ def accumulate(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulates micro-batch gradients and emits their mean every k mini-steps.
 
-  Each call of ``update`` is one mini-step: it adds the micro-batch gradient
-  :math:`g_i` (weighted by :math:`w_i`, default 1) into ``acc_grads``. On the
-  k-th mini-step of a window it emits
+  Each ``update`` is one mini-step: it adds the micro-batch gradient
+  :math:`g_i` with weight :math:`w_i` (default 1) into ``acc_grads``. The
+  k-th mini-step of a window emits
+  :math:`\bar g = \sum_{i=1}^{k} w_i g_i / \sum_{i=1}^{k} w_i` and starts a
+  new window; with a mean-reduced loss on k equal micro-batches of B/k
+  samples, :math:`\bar g` is the gradient of the batch of B.
 
-  .. math::
-    \bar g = \frac{\sum_{i=1}^{k} w_i g_i}{\sum_{i=1}^{k} w_i}
-
-  and starts a new window. With equal micro-batches of B/k samples and a
-  mean-reduced loss, :math:`\bar g` is the gradient of the batch of B, so the
-  parameters follow large-batch training.
-
-  Two forms:
-
-  * ``inner=None`` (the chainable form): mid-steps emit exact zeros with the
-    structure and dtype of the incoming updates; the k-th mini-step emits
-    :math:`\bar g`. Use it in ``optax.chain(accumulate(k), optax.sgd(lr))``.
-  * ``inner=opt`` (the exact form): the k-th mini-step emits
-    ``opt.update(g_bar, inner_opt_state, params, **extra_args)``; on mid-steps
-    the inner update is not computed (a ``lax.cond``) and ``inner_opt_state``
-    does not change, so the inner optimizer sees exactly the large-batch
-    sequence of gradients. :func:`optax_accum.chain` builds this form from a
-    chain.
+  * Exact form, ``inner=opt`` (or ``optax_accum.chain(accumulate(k), opt)``):
+    the k-th mini-step emits ``opt.update(g_bar, inner_opt_state, params)``;
+    mid-steps emit zeros and never run ``opt`` (a ``lax.cond``), so ``opt``
+    sees the large-batch sequence of gradients.
+  * Chainable form, ``inner=None``: emits zeros, then :math:`\bar g`.
 
   .. warning::
-    In ``optax.chain(accumulate(k), opt)`` the optimizer after the
-    accumulator still runs on every mini-step. Stateless, linear optimizers
-    (``optax.sgd`` without momentum) turn the zeros into zero updates and the
-    result is exact. A stateful one is not: AdamW decays its moments, advances
-    its count and applies weight decay on each mid-step's zeros, so the
-    parameters move on mid-steps. Measured here (tests/conftest.py's
-    40-sample linear regression, k=5, 10 gradient steps, lr 1e-2), max
-    |param - large-batch param| is 0.12 with adam and 0.19 with adamw
-    (weight decay 0.1), against 3e-8 for ``accumulate(5, opt)``; on the
-    digits CNN of ``benchmarks/train_digits.py`` it is 0.27 after 120 steps.
-    Use ``accumulate(k, opt)`` or ``optax_accum.chain(accumulate(k), opt)``
-    instead; optax's note on ``optax.apply_every`` describes the same trap.
+    ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mini-step's
+    zeros: a stateful ``opt`` (Adam's moments and count, weight decay)
+    drifts from large-batch training. It is exact only for a stateless,
+    linear ``opt`` such as ``optax.sgd(lr)``, as noted under
+    ``optax.apply_every``. Use the exact form.
 
   Args:
-    every_k_schedule: the number of mini-steps (micro-batches) per gradient
-      step. A positive Python int, or a callable ``gradient_step -> k`` that
-      takes an int32 scalar array (possibly traced) and returns a scalar;
-      a float result is rounded to the nearest integer and a result below 1
-      acts as 1. Changing k through the schedule never recompiles.
-    inner: optional ``optax.GradientTransformation`` applied to the mean on
-      the emitting mini-step only. Plain transformations and
-      ``GradientTransformationExtraArgs`` are both accepted.
-    accumulator_dtype: dtype of ``acc_grads``. ``None`` (default) means, per
-      leaf, float32 or the param dtype when it is wider (float64 under
-      ``jax_enable_x64``), so bfloat16 and float16 gradients accumulate in
-      float32. An explicit floating dtype (float32, float64, bfloat16) is
-      used for every leaf. ``"kahan_bfloat16"`` keeps a bfloat16 sum and a
-      bfloat16 Kahan error term (4 bytes per param, as float32; see
-      ``benchmarks/precision.py`` for its error).
-    should_skip_update_fn: optional function with the protocol of
-      ``optax.MultiSteps``' (``optax.skip_not_finite``,
-      ``optax.skip_large_updates``): ``fn(updates, gradient_step, params) ->
-      (bool scalar, skip_state)``. A micro-batch for which it returns true adds
-      no gradient, no weight and no mini-step; ``num_rejected`` counts it.
-    axis_name: for code inside ``jax.shard_map`` or ``jax.pmap``: the mapped
-      axis (or axes) over which data-parallel gradients are reduced, as in
-      ``jax.lax.psum``. Callers pass each device's local, unreduced
-      micro-batch gradient; the accumulator sums locally and reduces the sum
-      and the weight across ``axis_name`` once per gradient step, inside the
-      emitting branch (PyTorch's ``no_sync``), so mid-steps run no
-      collective. Each device keeps its own ``acc_grads``, so the state is
-      per-device (stack it along the mapped axis). With ``axis_name`` a
-      rejected micro-batch still counts as a mini-step, so every device
-      emits on the same mini-step without communicating; it adds no
-      gradient and no weight, and the mean renormalizes over the weight
-      accepted on all devices.
+    every_k_schedule: micro-batches per gradient step: an int in
+      [1, 2**31 - 1], or a callable ``gradient_step -> k`` (int32 scalar in,
+      real scalar out, possibly traced). A window takes k when its first
+      micro-batch arrives and keeps it (``AccumulateState.every_k``) until it
+      ends. Callable values are rounded; below 1 or NaN means 1; beyond
+      int32 means 2**31 - 1.
+    inner: an ``optax.GradientTransformation`` instance run once per window
+      on :math:`\bar g`, or None for the chainable form.
+    accumulator_dtype: dtype of ``acc_grads``. None: per leaf, float32 (or
+      complex64 for complex params) or the param dtype when wider. Or
+      float32, float64 (under x64), bfloat16, or ``"kahan_bfloat16"``
+      (a bfloat16 sum with a bfloat16 Kahan error term). float16 is
+      rejected: its sums overflow at 65504.
+    should_skip_update_fn: ``fn(updates, gradient_step, params) -> (bool,
+      skip_state)`` as in ``optax.MultiSteps`` (``optax.skip_not_finite``).
+      A micro-batch for which it is true adds no gradient, weight or
+      mini-step; ``num_rejected`` counts it. When given, a window whose mean
+      is not finite (a sum that overflowed) is discarded, not applied.
+    axis_name: inside ``jax.shard_map``/``jax.pmap``, the data-parallel axis
+      (or axes), as in ``jax.lax.psum``. Pass each device's unreduced
+      micro-batch gradient; the sum and weight are reduced once per window,
+      in the emitting branch. Every micro-batch, even a rejected one, counts
+      as a mini-step, so devices emit together.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Its ``init(params)`` returns
-    an :class:`AccumulateState`; its ``update(updates, state, params=None, *,
-    weight=None, flush=None, **extra_args)`` takes updates shaped like the
-    params (any float dtype) and returns ``(updates, state)``. ``weight`` is a
-    non-negative scalar, the number of items (tokens, samples) the micro-batch
-    gradient averages over (a traced negative or non-finite weight makes
-    that window's update NaN, since it cannot raise); ``flush`` is a bool
-    scalar that, when true, emits
-    what the window holds now (normalised by its actual weight) and starts a
-    new window. A flush of an empty window emits nothing. A window of total
-    weight 0 emits a zero mean. Other ``extra_args`` reach ``inner``.
+    An ``optax.GradientTransformationExtraArgs`` whose ``init(params)``
+    returns an :class:`AccumulateState`.
+
+  Keyword arguments of ``update``:
+    weight: a scalar >= 0, the number of items (tokens, samples) the
+      micro-batch gradient averages over; a weight-0 micro-batch adds
+      nothing, even a NaN gradient. A window of total weight 0 takes no
+      gradient step. A traced negative or non-finite weight makes the
+      window's update NaN. Subnormal float32 weights may be flushed to 0 by
+      the hardware.
+    flush: a bool scalar; when true, the window ends after this micro-batch
+      (which it includes) and emits its weighted mean. A flush of an empty
+      window emits nothing.
+    Other keyword arguments reach ``inner`` on the emitting mini-step.
+
+  ``update`` costs one fused pass over ``acc_grads`` on mid-steps, plus a
+  zero-filled updates buffer that ``optax.apply_updates`` then adds.
+  Called outside ``jax.jit``, it compiles once per input signature.
 
   Raises:
-    TypeError: ``every_k_schedule`` is not an int or a callable (a float, a
-      bool, ``None``, a string), ``accumulator_dtype`` is not a floating
-      dtype nor ``"kahan_bfloat16"``, or a param leaf is not a float array.
-    ValueError: ``every_k_schedule`` is below 1; at ``update``, the updates do
-      not have the structure and shapes of the params given to ``init``, or a
-      concrete ``weight`` is negative, not finite or not a scalar.
+    TypeError: a bad ``every_k_schedule``, ``inner`` (a factory such as
+      ``optax.adamw``), ``accumulator_dtype``, ``axis_name``, ``flush`` or
+      ``weight`` dtype; at ``init``, a non-float param or a complex param
+      with a real ``accumulator_dtype``; at ``update``, an integer, boolean
+      or wrongly complex gradient leaf.
+    ValueError: ``every_k_schedule`` outside [1, 2**31 - 1]; an
+      ``accumulate`` nested in ``inner``; float16 ``accumulator_dtype``; at
+      ``update``, updates of another structure or shape, or a concrete
+      ``weight`` that is negative, not finite in float32 or not a scalar.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -318,149 +463,16 @@ def accumulate(
     (True, 1)
 
   References:
-    optax.MultiSteps and optax.apply_every
-    (https://optax.readthedocs.io/en/latest/api/optimizer_wrappers.html);
-    token-weighted mean: Hugging Face transformers PR #34191.
+    ``optax.MultiSteps`` and ``optax.apply_every``; token-weighted mean:
+    Hugging Face transformers PR #34191.
   """
-  schedule = _check_every_k_schedule(every_k_schedule)
-  inner_tx = optax.with_extra_args_support(
-      optax.identity() if inner is None else inner
-  )
-  acc_dtype = _accumulator.canonical_accumulator_dtype(accumulator_dtype)
-  skip_fn = _no_skip if should_skip_update_fn is None else should_skip_update_fn
-
-  def init_fn(params):
-    acc_grads, acc_compensation = _accumulator.init(params, acc_dtype)
-    gradient_step = jnp.zeros([], jnp.int32)
-    _, skip_state = skip_fn(
-        optax.tree.zeros_like(params), gradient_step, params
-    )
-    _checkpoint_registry.record(schedule)
-    return AccumulateState(
-        mini_step=jnp.zeros([], jnp.int32),
-        gradient_step=gradient_step,
-        every_k=schedule(gradient_step),
-        acc_grads=acc_grads,
-        acc_compensation=acc_compensation,
-        acc_weight=jnp.zeros([], jnp.float32),
-        has_updated=jnp.zeros([], jnp.bool_),
-        num_rejected=jnp.zeros([], jnp.int32),
-        grad_norm=jnp.zeros([], jnp.float32),
-        skip_state=_strong_types(skip_state),
-        inner_opt_state=_strong_types(inner_tx.init(params)),
-    )
-
-  def update_fn(
-      updates, state, params=None, *, weight=None, flush=None, **extra_args
-  ):
-    _check_updates(updates, state.acc_grads)
-    weight = _check_weight(weight)
-    k = schedule(state.gradient_step)
-
-    skip, skip_state = skip_fn(updates, state.gradient_step, params)
-    skip = jnp.asarray(skip)
-    if skip.shape != () or skip.dtype != jnp.bool_:
-      raise ValueError(
-          '`should_skip_update_fn` must return a bool scalar first, but it '
-          f'returned dtype {skip.dtype} and shape {skip.shape}.'
-      )
-    accept = jnp.logical_not(skip)
-    step_weight = jnp.ones([], jnp.float32) if weight is None else weight
-    acc_weight = state.acc_weight + jnp.where(accept, step_weight, 0.0)
-    if axis_name is None:
-      mini_step = state.mini_step + accept.astype(jnp.int32)
-    else:
-      mini_step = state.mini_step + 1
-    emit = mini_step >= k
-    if flush is not None:
-      emit = emit | (jnp.asarray(flush, jnp.bool_) & (mini_step > 0))
-
-    def mean_of(acc_grads, acc_compensation):
-      acc_sum = _accumulator.total(acc_grads, acc_compensation)
-      total_weight = acc_weight
-      if axis_name is not None:  # the one reduction of the gradient step
-        acc_sum, total_weight = lax.psum((acc_sum, acc_weight), axis_name)
-      scale = jnp.where(total_weight > 0, total_weight, 1.0)
-      mean = jax.tree.map(lambda a: a / scale.astype(a.dtype), acc_sum)
-      return optax.tree.cast_like(mean, updates)
-
-    def inner_update(mean, inner_state, params):
-      return inner_tx.update(mean, inner_state, params, **extra_args)
-
-    out_shape, _ = jax.eval_shape(
-        inner_update, updates, state.inner_opt_state, params
-    )
-
-    # The sum is formed outside the conditional, in one fused pass that XLA
-    # writes in place into the donated accumulator, and the conditional does
-    # not return it: a conditional that returns a buffer it also reads gets
-    # a full-size copy. The inner state passes through the mid-step branch
-    # untouched, which XLA aliases without a copy (benchmarks/step_cost.py).
-    # A new window starts from its first accepted micro-batch: the previous
-    # window's sum is overwritten in that same pass (`fresh`) rather than
-    # zeroed on emission, so the reset costs no pass of its own.
-    acc_grads, acc_compensation = _accumulator.add(
-        state.acc_grads,
-        state.acc_compensation,
-        updates,
-        weight,
-        accept,
-        fresh=state.mini_step == 0,
-    )
-
-    def emit_branch(acc, inner_state, params, grad_norm):
-      del grad_norm
-      mean = mean_of(*acc)
-      new_updates, new_inner = inner_update(mean, inner_state, params)
-      new_inner = jax.tree.map(
-          lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
-          new_inner,
-          inner_state,
-      )
-      grad_norm = optax.tree.norm(mean).astype(jnp.float32)
-      return new_updates, new_inner, grad_norm
-
-    def mid_branch(acc, inner_state, params, grad_norm):
-      del acc, params
-      return _zeros_like_output(out_shape, updates), inner_state, grad_norm
-
-    new_updates, inner_state, grad_norm = lax.cond(
-        emit,
-        emit_branch,
-        mid_branch,
-        (acc_grads, acc_compensation),
-        state.inner_opt_state,
-        params,
-        state.grad_norm,
-    )
-    gradient_step = jnp.where(
-        emit, optax.safe_increment(state.gradient_step), state.gradient_step
-    )
-    new_state = AccumulateState(
-        mini_step=jnp.where(emit, 0, mini_step),
-        gradient_step=gradient_step,
-        every_k=jnp.where(emit, schedule(gradient_step), k),
-        acc_grads=acc_grads,
-        acc_compensation=acc_compensation,
-        acc_weight=jnp.where(emit, 0.0, acc_weight),
-        has_updated=emit,
-        num_rejected=state.num_rejected + skip.astype(jnp.int32),
-        grad_norm=grad_norm,
-        skip_state=_strong_types(skip_state),
-        inner_opt_state=inner_state,
-    )
-    return new_updates, new_state
-
-  tx = _Accumulate(init_fn, update_fn)
-  tx.with_inner = lambda new_inner: accumulate(
-      every_k_schedule,
-      new_inner,
+  return Accumulator(
+      every_k_schedule=every_k_schedule,
+      inner=inner,
       accumulator_dtype=accumulator_dtype,
       should_skip_update_fn=should_skip_update_fn,
       axis_name=axis_name,
-  )
-  tx.inner = inner
-  return tx
+  ).transformation()
 
 
 def has_updated(opt_state: Any) -> jax.Array:

@@ -26,6 +26,7 @@ def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
   Raises:
     TypeError: `accumulator_dtype` is not a floating dtype nor
       "kahan_bfloat16".
+    ValueError: `accumulator_dtype` is float16.
   """
   if accumulator_dtype is None or accumulator_dtype == KAHAN_BFLOAT16:
     return accumulator_dtype
@@ -36,11 +37,18 @@ def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
         '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
         f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}.'
     ) from e
-  if not jnp.issubdtype(dtype, jnp.floating):
+  if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
         '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
         f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}. This is because '
         'gradients are summed in it.'
+    )
+  if dtype == jnp.float16:
+    raise ValueError(
+        '`accumulator_dtype` float16 is not supported: its largest value is '
+        '65504, so a sum of micro-batch gradients overflows to inf long '
+        'before their mean would. Use None (float32, the default), '
+        f'jnp.bfloat16 or "{KAHAN_BFLOAT16}" for a 2-byte sum.'
     )
   return jax.dtypes.canonicalize_dtype(dtype)
 
@@ -63,7 +71,8 @@ def init(params, accumulator_dtype):
   `acc_compensation` is None except in the "kahan_bfloat16" mode.
 
   Raises:
-    TypeError: a param leaf is not a floating (or complex) array.
+    TypeError: a param leaf is not a floating (or complex) array, or a
+      complex param meets a real accumulator dtype (or the reverse).
   """
 
   def zeros(path, p):
@@ -75,11 +84,23 @@ def init(params, accumulator_dtype):
           'boolean leaves have no gradient to accumulate. Filter them out of '
           'the params (for example with optax.masked or nnx.Param).'
       )
+    complex_param = jnp.issubdtype(dtype, jnp.complexfloating)
     if accumulator_dtype == KAHAN_BFLOAT16:
-      dtype = jnp.bfloat16
+      acc_dtype = jnp.dtype(jnp.bfloat16)
+    elif accumulator_dtype is None:
+      acc_dtype = default_accumulator_dtype(dtype)
     else:
-      dtype = accumulator_dtype or default_accumulator_dtype(dtype)
-    return jnp.zeros_like(p, dtype=dtype)  # keeps the param's sharding
+      acc_dtype = jnp.dtype(accumulator_dtype)
+    if complex_param != jnp.issubdtype(acc_dtype, jnp.complexfloating):
+      raise TypeError(
+          f'The param at {jax.tree_util.keystr(path)} has dtype {dtype} but '
+          f'`accumulator_dtype` is {accumulator_dtype!r}: a real accumulator '
+          'drops the imaginary part of a complex gradient, and a complex one '
+          'is wasted on a real gradient. Leave accumulator_dtype=None (a '
+          'complex64 or wider sum for complex params) or give a matching '
+          'dtype.'
+      )
+    return jnp.zeros_like(p, dtype=acc_dtype)  # keeps the param's sharding
 
   acc_grads = jax.tree.map_with_path(zeros, params)
   if accumulator_dtype == KAHAN_BFLOAT16:
@@ -94,7 +115,8 @@ def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
     acc_grads: the running sums (a pytree).
     acc_compensation: None, or the Kahan error terms shaped like acc_grads.
     updates: the micro-batch gradient, shaped like acc_grads.
-    weight: None (1) or a float32 scalar.
+    weight: None (1) or a float32 scalar; where it is 0 the micro-batch adds
+      exact zeros whatever its gradient holds.
     accept: bool scalar; false leaves the accumulator as it is.
     fresh: bool scalar; true means the window is empty and the old sums are
       dropped (overwritten in the same pass, never zeroed separately; with
@@ -106,7 +128,10 @@ def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
 
   def weighted(g, dtype):
     g = g.astype(dtype)
-    return g if weight is None else g * weight.astype(dtype)
+    if weight is None:
+      return g
+    # A weight-0 micro-batch contributes nothing, even a NaN gradient.
+    return jnp.where(weight > 0, g * weight.astype(dtype), jnp.zeros([], dtype))
 
   if acc_compensation is None:
 

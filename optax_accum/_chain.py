@@ -1,43 +1,173 @@
 """`chain`: optax.chain, with everything after the accumulator gated."""
 
+from typing import Any
+
+import jax
+from jax import lax
 import optax
 
 from optax_accum import _accumulate
+
+# Wrapper states through which an accumulator's `has_updated` flag tells
+# when its whole element emitted: optax.chain's tuple, and the hyperparameter
+# injection of optax.inject_hyperparams (all of its updates come from the
+# accumulator). Any other wrapper (optax.partition, optax.masked,
+# optax.MultiSteps, ...) lets updates through that did not pass the
+# accumulator, so gating the elements after it on the flag would drop them.
+_GATEABLE_WRAPPERS = (
+    optax.InjectHyperparamsState,
+    optax.InjectStatefulHyperparamsState,
+)
+
+
+def _path_to_accumulator(state) -> list[Any]:
+  """The wrapper nodes from `state` down to its AccumulateState."""
+  if isinstance(state, _accumulate.AccumulateState):
+    return []
+  is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
+  (path, _), = [
+      (p, x) for p, x in jax.tree.leaves_with_path(state, is_leaf=is_acc)
+      if is_acc(x)
+  ]
+  nodes, node = [], state
+  for entry in path:
+    nodes.append(node)
+    node = _child(node, entry)
+  return nodes
+
+
+def _child(node, entry):
+  for attr in ('idx', 'key'):
+    if hasattr(entry, attr):
+      return node[getattr(entry, attr)]
+  return getattr(node, entry.name)
+
+
+def _is_gateable(nodes) -> bool:
+  return all(
+      type(n) is tuple or isinstance(n, _GATEABLE_WRAPPERS)  # pylint: disable=unidiomatic-typecheck
+      for n in nodes
+  )
+
+
+def _hidden_accumulator_index(transforms, states) -> int:
+  """Index of the one element whose state holds an AccumulateState, or -1.
+
+  Raises:
+    ValueError: several accumulators, or one that cannot gate the elements
+      after it.
+  """
+  holders = [
+      i for i, s in enumerate(states) if _accumulate.accumulate_states(s)
+  ]
+  counts = sum(len(_accumulate.accumulate_states(s)) for s in states)
+  if counts > 1:
+    raise ValueError(
+        'optax_accum.chain takes at most one accumulate(...), but its '
+        f'elements at positions {holders} hold {counts}. This is because the '
+        'elements after an accumulator run once per gradient step, which '
+        'two windows would not agree on. Use one accumulate(k1 * k2, ...).'
+    )
+  if not holders:
+    return -1
+  (i,) = holders
+  if i < len(transforms) - 1 and not _is_gateable(
+      _path_to_accumulator(states[i])):
+    wrapper = next(
+        type(n).__name__ for n in _path_to_accumulator(states[i])
+        if not (type(n) is tuple or isinstance(n, _GATEABLE_WRAPPERS))  # pylint: disable=unidiomatic-typecheck
+    )
+    raise ValueError(
+        f'optax_accum.chain element {i} holds an accumulate(...) inside a '
+        f'{wrapper}, so the elements after it cannot be gated on its '
+        'window: part of the updates bypasses the accumulator, and running '
+        'the later elements on every mini-step would drift. Put the '
+        'accumulator at the top level, e.g. optax_accum.chain(accumulate(k), '
+        'optax.partition(...)), or move the later elements inside the '
+        'wrapper, e.g. optax.partition({"a": optax_accum.chain(accumulate(k),'
+        ' optax.adam(lr)), ...}).'
+    )
+  return i
+
+
+def _gated_chain(transforms) -> optax.GradientTransformationExtraArgs:
+  """optax.chain that runs the elements after a wrapped accumulator only
+  when its `has_updated` flag is set (an accumulator it cannot see)."""
+  txs = [optax.with_extra_args_support(t) for t in transforms]
+
+  def init_fn(params):
+    states = tuple(t.init(params) for t in txs)
+    _hidden_accumulator_index(transforms, states)
+    return states
+
+  def update_fn(updates, state, params=None, **extra_args):
+    j = _hidden_accumulator_index(transforms, state)
+    new_state = list(state)
+    for i, t in enumerate(txs[:j + 1] if j >= 0 else txs):
+      updates, new_state[i] = t.update(updates, state[i], params,
+                                       **extra_args)
+    if j < 0 or j == len(txs) - 1:
+      return updates, tuple(new_state)
+    (acc_state,) = _accumulate.accumulate_states(new_state[j])
+    rest = txs[j + 1:]
+
+    def run_rest(updates, rest_states, params):
+      rest_states = list(rest_states)
+      for i, t in enumerate(rest):
+        updates, rest_states[i] = t.update(updates, rest_states[i], params,
+                                           **extra_args)
+      return updates, tuple(rest_states)
+
+    out_shape, _ = jax.eval_shape(run_rest, updates, state[j + 1:], params)
+
+    def skip_rest(updates, rest_states, params):
+      del params
+      return _accumulate._zeros_like_output(out_shape, updates), rest_states  # pylint: disable=protected-access
+
+    updates, rest_states = lax.cond(
+        acc_state.has_updated, run_rest, skip_rest, updates,
+        tuple(state[j + 1:]), params)
+    return updates, tuple(new_state[:j + 1]) + tuple(rest_states)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def chain(
     *transforms: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
   """Chains transformations like ``optax.chain``, running those after the
-  accumulator only on the emitting mini-step.
+  accumulator only on the mini-steps that take a gradient step.
 
   ``chain(a, accumulate(k), b, c)`` is ``optax.chain(a, accumulate(k,
   optax.chain(b, c)))``: ``a`` runs on every micro-batch gradient, ``b`` and
-  ``c`` run once per gradient step on the accumulated mean, exactly as they
-  would on the large batch. So ``chain(accumulate(5), optax.adamw(1e-3))`` is
-  exact where ``optax.chain(accumulate(5), optax.adamw(1e-3))`` lets AdamW
-  drift on the mid-step zeros (see :func:`optax_accum.accumulate`). An
-  ``accumulate(k, inner)`` element keeps its inner optimizer first:
+  ``c`` once per gradient step on the window's mean, as on the large batch.
   ``chain(accumulate(k, b), c)`` is ``accumulate(k, optax.chain(b, c))``.
-  Without an accumulate element it is ``optax.chain(*transforms)``.
+
+  An accumulator wrapped in an element (``optax.chain(clip,
+  accumulate(k))``, ``optax.inject_hyperparams(accumulate)(k)``) is found
+  at ``init`` from its state; the elements after it run under a
+  ``lax.cond`` on its ``has_updated`` flag (zeros otherwise), which is
+  exact too. Without an accumulator it is ``optax.chain(*transforms)``.
 
   Args:
-    *transforms: ``optax.GradientTransformation`` or
-      ``GradientTransformationExtraArgs`` objects, at most one of them made by
-      :func:`optax_accum.accumulate`.
+    *transforms: ``optax.GradientTransformation`` instances, at most one
+      accumulator among them.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. When the accumulator comes
-    first its state is an :class:`optax_accum.AccumulateState`; otherwise it
-    is a tuple of the states of the elements before the accumulator, then the
-    ``AccumulateState``. The ``inner_opt_state`` of that holds the states of
-    the elements after it (one state for one element, an ``optax.chain``
-    tuple for several). Extra args (``weight``, ``flush``, and
-    any the elements take) reach every element, as in ``optax.chain``.
+    An ``optax.GradientTransformationExtraArgs``. With the accumulator first
+    its state is an :class:`optax_accum.AccumulateState` whose
+    ``inner_opt_state`` holds the states of the elements after it (one
+    state, or an ``optax.chain`` tuple); otherwise a tuple of the elements'
+    states, as ``optax.chain``. Extra args (``weight``, ``flush``, ...)
+    reach every element.
 
   Raises:
-    ValueError: more than one element is an ``accumulate(...)``.
-    TypeError: an element is not a ``GradientTransformation``.
+    TypeError: an element is not a ``GradientTransformation`` instance.
+    ValueError: more than one accumulator (at construction, or at ``init``
+      for wrapped ones); at ``init``, an accumulator inside a wrapper that
+      lets updates bypass it (``optax.partition``, ``optax.masked``,
+      ``optax.MultiSteps``) with elements after it. The message says what
+      to write instead.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -62,25 +192,27 @@ def chain(
           f'got {t!r} of type {type(t).__name__}.'
       )
   positions = [
-      i for i, t in enumerate(transforms) if isinstance(t, _accumulate._Accumulate)
+      i for i, t in enumerate(transforms)
+      if _accumulate.accumulator_of(t) is not None
   ]
-  if not positions:
-    return optax.chain(*transforms)
   if len(positions) > 1:
     raise ValueError(
         'chain takes at most one optax_accum.accumulate(...) element, but got '
         f'{len(positions)} at positions {positions}. This is because each '
         'element after an accumulator already runs once per gradient step.'
     )
+  if not positions:
+    return _gated_chain(transforms)
   (i,) = positions
-  acc = transforms[i]
+  acc = _accumulate.accumulator_of(transforms[i])
+  assert acc is not None
   after = list(transforms[i + 1:])
   if acc.inner is not None:
     after.insert(0, acc.inner)
   if not after:
-    gated = acc
+    gated = transforms[i]
   else:
     gated = acc.with_inner(after[0] if len(after) == 1 else optax.chain(*after))
   if i == 0:
     return gated
-  return optax.chain(*transforms[:i], gated)
+  return _gated_chain((*transforms[:i], gated))

@@ -6,8 +6,6 @@ import jax
 import numpy as np
 import optax
 
-from optax_accum import _accumulate
-from optax_accum import _checkpoint_registry
 
 
 def _path_name(entry) -> str:
@@ -64,11 +62,18 @@ def restore_checkpoint(
   ``orbax.checkpoint.StandardCheckpointer().save(path, opt_state)``, at any
   mini-step, also in the middle of a window. This function reads the
   checkpoint's metadata, compares it with ``jax.eval_shape(tx.init, params)``
-  leaf by leaf (path, shape, dtype), restores into that target, and checks
-  that every :class:`optax_accum.AccumulateState` in it was saved with the
-  k that ``tx``'s ``every_k_schedule`` gives at the saved
-  ``gradient_step``. Training continued from the restored state is bit for
-  bit the uninterrupted run (``tests/test_checkpoint.py``).
+  leaf by leaf (path, shape, dtype) and restores into that target, with any
+  number and nesting of accumulators (``optax.partition`` of several). A
+  window in flight finishes with the k it was saved with
+  (``AccumulateState.every_k``), also when ``tx`` has another schedule; the
+  windows after it take ``tx``'s. Training continued from the restored
+  state is bit for bit the uninterrupted run.
+
+  Plain orbax restores (``CheckpointManager`` with ``ocp.args.Composite``,
+  Flax NNX's ``nnx.state(optimizer)``) work as well: pass
+  ``jax.eval_shape(tx.init, params)`` (or the NNX abstract state) as the
+  target, as the README shows. This function adds the leaf-by-leaf check
+  and its clear error.
 
   Args:
     path: the checkpoint directory (a str or ``pathlib.Path``).
@@ -85,9 +90,9 @@ def restore_checkpoint(
   Raises:
     ValueError: the checkpoint's state has another structure, shape or
       dtype than ``tx.init(params)`` (another optimizer, params or
-      ``accumulator_dtype``), or it was saved by an ``accumulate`` whose k
-      differs from ``tx``'s at the saved gradient step.
-    ImportError: orbax-checkpoint is not installed.
+      ``accumulator_dtype``).
+    ImportError: orbax-checkpoint is not installed (``pip install
+      optax_accum[checkpoint]``).
 
   Examples:
     >>> import tempfile, os
@@ -108,37 +113,19 @@ def restore_checkpoint(
     Orbax checkpointing, https://orbax.readthedocs.io/en/latest/.
   """
   if checkpointer is None:
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    try:
+      import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          "restore_checkpoint needs orbax-checkpoint: pip install "
+          "'optax_accum[checkpoint]'."
+      ) from e
 
     checkpointer = ocp.StandardCheckpointer()
-  with _checkpoint_registry.recording() as schedules:
-    # A fresh function, so JAX's trace cache cannot skip the Python `init`
-    # calls that record the schedules.
-    abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # pylint: disable=unnecessary-lambda
+  # A fresh function, so no trace cache stands between `params` and `init`.
+  abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # pylint: disable=unnecessary-lambda
   metadata = checkpointer.metadata(path)
   saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree",
                        metadata)
   _check_against_metadata(saved_tree, abstract_state, path)
-  state = checkpointer.restore(path, abstract_state)
-
-  is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
-  acc_states = [
-      s for s in jax.tree.leaves(state, is_leaf=is_acc) if is_acc(s)
-  ]
-  if len(acc_states) != len(schedules):
-    raise RuntimeError(
-        f"Found {len(acc_states)} AccumulateState(s) in the state but "
-        f"recorded {len(schedules)} every_k_schedule(s) while tracing "
-        "`tx.init`; cannot check the saved k."
-    )
-  for acc, schedule in zip(acc_states, schedules):
-    want_k = int(schedule(acc.gradient_step))
-    if int(acc.every_k) != want_k:
-      raise ValueError(
-          f"The checkpoint at {path} was saved by accumulate with k="
-          f"{int(acc.every_k)} at gradient_step {int(acc.gradient_step)} "
-          f"(mini_step {int(acc.mini_step)}), but this optimizer's "
-          f"every_k_schedule gives k={want_k} there. Continuing would change "
-          "the window in flight; build `tx` with the saved schedule."
-      )
-  return state
+  return checkpointer.restore(path, abstract_state)

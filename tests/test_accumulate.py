@@ -291,9 +291,35 @@ def test_bad_every_k_schedule_raises_naming_the_value(k, error):
     optax_accum.accumulate(k)
 
 
-def test_schedule_returning_zero_raises_at_construction():
-  with pytest.raises(ValueError, match="every_k_schedule.*>= 1"):
-    optax_accum.accumulate(lambda step: 0 * step)
+@pytest.mark.parametrize("value", [0, -4, float("nan"), 0.2])
+def test_schedule_value_below_one_means_one_at_every_gradient_step(value):
+  # k=2 for the first gradient step, then `value`: every accepted
+  # micro-batch ends a window from then on.
+  tx = optax_accum.accumulate(
+      lambda step: jnp.where(step < 1, 2.0, value), optax.adamw(0.1),
+      should_skip_update_fn=optax.skip_not_finite)
+  params = jnp.ones(2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  flags = []
+  for g in [1.0, 1.0, 1.0, jnp.nan, jnp.nan, 1.0, jnp.nan]:
+    _, state = step(jnp.full(2, g), state, params)
+    flags.append(bool(state.has_updated))
+  # A rejected micro-batch never ends a window, whatever k is.
+  assert flags == [False, True, True, False, False, True, False]
+  assert int(state.gradient_step) == 3 and int(state.every_k) == 1
+  assert int(state.num_rejected) == 3
+
+
+def test_schedule_value_beyond_int32_is_the_largest_k():
+  tx = optax_accum.accumulate(lambda step: jnp.float32(1e12))
+  state = tx.init(jnp.zeros(2))
+  assert int(state.every_k) == 2**31 - 1
+
+
+def test_every_k_beyond_int32_is_rejected_at_construction():
+  with pytest.raises(ValueError, match=r"every_k_schedule.*2147483648"):
+    optax_accum.accumulate(2**31)
 
 
 def test_schedule_returning_a_vector_raises():

@@ -105,18 +105,27 @@ def test_weight_reaches_accumulate_through_nnx_optimizer():
   np.testing.assert_allclose(model.w[...], want, rtol=1e-5, atol=1e-6)
 
 
-def test_zero_weight_window_emits_zeros_and_the_next_window_is_clean():
-  tx = optax_accum.accumulate(2)
+def test_zero_weight_window_takes_no_step_and_the_next_window_is_clean():
+  tx = optax_accum.accumulate(2, optax.adamw(0.1))
   params = jnp.zeros(3)
+  state = tx.init(params)
+  inner_before = state.inner_opt_state
+  step = jax.jit(tx.update)
+  for g in (jnp.ones(3), jnp.full(3, jnp.nan)):  # zero tokens, even NaN
+    u, state = step(g, state, params, weight=0.0)
+  np.testing.assert_array_equal(u, np.zeros(3))
+  assert not bool(state.has_updated)
+  assert int(state.gradient_step) == 0 and int(state.mini_step) == 0
+  chex.assert_trees_all_equal(state.inner_opt_state, inner_before)
+  tx = optax_accum.accumulate(2)
   state = tx.init(params)
   step = jax.jit(tx.update)
   for _ in range(2):
     u, state = step(jnp.ones(3), state, params, weight=0.0)
-  np.testing.assert_array_equal(u, np.zeros(3))
-  assert bool(state.has_updated)
   u, state = step(jnp.full(3, 2.0), state, params, weight=1.0)
   u, state = step(jnp.full(3, 5.0), state, params, weight=3.0)
   np.testing.assert_allclose(u, np.full(3, (2.0 + 15.0) / 4.0))
+  assert int(state.gradient_step) == 1
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])

@@ -1,5 +1,7 @@
 """Checkpoint and resume in the middle of a window (issue 5)."""
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -66,29 +68,33 @@ def test_resume_mid_window_is_bit_for_bit(saved):
   assert int(got_s.gradient_step) == 4
 
 
-def test_restore_with_another_k_raises(saved):
-  path, ckptr, params, *_ = saved
-  with pytest.raises(ValueError, match=r"k=5 at gradient_step 2.*gives k=4"):
-    optax_accum.restore_checkpoint(path, _tx(k=4), params, ckptr)
+@pytest.mark.parametrize("new_k", [4, 6])
+def test_restore_into_another_k_finishes_the_window_with_the_saved_k(
+    saved, new_k):
+  path, ckptr, params, p, s, batches = saved
+  tx = _tx(k=new_k)
+  restored = optax_accum.restore_checkpoint(path, tx, params, ckptr)
+  step = jax.jit(lambda p, s, x, y: _apply(tx, p, s, x, y))
+  flags = []
+  for x, y in itertools.islice(itertools.cycle(batches), 3 + 2 * new_k):
+    p, restored = step(p, restored, x, y)
+    flags.append(bool(restored.has_updated))
+  # 2 of the saved k=5 were in flight: 3 more end it; then windows of new_k.
+  want = [False, False, True] + ([False] * (new_k - 1) + [True]) * 2
+  assert flags == want
+  assert int(restored.every_k) == new_k
 
 
-def test_k_is_checked_even_after_init_was_traced_before(saved):
-  path, ckptr, params, *_ = saved
+def test_plain_orbax_restore_into_another_k_keeps_the_window_in_flight(saved):
+  path, ckptr, params, p, s, batches = saved
   tx = _tx(k=4)
-  jax.eval_shape(tx.init, params)  # fills JAX's trace cache for tx.init
-  jax.jit(tx.init)(params)
-  with pytest.raises(ValueError, match=r"gives k=4"):
-    optax_accum.restore_checkpoint(path, tx, params, ckptr)
-
-
-def test_restore_with_a_schedule_checks_k_at_the_saved_step(saved):
-  path, ckptr, params, *_ = saved
-  # k is 5 at gradient step 2, as saved: accepted.
-  ok = _tx(k=lambda step: jnp.where(step < 3, 5, 8))
-  optax_accum.restore_checkpoint(path, ok, params, ckptr)
-  bad = _tx(k=lambda step: jnp.where(step < 2, 5, 8))
-  with pytest.raises(ValueError, match="gives k=8"):
-    optax_accum.restore_checkpoint(path, bad, params, ckptr)
+  restored = ckptr.restore(path, jax.eval_shape(tx.init, params))
+  step = jax.jit(lambda p, s, x, y: _apply(tx, p, s, x, y))
+  flags = []
+  for x, y in batches[2 * K + 2:2 * K + 2 + 3]:
+    p, restored = step(p, restored, x, y)
+    flags.append(bool(restored.has_updated))
+  assert flags == [False, False, True]
 
 
 def test_restore_with_another_accumulator_dtype_raises(saved):
