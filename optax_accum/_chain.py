@@ -60,21 +60,31 @@ def _hidden_accumulator_index(transforms, states) -> int:
   holders = [
       i for i, s in enumerate(states) if _accumulate.accumulate_states(s)
   ]
-  counts = sum(len(_accumulate.accumulate_states(s)) for s in states)
-  if counts > 1:
+  if len(holders) > 1:
     raise ValueError(
         'optax_accum.chain takes at most one accumulate(...), but its '
-        f'elements at positions {holders} hold {counts}. This is because the '
+        f'elements at positions {holders} hold one each. This is because the '
         'elements after an accumulator run once per gradient step, which '
         'two windows would not agree on. Use one accumulate(k1 * k2, ...).'
     )
   if not holders:
     return -1
   (i,) = holders
-  if i < len(transforms) - 1 and not _is_gateable(
-      _path_to_accumulator(states[i])):
+  if i == len(transforms) - 1:
+    return i  # nothing after it to gate
+  count = len(_accumulate.accumulate_states(states[i]))
+  if count > 1:
+    raise ValueError(
+        f'optax_accum.chain element {i} holds {count} accumulate(...) '
+        'transformations, so the elements after it cannot be gated on one '
+        'window. Move the later elements into each accumulator, e.g. '
+        'optax.partition({"a": optax_accum.chain(accumulate(k), '
+        'optax.adam(lr)), ...}).'
+    )
+  nodes = _path_to_accumulator(states[i])
+  if not _is_gateable(nodes):
     wrapper = next(
-        type(n).__name__ for n in _path_to_accumulator(states[i])
+        type(n).__name__ for n in nodes
         if not (type(n) is tuple or isinstance(n, _GATEABLE_WRAPPERS))  # pylint: disable=unidiomatic-typecheck
     )
     raise ValueError(
@@ -187,9 +197,14 @@ def chain(
   """
   for i, t in enumerate(transforms):
     if not isinstance(t, optax.GradientTransformation):
+      hint = ''
+      if hasattr(t, 'gradient_transformation'):
+        hint = ' Pass its .gradient_transformation().'
+      elif callable(t):
+        hint = ' If it is a factory such as optax.adam, call it.'
       raise TypeError(
           f'chain element {i} must be an optax.GradientTransformation, but '
-          f'got {t!r} of type {type(t).__name__}.'
+          f'got {t!r} of type {type(t).__name__}.{hint}'
       )
   positions = [
       i for i, t in enumerate(transforms)

@@ -25,8 +25,8 @@ import optax  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optax_accum  # pylint: disable=g-import-not-at-top
-from conftest import grad_fn  # pylint: disable=g-import-not-at-top
-from conftest import make_problem  # pylint: disable=g-import-not-at-top
+from helpers import grad_fn  # pylint: disable=g-import-not-at-top
+from helpers import make_problem  # pylint: disable=g-import-not-at-top
 
 K, STEPS, BATCH = 4, 3, 64
 

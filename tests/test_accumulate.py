@@ -1,5 +1,7 @@
 """Tests for optax_accum.accumulate: equivalence, the chainable form, jit."""
 
+import dataclasses
+import pickle
 import re
 
 import chex
@@ -11,12 +13,12 @@ import optax
 import pytest
 
 import optax_accum
-from conftest import grad_fn
-from conftest import make_problem
-from conftest import max_abs_diff
-from conftest import microbatches
-from conftest import train_accumulated
-from conftest import train_large_batch
+from helpers import grad_fn
+from helpers import make_problem
+from helpers import max_abs_diff
+from helpers import microbatches
+from helpers import train_accumulated
+from helpers import train_large_batch
 
 K = 5
 
@@ -356,3 +358,56 @@ def test_has_updated_finds_the_state_in_a_chain_and_raises_without_it():
   assert bool(optax_accum.has_updated(state))
   with pytest.raises(ValueError, match="no AccumulateState"):
     optax_accum.has_updated(optax.adam(1e-3).init(jnp.zeros(2)))
+
+
+# Structure: a declared configuration, a plain optax transformation.
+
+
+def test_transformation_is_plain_optax_with_a_declared_configuration():
+  tx = optax_accum.accumulate(3, optax.adam(1e-3))
+  assert type(tx) is optax.GradientTransformationExtraArgs  # pylint: disable=unidiomatic-typecheck
+  assert not getattr(tx, "__dict__", {})  # nothing set on the instance
+  config = tx.update.__self__
+  assert dataclasses.is_dataclass(config)
+  assert config.every_k_schedule == 3
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.every_k_schedule = 4
+
+
+def test_state_pickles_replaces_and_maps():
+  tx = optax_accum.chain(optax_accum.accumulate(3), optax.adamw(1e-2))
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.ones(2)}, state, params)
+  back = pickle.loads(pickle.dumps(state))
+  chex.assert_trees_all_equal(back, state)
+  assert isinstance(back, optax_accum.AccumulateState)
+  assert int(state._replace(mini_step=jnp.asarray(2)).mini_step) == 2
+  doubled = jax.tree.map(lambda x: 2 * x, state)
+  assert isinstance(doubled, optax_accum.AccumulateState)
+  np.testing.assert_array_equal(doubled.acc_grads["w"], 2.0)
+
+
+def test_eager_update_compiles_once_per_input_signature():
+  tx = optax_accum.accumulate(3, optax.adamw(1e-2))
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    counts = []
+    for i in range(10):
+      _, state = tx.update(grads, state, params, weight=float(i + 1))
+      counts.append(len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert counts[0] <= 1
+  assert counts[-1] == counts[0]  # no compilation after the first call
+  assert int(state.gradient_step) == 3

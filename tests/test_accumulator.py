@@ -149,3 +149,88 @@ def test_kahan_bfloat16_error_bound_on_a_long_window(k):
   assert np.all(kahan <= abs_sum * 2.0**-17), np.max(kahan / abs_sum)
   assert kahan.max() < plain.max() / 100
   assert f32.max() < kahan.max()
+
+
+# Numerics of unusual dtypes and values (issue 8).
+
+
+def test_complex_params_with_a_real_accumulator_dtype_raise():
+  tx = optax_accum.accumulate(2, accumulator_dtype=jnp.float32)
+  with pytest.raises(TypeError, match=r"\['z'\] has dtype complex64.*"
+                     r"imaginary part"):
+    tx.init({"z": jnp.zeros(2, jnp.complex64)})
+
+
+def test_complex_params_keep_the_imaginary_part_by_default():
+  tx = optax_accum.accumulate(2)
+  params = jnp.zeros(2, jnp.complex64)
+  grads = [jnp.array([1 + 2j, 3j], jnp.complex64),
+           jnp.array([3 - 4j, 1 + 1j], jnp.complex64)]
+  outs, state = _run(tx, params, grads)
+  assert state.acc_grads.dtype == jnp.complex64
+  np.testing.assert_allclose(outs[-1], [2 - 1j, 0.5 + 2j])
+
+
+def test_float16_accumulator_dtype_is_rejected():
+  with pytest.raises(ValueError, match=r"float16 is not supported.*65504"):
+    optax_accum.accumulate(2, accumulator_dtype=jnp.float16)
+
+
+def test_float16_params_accumulate_in_float32_without_overflow():
+  params = jnp.zeros(4, jnp.float16)
+  grads = [jnp.full(4, 60000.0, jnp.float16)] * 4
+  outs, state = _run(optax_accum.accumulate(4), params, grads)
+  assert state.acc_grads.dtype == jnp.float32
+  np.testing.assert_array_equal(outs[-1], np.full(4, 60000.0, np.float16))
+
+
+def test_grad_norm_is_computed_in_float32():
+  params = jnp.zeros(10, jnp.float16)
+  grads = [jnp.full(10, 100.0, jnp.float16)]
+  _, state = _run(optax_accum.accumulate(1), params, grads)
+  # sqrt(10) * 100 = 316.2; its square, 1e5, overflows float16.
+  np.testing.assert_allclose(state.grad_norm, np.sqrt(10.0) * 100, rtol=1e-6)
+  assert state.grad_norm.dtype == jnp.float32
+
+
+def test_overflowing_window_is_discarded_with_should_skip_update_fn():
+  params = jnp.ones(2)
+  tx = optax_accum.accumulate(2, optax.adamw(0.1),
+                              should_skip_update_fn=optax.skip_not_finite)
+  big = jnp.full(2, 3e38)  # finite; two of them sum to inf in float32
+  outs, state = _run(tx, params, [big, big])
+  np.testing.assert_array_equal(outs[-1], np.zeros(2))
+  assert not bool(state.has_updated) and int(state.gradient_step) == 0
+  assert int(state.inner_opt_state[0].count) == 0  # adamw did not step
+  assert not np.isfinite(float(state.grad_norm))
+  # The next window is clean.
+  outs, state = _run_from(tx, state, params, [jnp.ones(2), jnp.ones(2)])
+  assert bool(state.has_updated) and int(state.gradient_step) == 1
+
+
+def test_overflowing_window_without_a_skip_function_is_applied_as_is():
+  params = jnp.ones(2)
+  big = jnp.full(2, 3e38)
+  outs, state = _run(optax_accum.accumulate(2), params, [big, big])
+  assert np.all(np.isinf(outs[-1]))  # documented: not caught
+  assert bool(state.has_updated)
+
+
+def test_zero_weight_microbatch_with_nan_gradient_contributes_nothing():
+  tx = optax_accum.accumulate(3)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  _, state = step(jnp.array([1.0, 2.0]), state, params, weight=2.0)
+  _, state = step(jnp.full(2, jnp.nan), state, params, weight=0.0)
+  u, state = step(jnp.array([4.0, 8.0]), state, params, weight=1.0)
+  np.testing.assert_allclose(u, [2.0, 4.0])
+
+
+def _run_from(tx, state, params, grads):
+  step = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    u, state = step(g, state, params)
+    outs.append(u)
+  return outs, state

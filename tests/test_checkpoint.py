@@ -1,18 +1,23 @@
 """Checkpoint and resume in the middle of a window (issue 5)."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
 import optax_accum
-from conftest import grad_fn
-from conftest import make_problem
-from conftest import microbatches
+from helpers import grad_fn
+from helpers import make_problem
+from helpers import microbatches
 
 K = 5
 
@@ -117,3 +122,135 @@ def test_restore_with_other_params_raises(saved):
   other = {"w": jnp.zeros((7, 3)), "b": params["b"]}
   with pytest.raises(ValueError, match=r"float32\[6, 3\].*float32\[7, 3\]"):
     optax_accum.restore_checkpoint(path, _tx(), other, ckptr)
+
+
+# Checkpoints as users write them (issue 8).
+
+
+def test_partition_of_two_accumulators_restores_its_own_checkpoint(tmp_path):
+  params, xs, ys = make_problem(steps=3, batch=8)
+  labels = {"w": "w", "b": "b"}
+  tx = optax.partition({
+      "w": optax_accum.accumulate(4, optax.adam(1e-2)),
+      "b": optax_accum.accumulate(2, optax.adam(1e-2)),
+  }, labels)
+  batches = [(x, y) for x, y in zip(xs, ys)] * 3
+  p, s = _train(tx, params, tx.init(params), batches[:3])
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / "s", s)
+  ckptr.wait_until_finished()
+  restored = optax_accum.restore_checkpoint(tmp_path / "s", tx, params, ckptr)
+  chex.assert_trees_all_equal(restored, s)
+  want = _train(tx, p, s, batches[3:])
+  got = _train(tx, p, restored, batches[3:])
+  chex.assert_trees_all_equal(got, want)
+
+
+def test_nested_chain_state_restores(tmp_path):
+  params = {"w": jnp.ones(3)}
+  tx = optax.chain(optax.chain(
+      optax.scale(1.0), optax_accum.accumulate(3, optax.sgd(0.1))))
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.ones(3)}, state, params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / "s", state)
+  ckptr.wait_until_finished()
+  restored = optax_accum.restore_checkpoint(tmp_path / "s", tx, params, ckptr)
+  chex.assert_trees_all_equal(restored, state)
+  assert int(restored[0][1].mini_step) == 1
+
+
+_MANAGER_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax, orbax.checkpoint as ocp
+import optax_accum
+sys.path.insert(0, {tests!r})
+from helpers import grad_fn, make_problem, microbatches
+
+params, xs, ys = make_problem(steps=3)
+tx = optax_accum.chain(optax_accum.accumulate(5), optax.adamw(1e-2))
+batches = [b for x, y in zip(xs, ys) for b in microbatches(x, y, 5)]
+
+@jax.jit
+def step(params, state, x, y):
+  updates, state = tx.update(grad_fn(params, x, y), state, params)
+  return optax.apply_updates(params, updates), state
+
+mgr = ocp.CheckpointManager({directory!r})
+if sys.argv[1] == "save":
+  state = tx.init(params)
+  for x, y in batches[:7]:
+    params, state = step(params, state, x, y)
+  mgr.save(7, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(state)))
+  mgr.wait_until_finished()
+  start = 7
+else:
+  start = mgr.latest_step()
+  restored = mgr.restore(start, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(params),
+      opt_state=ocp.args.StandardRestore(jax.eval_shape(tx.init, params))))
+  params, state = restored.params, restored.opt_state
+  assert isinstance(state, optax_accum.AccumulateState), type(state)
+for x, y in batches[start:]:
+  params, state = step(params, state, x, y)
+np.save({out!r} + sys.argv[1] + ".npy", np.asarray(params["w"]))
+"""
+
+
+def test_checkpoint_manager_composite_resumes_in_a_fresh_process(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(_MANAGER_SCRIPT.format(
+      tests=os.path.dirname(__file__), directory=str(tmp_path / "ckpt"),
+      out=str(tmp_path / "w_")))
+  env = dict(os.environ, XLA_FLAGS="")
+  for mode in ("save", "restore"):
+    subprocess.run([sys.executable, str(script), mode], check=True, env=env,
+                   timeout=300)
+  # The saving process trained on to the end without a restore.
+  np.testing.assert_array_equal(np.load(tmp_path / "w_restore.npy"),
+                                np.load(tmp_path / "w_save.npy"))
+
+
+class _Linear(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l(x)
+
+
+def _nnx_optimizer(seed):
+  return nnx.ModelAndOptimizer(
+      _Linear(nnx.Rngs(seed)),
+      optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)),
+      wrt=nnx.Param)
+
+
+def test_nnx_optimizer_state_saves_and_resumes_mid_window(tmp_path):
+  _, xs, ys = make_problem(steps=2)
+  batches = list(_micro_stream(xs, ys))
+  loss = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+
+  @nnx.jit
+  def step(opt, x, y):
+    opt.update(nnx.grad(loss)(opt.model, x, y))
+
+  opt = _nnx_optimizer(0)
+  for x, y in batches[:3]:
+    step(opt, x, y)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / "opt", nnx.state(opt))
+  ckptr.wait_until_finished()
+  for x, y in batches[3:]:
+    step(opt, x, y)
+
+  resumed = _nnx_optimizer(1)  # other initial weights, overwritten below
+  abstract = nnx.state(nnx.eval_shape(lambda: _nnx_optimizer(0)))
+  nnx.update(resumed, ckptr.restore(tmp_path / "opt", abstract))
+  assert int(resumed.opt_state.mini_step[...]) == 3
+  for x, y in batches[3:]:
+    step(resumed, x, y)
+  chex.assert_trees_all_equal(nnx.state(resumed.model), nnx.state(opt.model))

@@ -13,10 +13,10 @@ import optax
 import pytest
 
 import optax_accum
-from conftest import grad_fn
-from conftest import make_problem
-from conftest import microbatches
-from conftest import train_large_batch
+from helpers import grad_fn
+from helpers import make_problem
+from helpers import microbatches
+from helpers import train_large_batch
 
 K = 4
 N_DEV = 8

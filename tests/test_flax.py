@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 import optax_accum
-from conftest import max_abs_diff
+from helpers import max_abs_diff
 
 K = 4
 STEPS = 5

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import make_problem
-from conftest import train_large_batch
+from helpers import make_problem
+from helpers import train_large_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 240
