@@ -1,5 +1,6 @@
 """optax_accum: exact gradient accumulation for Optax and Flax."""
 
+from optax_accum._apply import apply_gradients
 from optax_accum._accumulate import accumulate
 from optax_accum._accumulate import AccumulateState
 from optax_accum._accumulate import has_updated
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AccumulateState",
     "accumulate",
+    "apply_gradients",
     "chain",
     "has_updated",
     "restore_checkpoint",

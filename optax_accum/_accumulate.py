@@ -238,6 +238,29 @@ class Accumulator:
       **extra_args: Any,
   ) -> tuple[optax.Updates, AccumulateState]:
     """One mini-step; see :func:`optax_accum.accumulate`."""
+    return self._dispatch(updates, state, params, weight, flush, extra_args,
+                          apply=False)
+
+  def apply(
+      self,
+      updates: optax.Updates,
+      state: AccumulateState,
+      params: optax.Params,
+      *,
+      weight: Optional[jax.typing.ArrayLike] = None,
+      flush: Optional[jax.typing.ArrayLike] = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Params, AccumulateState]:
+    """One mini-step that also applies the update: ``(params, state)``.
+
+    The same numbers as ``update`` followed by ``optax.apply_updates``; on
+    mid-steps ``params`` pass through the conditional untouched.
+    """
+    return self._dispatch(updates, state, params, weight, flush, extra_args,
+                          apply=True)
+
+  def _dispatch(self, updates, state, params, weight, flush, extra_args,
+                apply):
     _validate.check_updates(updates, state.acc_grads)
     weight = _validate.check_weight(weight)
     flush = _validate.check_flush(flush)
@@ -252,10 +275,11 @@ class Accumulator:
         eager = False
     if eager:
       # One compilation per input signature, shared by all calls.
-      return _jitted_update(self, *args)
-    return self._update(*args)
+      return _jitted_update(self, *args, apply)
+    return self._update(*args, apply)
 
-  def _update(self, updates, state, params, weight, flush, extra_args):
+  def _update(self, updates, state, params, weight, flush, extra_args,
+              apply):
     inner_tx = self._inner_tx
     gradient_step = state.gradient_step
     # The k of the window in flight is held in the state; a window that has
@@ -284,8 +308,11 @@ class Accumulator:
     def inner_update(mean, inner_state, params):
       return inner_tx.update(mean, inner_state, params, **extra_args)
 
-    out_shape, _ = jax.eval_shape(
-        inner_update, updates, state.inner_opt_state, params)
+    if apply:
+      out_shape = None
+    else:
+      out_shape, _ = jax.eval_shape(
+          inner_update, updates, state.inner_opt_state, params)
 
     # The sum is formed outside the conditional, in one fused pass that XLA
     # writes in place into the donated accumulator, and the conditional does
@@ -297,8 +324,12 @@ class Accumulator:
         state.acc_grads, state.acc_compensation, updates, weight, accept,
         fresh=state.mini_step == 0)
 
+    # With `apply`, the branches return the params instead of the updates:
+    # updated in the stepping branch, passed through untouched otherwise, so
+    # mid-steps neither write a zeros buffer nor add it to the params.
     def no_step(mean, inner_state, params):
-      del params
+      if apply:
+        return params, inner_state
       return _zeros_like_output(out_shape, mean), inner_state
 
     def step(mean, inner_state, params):
@@ -306,6 +337,8 @@ class Accumulator:
       new_inner = jax.tree.map(
           lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
           new_inner, inner_state)
+      if apply:
+        return optax.apply_updates(params, new_updates), new_inner
       return new_updates, new_inner
 
     def end_branch(acc, inner_state, params, grad_norm):
@@ -329,11 +362,11 @@ class Accumulator:
       return new_updates, new_inner, grad_norm, stepped
 
     def mid_branch(acc, inner_state, params, grad_norm):
-      del acc, params
-      zeros = _zeros_like_output(out_shape, updates)
-      return zeros, inner_state, grad_norm, jnp.zeros([], jnp.bool_)
+      del acc
+      out = params if apply else _zeros_like_output(out_shape, updates)
+      return out, inner_state, grad_norm, jnp.zeros([], jnp.bool_)
 
-    new_updates, inner_state, grad_norm, stepped = lax.cond(
+    out, inner_state, grad_norm, stepped = lax.cond(
         end, end_branch, mid_branch, (acc_grads, acc_compensation),
         state.inner_opt_state, params, state.grad_norm)
     gradient_step = jnp.where(
@@ -351,10 +384,10 @@ class Accumulator:
         skip_state=_strong_types(skip_state),
         inner_opt_state=inner_state,
     )
-    return new_updates, new_state
+    return out, new_state
 
 
-_jitted_update = jax.jit(Accumulator._update, static_argnums=0)  # pylint: disable=protected-access
+_jitted_update = jax.jit(Accumulator._update, static_argnums=(0, 7))  # pylint: disable=protected-access
 
 
 def accumulator_of(tx: Any) -> Optional[Accumulator]:

@@ -1,6 +1,7 @@
 """`chain`: optax.chain, with everything after the accumulator gated."""
 
-from typing import Any
+import dataclasses
+from typing import Any, Optional
 
 import jax
 from jax import lax
@@ -100,23 +101,62 @@ def _hidden_accumulator_index(transforms, states) -> int:
   return i
 
 
-def _gated_chain(transforms) -> optax.GradientTransformationExtraArgs:
-  """optax.chain that runs the elements after a wrapped accumulator only
-  when its `has_updated` flag is set (an accumulator it cannot see)."""
-  txs = [optax.with_extra_args_support(t) for t in transforms]
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  """``optax.chain`` that gates the elements after an accumulator.
 
-  def init_fn(params):
-    states = tuple(t.init(params) for t in txs)
-    _hidden_accumulator_index(transforms, states)
+  :func:`optax_accum.chain` returns ``GradientTransformationExtraArgs(c.init,
+  c.update)`` for an instance ``c`` when the accumulator is not first (or is
+  wrapped in an element); :func:`optax_accum.apply_gradients` finds it from
+  ``tx.update.__self__``. The elements after the element holding the
+  accumulator run under a ``lax.cond`` on its ``has_updated`` flag.
+  """
+
+  transforms: tuple[optax.GradientTransformation, ...]
+
+  def transformation(self) -> optax.GradientTransformationExtraArgs:
+    return optax.GradientTransformationExtraArgs(self.init, self.update)
+
+  def _txs(self):
+    return [optax.with_extra_args_support(t) for t in self.transforms]
+
+  def init(self, params):
+    """The states of the elements, as ``optax.chain``'s tuple."""
+    states = tuple(t.init(params) for t in self._txs())
+    _hidden_accumulator_index(self.transforms, states)
     return states
 
-  def update_fn(updates, state, params=None, **extra_args):
-    j = _hidden_accumulator_index(transforms, state)
+  def update(self, updates, state, params=None, **extra_args):
+    """One mini-step through every element; see :func:`optax_accum.chain`."""
+    return self._run(updates, state, params, extra_args, apply=False)
+
+  def apply(self, updates, state, params, **extra_args):
+    """One mini-step that also applies the update: ``(params, state)``."""
+    return self._run(updates, state, params, extra_args, apply=True)
+
+  def _run(self, updates, state, params, extra_args, apply):
+    txs = self._txs()
+    last = len(txs) - 1
+    j = _hidden_accumulator_index(self.transforms, state)
     new_state = list(state)
-    for i, t in enumerate(txs[:j + 1] if j >= 0 else txs):
+    head = txs if j < 0 else txs[:j]
+    for i, t in enumerate(head):
       updates, new_state[i] = t.update(updates, state[i], params,
                                        **extra_args)
-    if j < 0 or j == len(txs) - 1:
+    if j < 0:
+      if apply:
+        return optax.apply_updates(params, updates), tuple(new_state)
+      return updates, tuple(new_state)
+    acc = _accumulate.accumulator_of(txs[j])
+    if j == last and acc is not None:
+      run = acc.apply if apply else acc.update
+      out, new_state[j] = run(updates, state[j], params, **extra_args)
+      return out, tuple(new_state)
+    updates, new_state[j] = txs[j].update(updates, state[j], params,
+                                          **extra_args)
+    if j == last:
+      if apply:
+        return optax.apply_updates(params, updates), tuple(new_state)
       return updates, tuple(new_state)
     (acc_state,) = _accumulate.accumulate_states(new_state[j])
     rest = txs[j + 1:]
@@ -126,20 +166,28 @@ def _gated_chain(transforms) -> optax.GradientTransformationExtraArgs:
       for i, t in enumerate(rest):
         updates, rest_states[i] = t.update(updates, rest_states[i], params,
                                            **extra_args)
+      if apply:
+        return optax.apply_updates(params, updates), tuple(rest_states)
       return updates, tuple(rest_states)
 
-    out_shape, _ = jax.eval_shape(run_rest, updates, state[j + 1:], params)
+    if not apply:
+      out_shape, _ = jax.eval_shape(run_rest, updates, state[j + 1:], params)
 
     def skip_rest(updates, rest_states, params):
-      del params
+      if apply:
+        return params, rest_states
       return _accumulate._zeros_like_output(out_shape, updates), rest_states  # pylint: disable=protected-access
 
-    updates, rest_states = lax.cond(
+    out, rest_states = lax.cond(
         acc_state.has_updated, run_rest, skip_rest, updates,
         tuple(state[j + 1:]), params)
-    return updates, tuple(new_state[:j + 1]) + tuple(rest_states)
+    return out, tuple(new_state[:j + 1]) + tuple(rest_states)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def chain_of(tx: Any) -> Optional[Chain]:
+  """The :class:`Chain` behind ``tx``, or None."""
+  owner = getattr(getattr(tx, 'update', None), '__self__', None)
+  return owner if isinstance(owner, Chain) else None
 
 
 def chain(
@@ -217,7 +265,7 @@ def chain(
         'element after an accumulator already runs once per gradient step.'
     )
   if not positions:
-    return _gated_chain(transforms)
+    return Chain(tuple(transforms)).transformation()
   (i,) = positions
   acc = _accumulate.accumulator_of(transforms[i])
   assert acc is not None
@@ -230,4 +278,4 @@ def chain(
     gated = acc.with_inner(after[0] if len(after) == 1 else optax.chain(*after))
   if i == 0:
     return gated
-  return _gated_chain((*transforms[:i], gated))
+  return Chain((*transforms[:i], gated)).transformation()

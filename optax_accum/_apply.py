@@ -1,0 +1,85 @@
+"""`apply_gradients`: one mini-step that updates and applies, fused."""
+
+from typing import Any
+
+import optax
+
+from optax_accum import _accumulate
+from optax_accum import _chain
+
+
+def apply_gradients(
+    tx: optax.GradientTransformation,
+    grads: optax.Updates,
+    opt_state: optax.OptState,
+    params: optax.Params,
+    **extra_args: Any,
+) -> tuple[optax.Params, optax.OptState]:
+  r"""One mini-step of ``tx`` applied to ``params``: ``(params, opt_state)``.
+
+  The same numbers as
+
+  .. code-block:: python
+
+    updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
+    params = optax.apply_updates(params, updates)
+
+  but for an optimizer built with :func:`optax_accum.accumulate` or
+  :func:`optax_accum.chain`, the apply happens inside the accumulator's
+  conditional: on mid-steps ``params`` pass through it untouched and no
+  zero-update buffer is written or added; on the mini-step that ends a
+  window the inner update is computed and applied there. With the jitted
+  step's params and optimizer state donated, a mid-step then costs the
+  accumulation pass alone. Any other optimizer takes the two lines above.
+
+  Mid-steps are bit for bit those two lines. On the mini-step that ends a
+  window, XLA fuses the inner update with the add into one kernel and may
+  contract a multiply-add differently: params can differ in the last bit.
+  Return ``(params, opt_state)`` from the jitted step in the order they
+  were passed in: JAX pairs donated inputs with outputs of the same shape in
+  order, and another order turns the in-place updates into copies.
+
+  Args:
+    tx: the optimizer, typically ``optax_accum.chain(accumulate(k), opt)``.
+    grads: the micro-batch gradient, a pytree shaped like ``params`` (any
+      float dtype).
+    opt_state: ``tx``'s state.
+    params: the params the gradient was taken at.
+    **extra_args: ``weight``, ``flush`` (see :func:`optax_accum.accumulate`)
+      and whatever ``tx``'s elements take.
+
+  Returns:
+    ``(params, opt_state)``: new params (the same arrays on mid-steps) and
+    the new state.
+
+  Raises:
+    The errors of ``tx.update`` (see :func:`optax_accum.accumulate`).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.chain(optax_accum.accumulate(2), optax.sgd(0.5))
+    >>> params = {'w': jnp.array([1.0, 1.0])}
+    >>> state = tx.init(params)
+    >>> step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p),
+    ...                donate_argnums=(1, 2))
+    >>> params, state = step({'w': jnp.array([1.0, 3.0])}, state, params)
+    >>> params['w']  # mid-step: untouched
+    Array([1., 1.], dtype=float32)
+    >>> params, state = step({'w': jnp.array([3.0, 1.0])}, state, params)
+    >>> params['w']  # 1 - 0.5 * mean
+    Array([0., 0.], dtype=float32)
+
+  References:
+    ``flax.training.train_state.TrainState.apply_gradients``; PyTorch's
+    gradient accumulation, which steps the optimizer once per window and
+    leaves params alone in between.
+  """
+  acc = _accumulate.accumulator_of(tx)
+  if acc is not None:
+    return acc.apply(grads, opt_state, params, **extra_args)
+  gated = _chain.chain_of(tx)
+  if gated is not None:
+    return gated.apply(grads, opt_state, params, **extra_args)
+  updates, opt_state = optax.with_extra_args_support(tx).update(
+      grads, opt_state, params, **extra_args)
+  return optax.apply_updates(params, updates), opt_state

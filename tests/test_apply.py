@@ -1,0 +1,134 @@
+"""apply_gradients: the fused update-and-apply (issue 9)."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_accum
+from helpers import grad_fn
+from helpers import microbatches
+from helpers import train_large_batch
+
+K = 4
+
+OPTIMIZERS = {
+    "accumulate": lambda: optax_accum.accumulate(K, optax.adamw(1e-2)),
+    "chain": lambda: optax_accum.chain(
+        optax.clip_by_global_norm(1.0), optax_accum.accumulate(K),
+        optax.adamw(1e-2)),
+    "nested": lambda: optax_accum.chain(
+        optax.chain(optax_accum.accumulate(K)), optax.adamw(1e-2)),
+    "plain_optax": lambda: optax.adamw(1e-2),
+}
+
+
+def _train(step, tx, params, xs, ys):
+  params = jax.tree.map(jnp.array, params)  # a copy the step may donate
+  state = tx.init(params)
+  trajectory = []
+  for x, y in zip(xs, ys):
+    for xm, ym in microbatches(x, y, K):
+      params, state = step(grad_fn(params, xm, ym), state, params)
+      trajectory.append(jax.tree.map(np.array, params))  # before donation
+  return trajectory, jax.tree.map(np.array, state)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_same_numbers_as_update_then_apply_updates(problem, name):
+  params, xs, ys = problem
+  tx = OPTIMIZERS[name]()
+
+  def fused(g, s, p):
+    return optax_accum.apply_gradients(tx, g, s, p)
+
+  def two_lines(g, s, p):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  donate = dict(donate_argnums=(1, 2))
+  got, got_state = _train(jax.jit(fused, **donate), tx, params, xs, ys)
+  want, want_state = _train(jax.jit(two_lines, **donate), tx, params, xs, ys)
+  # Mid-steps are bit for bit. On the emitting mini-step XLA fuses the inner
+  # update with the apply into one kernel and may contract a multiply-add
+  # differently, a last-bit difference (documented in apply_gradients).
+  for i, (g, w) in enumerate(zip(got, want)):
+    if name == "plain_optax" or i < K - 1:
+      chex.assert_trees_all_equal(g, w)
+    else:
+      chex.assert_trees_all_close(g, w, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(got_state, want_state, rtol=1e-6, atol=1e-7)
+
+
+def test_matches_large_batch_and_leaves_params_alone_on_mid_steps(problem):
+  params, xs, ys = problem
+  tx = optax_accum.chain(optax_accum.accumulate(K), optax.adam(1e-2))
+  step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p))
+  trajectory, _ = _train(step, tx, params, xs, ys)
+  for i, p in enumerate(trajectory):
+    if i % K != K - 1:  # a mid-step: the params of the last window
+      before = trajectory[i - 1] if i else params
+      chex.assert_trees_all_equal(p, before)
+  want, _ = train_large_batch(optax.adam(1e-2), params, xs, ys)
+  chex.assert_trees_all_close(trajectory[-1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_and_flush_reach_the_accumulator():
+  tx = optax_accum.chain(optax_accum.accumulate(3), optax.sgd(1.0))
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  params, state = optax_accum.apply_gradients(
+      tx, jnp.full(2, 1.0), state, params, weight=1.0)
+  params, state = optax_accum.apply_gradients(
+      tx, jnp.full(2, 4.0), state, params, weight=3.0, flush=True)
+  chex.assert_trees_all_close(params, jnp.full(2, -13.0 / 4.0))
+  assert int(state.gradient_step) == 1
+
+
+def test_inner_update_runs_once_per_window():
+  calls = []
+
+  def counting_update(updates, state, params=None):
+    del params
+    jax.debug.callback(lambda: calls.append(1))
+    return updates, state
+
+  inner = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                       counting_update)
+  tx = optax_accum.accumulate(K, inner)
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p))
+  for _ in range(3 * K):
+    params, state = step(jnp.ones(3), state, params)
+  jax.effects_barrier()
+  assert len(calls) == 3
+
+
+def _full_size_copies(step, *args):
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
+  return re.findall(r"f32\[(?:37,41|43)\]\{[\d,]*\} copy\(", hlo)
+
+
+@pytest.mark.parametrize("name", ["accumulate", "chain"])
+def test_donated_step_copies_no_full_size_buffer(name):
+  # Distinct shapes, so XLA cannot share one zeros buffer between leaves.
+  params = {"w": jnp.zeros((37, 41)), "b": jnp.zeros(43)}
+  tx = OPTIMIZERS[name]()
+
+  def step(params, state, grads):
+    return optax_accum.apply_gradients(tx, grads, state, params)
+
+  assert _full_size_copies(step, params, tx.init(params), params) == []
+
+  def reversed_order(params, state, grads):
+    params, state = optax_accum.apply_gradients(tx, grads, state, params)
+    return state, params
+
+  # Documented: JAX pairs donated inputs with outputs of the same shape in
+  # order, so returning them in another order than they came in copies.
+  assert _full_size_copies(reversed_order, params, tx.init(params), params)
