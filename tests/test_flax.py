@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 import optax_accum
+import optax_accum.flax as optax_accum_flax
 from helpers import max_abs_diff
 
 K = 4
@@ -43,9 +44,9 @@ def _nnx_step(model, optimizer, x, y):
   optimizer.update(model, grads)
 
 
-def _nnx_train(tx, micro):
+def _nnx_train(tx, micro, optimizer_cls=nnx.Optimizer):
   model = MLP(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = optimizer_cls(model, tx, wrt=nnx.Param)
   xs, ys = _data()
   for x, y in zip(xs, ys):
     for xm, ym in zip(jnp.split(x, micro), jnp.split(y, micro)):
@@ -72,11 +73,11 @@ class LinenMLP(linen.Module):
     return linen.Dense(1)(linen.relu(linen.Dense(16)(x)))
 
 
-def _linen_train(tx, micro):
+def _linen_train(tx, micro, state_cls=train_state.TrainState):
   model = LinenMLP()
   xs, ys = _data()
   params = model.init(jax.random.key(0), xs[0])["params"]
-  state = train_state.TrainState.create(
+  state = state_cls.create(
       apply_fn=model.apply, params=params, tx=tx
   )
 
@@ -100,3 +101,55 @@ def test_linen_train_state_matches_large_batch():
   assert int(got.opt_state.gradient_step) == STEPS
   # TrainState.step counts mini-steps; the gradient step is in the state.
   assert int(got.step) == STEPS * K
+
+
+# The front ends of optax_accum.flax (issue 9).
+
+
+def test_nnx_front_end_matches_large_batch_and_counts_gradient_steps():
+  want, _ = _nnx_train(optax.adamw(1e-2), micro=1)
+  got, optimizer = _nnx_train(
+      optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)),
+      micro=K, optimizer_cls=optax_accum_flax.Optimizer)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  assert int(optimizer.step[...]) == STEPS  # not STEPS * K micro-batches
+  assert int(optimizer.opt_state.mini_step[...]) == 0
+
+
+def test_nnx_front_end_passes_weight_and_flush():
+  model = nnx.Linear(2, 1, use_bias=False, rngs=nnx.Rngs(0))
+  w0 = model.kernel[...]
+  tx = optax_accum.chain(optax_accum.accumulate(8), optax.sgd(1.0))
+  optimizer = optax_accum_flax.Optimizer(model, tx, wrt=nnx.Param)
+  grads = lambda g: nnx.State({"kernel": nnx.Param(jnp.full((2, 1), g))})
+  optimizer.update(model, grads(1.0), weight=1.0)
+  np.testing.assert_array_equal(model.kernel[...], w0)  # a mid-step
+  optimizer.update(model, grads(5.0), weight=3.0, flush=True)
+  np.testing.assert_allclose(model.kernel[...], w0 - 4.0)
+  assert int(optimizer.step[...]) == 1
+
+
+def test_nnx_front_end_without_an_accumulator_counts_every_step():
+  _, optimizer = _nnx_train(optax.sgd(1e-2), micro=2,
+                            optimizer_cls=optax_accum_flax.Optimizer)
+  assert int(optimizer.step[...]) == STEPS * 2
+
+
+def test_linen_front_end_matches_large_batch_and_counts_gradient_steps():
+  want = _linen_train(optax.adamw(1e-2), micro=1)
+  got = _linen_train(optax_accum.accumulate(K, optax.adamw(1e-2)), micro=K,
+                     state_cls=optax_accum_flax.TrainState)
+  chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+  assert int(got.step) == STEPS
+
+
+def test_linen_front_end_passes_weight_flush_and_replaces_fields():
+  tx = optax_accum.chain(optax_accum.accumulate(8), optax.sgd(1.0))
+  state = optax_accum_flax.TrainState.create(
+      apply_fn=None, params={"w": jnp.zeros(2)}, tx=tx)
+  state = state.apply_gradients(grads={"w": jnp.ones(2)}, weight=1.0)
+  np.testing.assert_array_equal(state.params["w"], 0.0)
+  state = state.apply_gradients(grads={"w": jnp.full(2, 5.0)}, weight=3.0,
+                                flush=jnp.asarray(True), apply_fn=len)
+  np.testing.assert_allclose(state.params["w"], -4.0)
+  assert int(state.step) == 1 and state.apply_fn is len

@@ -1,0 +1,131 @@
+"""Flax front ends whose ``step`` counts gradient steps: NNX and linen.
+
+``from optax_accum.flax import Optimizer, TrainState`` (needs flax; not
+imported by ``import optax_accum``). Both apply updates with
+:func:`optax_accum.apply_gradients`, so mid-steps leave params untouched.
+"""
+
+from typing import Any, Optional
+
+from flax import nnx
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+
+from optax_accum import _accumulate
+from optax_accum import _apply
+
+
+def _steps_taken(opt_state, dtype) -> jax.Array:
+  """1 where the mini-step took a gradient step (always 1 without one)."""
+  if not _accumulate.accumulate_states(opt_state):
+    return jnp.ones([], dtype)
+  return _accumulate.has_updated(opt_state).astype(dtype)
+
+
+def _extra(weight, flush, extra_args) -> dict[str, Any]:
+  extra = dict(extra_args or {})
+  if weight is not None:
+    extra['weight'] = weight
+  if flush is not None:
+    extra['flush'] = flush
+  return extra
+
+
+class Optimizer(nnx.Optimizer):
+  """``nnx.Optimizer`` for accumulation: ``step`` counts gradient steps.
+
+  A drop-in for ``nnx.Optimizer(model, tx, wrt=...)``. ``update(model,
+  grads, weight=..., flush=..., **extra_args)`` is one mini-step through
+  :func:`optax_accum.apply_gradients`: ``weight`` (the micro-batch's number
+  of tokens or samples, a scalar) and ``flush`` (a bool scalar; true ends
+  the window after this micro-batch, which it includes) reach the
+  accumulator. ``step`` (uint32) advances only on mini-steps that take a
+  gradient step (``nnx.Optimizer``'s counts every call, i.e. micro-batches);
+  the number of micro-batches in the window in flight is
+  ``opt_state.mini_step``.
+
+  Args:
+    model: the NNX module to train.
+    tx: an optimizer, typically ``optax_accum.chain(accumulate(k), opt)``.
+    wrt: the filter of the trained variables, as for ``nnx.Optimizer``.
+
+  Raises:
+    The errors of :func:`optax_accum.accumulate`'s ``update``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_accum
+    >>> from flax import nnx
+    >>> from optax_accum.flax import Optimizer
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> tx = optax_accum.chain(optax_accum.accumulate(2), optax.sgd(0.1))
+    >>> optimizer = Optimizer(model, tx, wrt=nnx.Param)
+    >>> loss = lambda m, x: jnp.sum(m(x) ** 2)
+    >>> for n in (3.0, 5.0):  # two micro-batches, weighted by their size
+    ...   grads = nnx.grad(loss)(model, jnp.ones((1, 2)))
+    ...   optimizer.update(model, grads, weight=n)
+    >>> int(optimizer.step[...]), int(optimizer.opt_state.mini_step[...])
+    (1, 0)
+
+  References:
+    ``flax.nnx.Optimizer``; MaxText PR #812 (step counters that count
+    gradient steps).
+  """
+
+  def update(self, model, grads, /, *, weight=None, flush=None,
+             **extra_args):  # pytype: disable=signature-mismatch
+    """One mini-step: accumulates ``grads`` and, at the end of a window,
+    updates ``model``'s ``wrt`` variables. Returns None."""
+    graph = getattr(self, 'graph', None)
+    params = nnx.as_pure(nnx.state(model, self.wrt, graph=graph))
+    grads = nnx.as_pure(nnx.state(grads, self.wrt, graph=graph))
+    opt_state = nnx.as_pure(self.opt_state)
+    extra = nnx.as_pure(_extra(weight, flush, extra_args))
+    new_params, new_opt_state = _apply.apply_gradients(
+        self.tx, grads, opt_state, params, **extra)
+    nnx.update(model, new_params)
+    nnx.update(self.opt_state, nnx.state(new_opt_state, graph=graph))
+    self.step[...] += _steps_taken(new_opt_state, self.step[...].dtype)
+
+
+class TrainState(train_state.TrainState):
+  """Linen ``TrainState`` for accumulation: ``step`` counts gradient steps.
+
+  A drop-in for ``flax.training.train_state.TrainState.create(apply_fn=...,
+  params=..., tx=...)``. ``apply_gradients(grads=..., weight=...,
+  flush=..., extra_args=..., **kwargs)`` is one mini-step through
+  :func:`optax_accum.apply_gradients`; ``weight`` and ``flush`` reach the
+  accumulator (see :class:`Optimizer`), ``extra_args`` (a dict) the rest of
+  ``tx``, and ``**kwargs`` replace fields as in flax. ``step`` advances only
+  on mini-steps that take a gradient step; the micro-batches of the window
+  in flight are ``optax_accum``'s ``AccumulateState.mini_step``.
+
+  Raises:
+    The errors of :func:`optax_accum.accumulate`'s ``update``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_accum
+    >>> from optax_accum.flax import TrainState
+    >>> tx = optax_accum.chain(optax_accum.accumulate(2), optax.sgd(0.5))
+    >>> state = TrainState.create(apply_fn=None, params=jnp.ones(2), tx=tx)
+    >>> state = state.apply_gradients(grads=jnp.ones(2))
+    >>> state = state.apply_gradients(grads=jnp.full(2, 3.0), flush=True)
+    >>> int(state.step), state.params
+    (1, Array([0., 0.], dtype=float32))
+
+  References:
+    ``flax.training.train_state.TrainState.apply_gradients``.
+  """
+
+  def apply_gradients(self, *, grads, weight=None, flush=None,
+                      extra_args: Optional[dict[str, Any]] = None, **kwargs):
+    """One mini-step; returns the new state."""
+    params, opt_state = _apply.apply_gradients(
+        self.tx, grads, self.opt_state, self.params,
+        **_extra(weight, flush, extra_args))
+    step = self.step + _steps_taken(opt_state, jnp.result_type(self.step))
+    return self.replace(step=step, params=params, opt_state=opt_state,
+                        **kwargs)
+
+
+__all__ = ('Optimizer', 'TrainState')
