@@ -6,6 +6,7 @@ from optax_accum._accumulate import AccumulateState
 from optax_accum._accumulate import has_updated
 from optax_accum._chain import chain
 from optax_accum._checkpoint import restore_checkpoint
+from optax_accum._microbatch import microbatched_value_and_grad
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = (
     "apply_gradients",
     "chain",
     "has_updated",
+    "microbatched_value_and_grad",
     "restore_checkpoint",
 )

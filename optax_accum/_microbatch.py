@@ -1,0 +1,204 @@
+"""In-step micro-batching: the window's gradient inside one jitted step."""
+
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from optax_accum import _accumulator
+
+_REDUCTIONS = ('mean', 'sum')
+
+
+def _split(batch, num_microbatches: int, argnum: int):
+  """(B, ...) leaves -> (num_microbatches, B // num_microbatches, ...)."""
+
+  def split(path, x):
+    x = jnp.asarray(x)
+    if x.ndim == 0 or x.shape[0] % num_microbatches:
+      raise ValueError(
+          f'microbatched_value_and_grad splits argument {argnum} along its '
+          f'leading axis into num_microbatches={num_microbatches}, but the '
+          f'leaf at {jax.tree_util.keystr(path)} has shape {x.shape}. Give '
+          'every batch leaf a leading axis divisible by num_microbatches.'
+      )
+    return x.reshape(num_microbatches, x.shape[0] // num_microbatches,
+                     *x.shape[1:])
+
+  return jax.tree.map_with_path(split, batch)
+
+
+def microbatched_value_and_grad(
+    loss_fn: Callable[..., Any],
+    num_microbatches: int,
+    *,
+    has_aux: bool = False,
+    reduction: str = 'mean',
+    batch_argnums: Union[int, Sequence[int]] = 1,
+    key_argnum: Union[int, None] = None,
+) -> Callable[..., Any]:
+  r"""Turns a loss into the token-weighted value and gradient of a window.
+
+  The returned function splits its batch arguments along their leading axis
+  into ``num_microbatches`` micro-batches and runs ``loss_fn`` on them one
+  after another in a ``lax.scan`` (one micro-batch's activations live at a
+  time), inside the caller's jitted step. Micro-batch :math:`i` has loss
+  :math:`L_i` and weight :math:`w_i` (its number of tokens or samples). With
+  ``reduction="mean"`` (:math:`L_i` is the mean over its :math:`w_i` items)
+
+  .. math::
+    L = \frac{\sum_i w_i L_i}{\sum_i w_i}, \qquad
+    g = \frac{\sum_i w_i \nabla L_i}{\sum_i w_i},
+
+  and with ``reduction="sum"`` (:math:`L_i` is the sum over its items)
+  :math:`L = \sum_i L_i / \sum_i w_i`, :math:`g = \sum_i \nabla L_i /
+  \sum_i w_i`: either way the gradient of the mean over all items of the
+  window, however unevenly they fall into micro-batches. A window of total
+  weight 0 gives a zero gradient and loss. The gradient sum is kept in
+  float32 (or the param dtype when wider). The returned ``weight`` feeds
+  ``accumulate(...).update(grads, ..., weight=weight)`` unchanged, so
+  ``k1`` micro-batches per step and ``k2`` steps per update compose into
+  the mean over all ``k1 * k2`` micro-batches.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args) -> (loss, weight)``, or with
+      ``has_aux`` ``(loss, (weight, aux))``: ``loss`` a float scalar,
+      ``weight`` a non-negative scalar, ``aux`` a pytree of float arrays
+      (metrics), averaged over the window with the same weights. Differentiated
+      with respect to its first argument.
+    num_microbatches: the number of micro-batches, a positive int.
+    has_aux: whether ``loss_fn`` returns ``aux``.
+    reduction: ``"mean"`` or ``"sum"``, how ``loss`` reduces over items.
+    batch_argnums: the positions (in ``loss_fn``'s arguments, params being
+      0) of the arguments to split; the others are passed whole.
+    key_argnum: the position of a ``jax.random`` key; micro-batch ``i`` gets
+      ``jax.random.fold_in(key, i)``.
+
+  Returns:
+    A function of ``loss_fn``'s arguments returning ``(loss, grads,
+    weight)``, or ``((loss, aux), grads, weight)`` with ``has_aux``:
+    ``grads`` shaped and typed like the params, ``weight`` the float32 total.
+
+  Raises:
+    ValueError: ``num_microbatches`` is not a positive int, ``reduction``
+      is unknown, an argnum points at params, or (when called) a batch leaf
+      has no leading axis divisible by ``num_microbatches``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_accum
+    >>> def loss_fn(w, x, mask):  # a token-masked mean
+    ...   per_token = (x * w) ** 2
+    ...   n = jnp.sum(mask)
+    ...   return jnp.sum(per_token * mask) / jnp.maximum(n, 1), n
+    >>> x = jnp.arange(8.0); mask = jnp.array([1, 1, 1, 0, 1, 0, 0, 0.])
+    >>> f = optax_accum.microbatched_value_and_grad(
+    ...     loss_fn, 2, batch_argnums=(1, 2))
+    >>> loss, g, n = jax.jit(f)(jnp.float32(1.0), x, mask)
+    >>> bool(jnp.allclose(g, jax.grad(lambda w: loss_fn(w, x, mask)[0])(1.0)))
+    True
+    >>> float(n)
+    4.0
+
+  References:
+    ``optax.microbatching.microbatch`` (whose mean is unweighted); Hugging
+    Face transformers PR #34191 (the global token mean); MaxText's in-step
+    gradient accumulation.
+  """
+  if isinstance(num_microbatches, bool) or not isinstance(
+      num_microbatches, int) or num_microbatches < 1:
+    raise ValueError(
+        '`num_microbatches` must be a positive int, but got '
+        f'{num_microbatches!r}.'
+    )
+  if reduction not in _REDUCTIONS:
+    raise ValueError(
+        f'`reduction` must be one of {_REDUCTIONS}, but got {reduction!r}.'
+    )
+  batch_argnums = ((batch_argnums,) if isinstance(batch_argnums, int)
+                   else tuple(batch_argnums))
+  for name, nums in (('batch_argnums', batch_argnums),
+                     ('key_argnum', () if key_argnum is None
+                      else (key_argnum,))):
+    if any(not isinstance(n, int) or n < 1 for n in nums):
+      raise ValueError(
+          f'`{name}` must hold argument positions >= 1 (0 is the params), '
+          f'but got {nums!r}.'
+      )
+
+  def weighted_loss(params, args):
+    out = loss_fn(params, *args)
+    loss, rest = out
+    weight, aux = rest if has_aux else (rest, None)
+    weight = jnp.asarray(weight, jnp.float32)
+    scale = weight if reduction == 'mean' else jnp.ones([], jnp.float32)
+    # d(scale * L_i) is w_i * dL_i (mean) or dL_i (sum): summed over the
+    # window and divided once by the total weight.
+    return (scale * loss).astype(jnp.float32), (weight, loss, aux)
+
+  grad_fn = jax.grad(weighted_loss, has_aux=True)
+
+  def value_and_grad(params, *args):
+    args = list(args)
+    split = {n: _split(args[n - 1], num_microbatches, n)
+             for n in batch_argnums}
+    key = None if key_argnum is None else args[key_argnum - 1]
+
+    acc_dtype = lambda p: _accumulator.default_accumulator_dtype(
+        jnp.result_type(p))
+    grads0 = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)),
+                          params)
+    loss0, aux_shape = _first_outputs(weighted_loss, params, args, split,
+                                      key, key_argnum)
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
+    carry0 = (grads0, jnp.zeros([], jnp.float32), loss0, aux0)
+
+    def body(carry, xs):
+      i, micro = xs
+      call_args = list(args)
+      for n, value in micro.items():
+        call_args[n - 1] = value
+      if key is not None:
+        call_args[key_argnum - 1] = jax.random.fold_in(key, i)
+      grads, (weight, loss, aux) = grad_fn(params, call_args)
+      g_sum, w_sum, l_sum, a_sum = carry
+      # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
+      g_sum = jax.tree.map(
+          lambda a, g: a + jnp.where(weight > 0, g.astype(a.dtype), 0),
+          g_sum, grads)
+      scale = weight if reduction == 'mean' else jnp.ones([], jnp.float32)
+      l_sum = l_sum + jnp.where(weight > 0, scale * loss, 0.0)
+      a_sum = jax.tree.map(
+          lambda a, x: a + jnp.where(weight > 0, weight * x, 0.0),
+          a_sum, aux)
+      return (g_sum, w_sum + weight, l_sum, a_sum), None
+
+    (g_sum, w_sum, l_sum, a_sum), _ = lax.scan(
+        body, carry0, (jnp.arange(num_microbatches), split))
+    denom = jnp.where(w_sum > 0, w_sum, 1.0)
+    grads = jax.tree.map(
+        lambda g, p: (g / denom.astype(g.dtype)).astype(jnp.result_type(p)),
+        g_sum, params)
+    loss = l_sum / denom
+    if has_aux:
+      aux = jax.tree.map(lambda a: a / denom, a_sum)
+      return (loss, aux), grads, w_sum
+    return loss, grads, w_sum
+
+  return value_and_grad
+
+
+def _first_outputs(weighted_loss, params, args, split, key, key_argnum):
+  """A float32 zero loss and the shapes of aux, from one abstract call."""
+
+  def first(params):
+    call_args = list(args)
+    for n, value in split.items():
+      call_args[n - 1] = jax.tree.map(lambda x: x[0], value)
+    if key is not None:
+      call_args[key_argnum - 1] = jax.random.fold_in(key, 0)
+    return weighted_loss(params, call_args)[1][2]
+
+  aux_shape = jax.eval_shape(first, params)
+  return jnp.zeros([], jnp.float32), aux_shape
