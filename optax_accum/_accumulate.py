@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -42,6 +43,10 @@ class AccumulateState(NamedTuple):
     acc_weight: float32 scalar, ``sum_i w_i`` over the accepted micro-batches
       of the current window (the number of micro-batches when no ``weight``
       is passed).
+    acc_value: float32 scalar, ``sum_i w_i value_i`` over the accepted
+      micro-batches of the current window when ``update`` is passed a
+      ``value`` (the loss, read by ``optax.contrib.reduce_on_plateau``);
+      0 otherwise.
     has_updated: bool scalar, true when the last mini-step took a gradient
       step (ran the inner optimizer on a window's mean).
     num_rejected: int32 scalar, micro-batches rejected by
@@ -73,6 +78,7 @@ class AccumulateState(NamedTuple):
   acc_grads: optax.Updates
   acc_compensation: Optional[optax.Updates]
   acc_weight: jax.Array
+  acc_value: jax.Array
   has_updated: jax.Array
   num_rejected: jax.Array
   grad_norm: jax.Array
@@ -220,6 +226,7 @@ class Accumulator:
         acc_grads=acc_grads,
         acc_compensation=acc_compensation,
         acc_weight=jnp.zeros([], jnp.float32),
+        acc_value=jnp.zeros([], jnp.float32),
         has_updated=jnp.zeros([], jnp.bool_),
         num_rejected=jnp.zeros([], jnp.int32),
         grad_norm=jnp.zeros([], jnp.float32),
@@ -297,6 +304,11 @@ class Accumulator:
     accept = jnp.logical_not(skip)
     step_weight = jnp.ones([], jnp.float32) if weight is None else weight
     acc_weight = state.acc_weight + jnp.where(accept, step_weight, 0.0)
+    acc_value = state.acc_value
+    if 'value' in extra_args:  # the window's weighted mean reaches inner
+      value = jnp.asarray(extra_args['value'], jnp.float32)
+      acc_value = acc_value + jnp.where(
+          accept & (step_weight > 0), step_weight * value, 0.0)
     if self.axis_name is None:
       mini_step = state.mini_step + accept.astype(jnp.int32)
     else:
@@ -305,8 +317,9 @@ class Accumulator:
     if flush is not None:
       end = end | (flush & (mini_step > 0))
 
-    def inner_update(mean, inner_state, params):
-      return inner_tx.update(mean, inner_state, params, **extra_args)
+    def inner_update(mean, inner_state, params, window_extra=None):
+      return inner_tx.update(mean, inner_state, params,
+                              **(window_extra or extra_args))
 
     if apply:
       out_shape = None
@@ -327,13 +340,23 @@ class Accumulator:
     # With `apply`, the branches return the params instead of the updates:
     # updated in the stepping branch, passed through untouched otherwise, so
     # mid-steps neither write a zeros buffer nor add it to the params.
-    def no_step(mean, inner_state, params):
+    # The mean is formed inside the stepping branch, where XLA fuses the
+    # division into the inner update's kernels: passed as an operand to a
+    # conditional, it would be written to a full-size temporary first.
+    def no_step(acc_sum, scale, inner_state, params, window_extra):
+      del acc_sum, scale, window_extra
       if apply:
         return params, inner_state
-      return _zeros_like_output(out_shape, mean), inner_state
+      return _zeros_like_output(out_shape, updates), inner_state
 
-    def step(mean, inner_state, params):
-      new_updates, new_inner = inner_update(mean, inner_state, params)
+    def step(acc_sum, scale, inner_state, params, window_extra):
+      # A multiply, which XLA duplicates into each consumer fusion; a divide
+      # it would compute once into a full-size temporary.
+      inv = (1.0 / scale)
+      mean = jax.tree.map(lambda a: a * inv.astype(a.dtype), acc_sum)
+      mean = optax.tree.cast_like(mean, updates)
+      new_updates, new_inner = inner_update(mean, inner_state, params,
+                                            window_extra)
       new_inner = jax.tree.map(
           lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
           new_inner, inner_state)
@@ -344,22 +367,27 @@ class Accumulator:
     def end_branch(acc, inner_state, params, grad_norm):
       del grad_norm
       acc_sum = _accumulator.total(*acc)
-      total_weight = acc_weight
+      total_weight, total_value = acc_weight, acc_value
       if self.axis_name is not None:  # the one reduction of the window
-        acc_sum, total_weight = lax.psum((acc_sum, acc_weight),
-                                         self.axis_name)
+        acc_sum, total_weight, total_value = lax.psum(
+            (acc_sum, acc_weight, acc_value), self.axis_name)
       # A window of total weight 0 (every micro-batch weighted 0, or with
       # axis_name, rejected everywhere) takes no gradient step.
       stepped = total_weight != 0
       scale = jnp.where(stepped, total_weight, 1.0)
-      mean = jax.tree.map(lambda a: a / scale.astype(a.dtype), acc_sum)
-      grad_norm = _float32_norm(mean)
+      # |mean| = |sum| / weight: one read of the sum, no temporary.
+      grad_norm = _float32_norm(acc_sum) / scale
       if self.should_skip_update_fn is not None:
-        stepped = stepped & _all_finite(mean)
-      mean = optax.tree.cast_like(mean, updates)
-      new_updates, new_inner = lax.cond(
-          stepped, step, no_step, mean, inner_state, params)
-      return new_updates, new_inner, grad_norm, stepped
+        stepped = stepped & _all_finite(acc_sum)
+      window_extra = dict(extra_args)
+      if 'value' in extra_args:
+        window_extra['value'] = (total_value / scale).astype(
+            jnp.result_type(extra_args['value']))
+      out, new_inner = lax.cond(
+          stepped, functools.partial(step, window_extra=window_extra),
+          functools.partial(no_step, window_extra=None), acc_sum, scale,
+          inner_state, params)
+      return out, new_inner, grad_norm, stepped
 
     def mid_branch(acc, inner_state, params, grad_norm):
       del acc
@@ -378,6 +406,7 @@ class Accumulator:
         acc_grads=acc_grads,
         acc_compensation=acc_compensation,
         acc_weight=jnp.where(end, 0.0, acc_weight),
+        acc_value=jnp.where(end, 0.0, acc_value),
         has_updated=stepped,
         num_rejected=state.num_rejected + skip.astype(jnp.int32),
         grad_norm=grad_norm,
@@ -465,7 +494,13 @@ def accumulate(
     flush: a bool scalar; when true, the window ends after this micro-batch
       (which it includes) and emits its weighted mean. A flush of an empty
       window emits nothing.
-    Other keyword arguments reach ``inner`` on the emitting mini-step.
+    value: the micro-batch's loss, if ``inner`` reads one
+      (``optax.contrib.reduce_on_plateau``): ``inner`` gets the window's
+      weighted mean. Pass it on every micro-batch.
+    Other keyword arguments reach ``inner`` as passed on the emitting
+    mini-step (the last micro-batch's). ``optax.lbfgs`` as ``inner`` is not
+    large-batch exact: its line search evaluates ``value_fn`` on that
+    micro-batch only.
 
   ``update`` costs one fused pass over ``acc_grads`` on mid-steps, plus a
   zero-filled updates buffer that ``optax.apply_updates`` then adds.

@@ -11,7 +11,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
       + " --xla_force_host_platform_device_count=8"
   )
 
+import sys  # pylint: disable=g-import-not-at-top
+
 import pytest  # pylint: disable=g-import-not-at-top
+
+# benchmarks/hlo.py reads compiled HLO for the tests and benchmarks alike.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                "benchmarks"))
 
 # optax itself relies on standard promotion (adam's bias correction mixes a
 # Python float with an int32 count), so strict promotion is switched on only

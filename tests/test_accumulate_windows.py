@@ -290,3 +290,40 @@ def test_telemetry_is_readable_under_jit():
   np.testing.assert_allclose(state.grad_norm, np.linalg.norm(mean),
                              rtol=1e-6)
   assert float(state.acc_weight) == 0.0  # reset on emission
+
+
+def test_value_reaches_the_inner_optimizer_as_the_window_weighted_mean():
+  seen = []
+
+  def update(updates, state, params=None, *, value):
+    del params
+    jax.debug.callback(lambda v: seen.append(float(v)), value)
+    return updates, state
+
+  inner = optax.GradientTransformationExtraArgs(
+      lambda p: optax.EmptyState(), update)
+  tx = optax_accum.accumulate(3, inner)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for value, weight in [(1.0, 1.0), (4.0, 2.0), (10.0, 1.0),  # 19 / 4
+                        (2.0, 5.0), (jnp.nan, 0.0), (8.0, 5.0)]:  # 50 / 10
+    _, state = step(jnp.ones(2), state, params, value=value, weight=weight)
+  jax.effects_barrier()
+  np.testing.assert_allclose(seen, [19.0 / 4.0, 5.0])
+
+
+def test_reduce_on_plateau_sees_the_window_loss():
+  tx = optax_accum.chain(
+      optax_accum.accumulate(2),
+      optax.contrib.reduce_on_plateau(patience=0, factor=0.5, cooldown=0,
+                                      accumulation_size=1))
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  # Window losses 2.0 then 3.0 (one micro-batch at 0 would read as better).
+  for value in (1.0, 3.0, 6.0, 0.0):
+    _, state = step(jnp.ones(2), state, params, value=value)
+  plateau = state.inner_opt_state
+  np.testing.assert_allclose(plateau.best_value, 2.0)
+  np.testing.assert_allclose(plateau.scale, 0.5)  # 3.0 did not improve
