@@ -1,143 +1,225 @@
-"""A full Flax train step with accumulation: the memory saved, the time paid.
+"""The whole train step: accumulation against the large batch and the peers.
 
-A ~50M-parameter token-wise residual MLP (Flax NNX, 6 blocks of
-Dense(1024->4096)-GELU-Dense(4096->1024), float32) on random token features.
-Two ways to train on 8b sequences per gradient step:
+A decoder-only transformer (Flax NNX; d=512, 8 layers, 8 heads, MLP 2048,
+vocabulary 8192, ~29M params, float32) on a global batch of 8 sequences of
+64 tokens, next-token cross-entropy, AdamW. Every system trains on the same
+global batch per gradient step; every jitted step donates params and
+optimizer state and returns `(params, opt_state)`.
 
-  large   one jitted step at batch 8b: forward, backward, AdamW;
-  accum   eight jitted micro-steps at batch b: forward, backward,
-          optax_accum.chain(accumulate(8), adamw), apply.
+  large        one step at batch 8
+  fused_k      k steps at batch 8/k through optax_accum.apply_gradients with
+               optax_accum.chain(accumulate(k), adamw) (cross-step)
+  in_step_k    one step: optax_accum.microbatched_value_and_grad over k
+               micro-batches (lax.scan), then adamw
+  scan_k       one step: a hand-written lax.scan summing the k micro-batch
+               gradients, then adamw (what MaxText does)
+  multisteps_k k steps through optax.MultiSteps(adamw, k) + apply
 
-Both steps donate params and optimizer state. Reports the median time of a
-micro-step (mid and emitting), the time per 8b sequences, and XLA's temp
-bytes (activations and workspace) from `compile().memory_analysis()`.
+The systems are timed interleaved in one process (one global batch each per
+round); medians over rounds of the time per global batch. XLA temp memory
+from `compile().memory_analysis()`; peak RSS from a separate process per
+system (`--rss`), since a process's peak covers everything it ran.
 
-  python benchmarks/train_step.py [--micro-batch 2] [--seq 128] [--rounds 2]
+  python benchmarks/train_step.py [--ks 4 8] [--rounds 3] [--rss]
 """
 
 import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from flax import nnx
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
 import optax_accum
 
-K = 8
-D, H, BLOCKS = 1024, 4096, 6
+D, LAYERS, HEADS, MLP, VOCAB = 512, 8, 8, 2048, 8192
+BATCH, SEQ = 8, 64
 
 
 class Block(nnx.Module):
 
   def __init__(self, rngs):
-    self.up = nnx.Linear(D, H, rngs=rngs)
-    self.down = nnx.Linear(H, D, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(D, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(D, rngs=rngs)
+    self.up = nnx.Linear(D, MLP, rngs=rngs)
+    self.down = nnx.Linear(MLP, D, rngs=rngs)
 
-  def __call__(self, x):
-    return x + self.down(nnx.gelu(self.up(x)))
+  def __call__(self, x, mask):
+    x = x + self.attn(self.norm1(x), mask=mask)
+    return x + self.down(nnx.gelu(self.up(self.norm2(x))))
 
 
-class Model(nnx.Module):
+class Transformer(nnx.Module):
 
   def __init__(self, rngs):
-    self.blocks = nnx.List([Block(rngs) for _ in range(BLOCKS)])
-    self.head = nnx.Linear(D, 1, rngs=rngs)
+    self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (SEQ, D)))
+    self.blocks = nnx.List([Block(rngs) for _ in range(LAYERS)])
+    self.norm = nnx.LayerNorm(D, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.pos[...][:tokens.shape[1]]
+    mask = nnx.make_causal_mask(tokens)
     for block in self.blocks:
-      x = block(x)
-    return self.head(x)[..., 0]
+      x = block(x, mask)
+    return self.embed.attend(self.norm(x))
 
 
-def make_step(graphdef, tx):
-  def loss_fn(params, x, y):
-    model = nnx.merge(graphdef, params)
-    return jnp.mean((model(x) - y) ** 2)
-
-  def step(params, opt_state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return jax.jit(step, donate_argnums=(0, 1))
+def make_data(key=1):
+  return jax.random.randint(jax.random.key(key), (BATCH, SEQ + 1), 0, VOCAB)
 
 
-def measure(name, tx, batch, steps_per_window, rounds, args):
-  graphdef, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)
-  opt_state = tx.init(params)
-  key = jax.random.key(1)
-  x = jax.random.normal(key, (batch, args.seq, D), jnp.float32)
-  y = jax.random.normal(key, (batch, args.seq), jnp.float32)
+def loss_and_tokens(graphdef, params, tokens):
+  logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits, tokens[:, 1:])
+  return jnp.mean(losses), jnp.asarray(losses.size, jnp.float32)
+
+
+def systems(graphdef, ks):
+  """name -> (tx, steps per global batch, step(params, state, tokens))."""
+  adamw = lambda: optax.adamw(1e-4)
+  loss = lambda p, t: loss_and_tokens(graphdef, p, t)[0]
+
+  def two_lines(tx):
+    def step(params, state, tokens):
+      grads = jax.grad(loss)(params, tokens)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    return step
+
+  out = {"large": (adamw(), 1, two_lines(adamw()))}
+  for k in ks:
+    exact = optax_accum.chain(optax_accum.accumulate(k), adamw())
+
+    def fused(params, state, tokens, tx=exact):
+      grads = jax.grad(loss)(params, tokens)
+      return optax_accum.apply_gradients(tx, grads, state, params)
+
+    value_and_grad = optax_accum.microbatched_value_and_grad(
+        lambda p, t: loss_and_tokens(graphdef, p, t), k)
+
+    def in_step(params, state, tokens, vg=value_and_grad, tx=adamw()):
+      _, grads, _ = vg(params, tokens)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    def scan(params, state, tokens, k=k, tx=adamw()):
+      micro = tokens.reshape(k, BATCH // k, *tokens.shape[1:])
+
+      def body(acc, t):
+        g = jax.grad(loss)(params, t)
+        return jax.tree.map(jnp.add, acc, g), None
+
+      acc, _ = lax.scan(body, optax.tree.zeros_like(params), micro)
+      grads = jax.tree.map(lambda a: a / k, acc)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    multisteps = optax.MultiSteps(adamw(), k).gradient_transformation()
+    out[f"fused_{k}"] = (exact, k, fused)
+    out[f"in_step_{k}"] = (adamw(), 1, in_step)
+    out[f"scan_{k}"] = (adamw(), 1, scan)
+    out[f"multisteps_{k}"] = (multisteps, k, two_lines(multisteps))
+  return out
+
+
+def prepare(name, tx, steps, step, graphdef, params, tokens):
+  state = tx.init(params)
+  micro = tokens.reshape(steps, BATCH // steps, *tokens.shape[1:])
   t0 = time.perf_counter()
-  compiled = make_step(graphdef, tx).lower(params, opt_state, x, y).compile()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, micro[0]).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  n_params = sum(p.size for p in jax.tree.leaves(params))
-  for _ in range(steps_per_window):  # warm-up window
-    params, opt_state = compiled(params, opt_state, x, y)
-  mid, emit = [], []
-  for _ in range(rounds):
-    for i in range(steps_per_window):
-      t0 = time.perf_counter()
-      params, opt_state = compiled(params, opt_state, x, y)
-      jax.block_until_ready((params, opt_state))
-      (emit if i == steps_per_window - 1 else mid).append(
-          time.perf_counter() - t0)
-  mid_s = statistics.median(mid) if mid else 0.0
-  emit_s = statistics.median(emit)
-  return {
-      "run": name, "params": n_params, "batch": batch,
-      "mid_step_s": mid_s, "emit_step_s": emit_s,
-      "per_window_s": (steps_per_window - 1) * mid_s + emit_s,
-      "temp_bytes": mem.temp_size_in_bytes,
-      "argument_bytes": mem.argument_size_in_bytes,
-      "compile_s": compile_s,
-  }
+  params = jax.tree.map(jnp.copy, params)
+  for m in micro:  # warm-up: one global batch
+    params, state = compiled(params, state, m)
+  jax.block_until_ready(params)
+  return {"name": name, "compiled": compiled, "params": params,
+          "state": state, "micro": micro, "compile_s": compile_s,
+          "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+          "times": []}
+
+
+def run_one(entry):
+  t0 = time.perf_counter()
+  for m in entry["micro"]:
+    entry["params"], entry["state"] = entry["compiled"](
+        entry["params"], entry["state"], m)
+  jax.block_until_ready(entry["params"])
+  entry["times"].append(time.perf_counter() - t0)
+
+
+def rss_of(name, ks):
+  """Peak RSS (MiB) of a fresh process that compiles and runs one system."""
+  out = subprocess.run(
+      [sys.executable, __file__, "--only", name, "--ks", *map(str, ks)],
+      check=True, capture_output=True, text=True).stdout
+  return float(out.strip().splitlines()[-1])
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--micro-batch", type=int, default=2)
-  parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--ks", nargs="+", type=int, default=[4, 8])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rss", action="store_true")
+  parser.add_argument("--only", help=argparse.SUPPRESS)
   parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
   args = parser.parse_args()
-  b = args.micro_batch
-  rows = [
-      measure(f"large: adamw, batch {K * b}", optax.adamw(1e-4), K * b, 1,
-              args.rounds * 2, args),
-      measure(f"accum: chain(accumulate({K}), adamw), micro-batch {b}",
-              optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-4)),
-              b, K, args.rounds, args),
-  ]
-  large, accum = rows
+  graphdef, params = nnx.split(Transformer(nnx.Rngs(0)), nnx.Param)
+  tokens = make_data()
+  table = systems(graphdef, args.ks)
+  if args.only:  # a child of --rss
+    tx, steps, step = table[args.only]
+    entry = prepare(args.only, tx, steps, step, graphdef, params, tokens)
+    run_one(entry)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return
+  entries = [prepare(name, tx, steps, step, graphdef, params, tokens)
+             for name, (tx, steps, step) in table.items()]
+  for _ in range(args.rounds):
+    for entry in entries:
+      run_one(entry)
+  n_params = sum(p.size for p in jax.tree.leaves(params))
   dev = jax.devices()[0]
-  print(f"\n{large['params']:,} params, sequences of {args.seq} tokens; "
-        f"jax {jax.__version__}, optax {optax.__version__}, "
-        f"{dev.device_kind} ({dev.platform}), {platform.machine()}, "
-        f"{os.cpu_count()} cores; medians\n")
-  print("| run | step s (mid) | step s (emitting) | s per 8b sequences "
-        "| XLA temp MiB | temp vs large |")
-  print("|---|---|---|---|---|---|")
+  print(f"\n{n_params:,} params, global batch {BATCH} x {SEQ} tokens, AdamW; "
+        f"jax {jax.__version__}, optax {optax.__version__}, flax "
+        f"{__import__('flax').__version__}, {dev.device_kind} ({dev.platform}),"
+        f" {platform.machine()}, {os.cpu_count()} cores; medians of "
+        f"{args.rounds} rounds\n")
+  large = statistics.median(entries[0]["times"])
+  rows = []
+  for e in entries:
+    row = {"system": e["name"], "s_per_batch": statistics.median(e["times"]),
+           "temp_mib": e["temp_mib"], "compile_s": e["compile_s"]}
+    row["vs_large"] = row["s_per_batch"] / large
+    row["temp_vs_large"] = e["temp_mib"] / entries[0]["temp_mib"]
+    if args.rss:
+      row["peak_rss_mib"] = rss_of(e["name"], args.ks)
+    rows.append(row)
+  print("| system | s per global batch | vs large | XLA temp MiB "
+        "| temp vs large |" + (" peak RSS MiB |" if args.rss else ""))
+  print("|---|---|---|---|---|" + ("---|" if args.rss else ""))
   for r in rows:
-    print(f"| {r['run']} | {r['mid_step_s']:.3f} | {r['emit_step_s']:.3f} "
-          f"| {r['per_window_s']:.3f} | {r['temp_bytes'] / 2**20:.1f} "
-          f"| {r['temp_bytes'] / large['temp_bytes']:.2f} |")
-  print(f"\naccumulation: {accum['temp_bytes'] / large['temp_bytes']:.2f}x "
-        f"the temp memory, {accum['per_window_s'] / large['per_window_s']:.2f}x "
-        "the time per 8b sequences")
+    rss = f" {r['peak_rss_mib']:.0f} |" if args.rss else ""
+    print(f"| {r['system']} | {r['s_per_batch']:.3f} | {r['vs_large']:.2f} "
+          f"| {r['temp_mib']:.1f} | {r['temp_vs_large']:.2f} |{rss}")
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "train_step.json")
   with open(path, "w") as f:
     json.dump({"jax": jax.__version__, "optax": optax.__version__,
-               "device": dev.device_kind, "k": K, "seq": args.seq,
-               "rows": rows}, f, indent=1)
+               "device": dev.device_kind, "params": n_params, "rows": rows},
+              f, indent=1)
   print(f"wrote {path}")
 
 

@@ -29,7 +29,9 @@ class AccumulateState(NamedTuple):
     every_k: int32 scalar, the k of the window in flight, fixed when its
       first micro-batch arrives, so a window always ends with the k it
       started with, also after a restore into an optimizer with another
-      schedule. With no window in flight, the k the next one will take.
+      schedule. With no window in flight, the k that the schedule of the
+      optimizer that wrote the state gives for the next one (a window takes
+      the k of the optimizer that runs it when it starts).
     acc_grads: pytree shaped like the params, ``sum_i w_i g_i`` over the
       accepted micro-batches of the current window, in the accumulator dtype
       (bfloat16 in the ``"kahan_bfloat16"`` mode).
@@ -44,9 +46,11 @@ class AccumulateState(NamedTuple):
       of the current window (the number of micro-batches when no ``weight``
       is passed).
     acc_value: float32 scalar, ``sum_i w_i value_i`` over the accepted
-      micro-batches of the current window when ``update`` is passed a
+      micro-batches of the window in flight when ``update`` is passed a
       ``value`` (the loss, read by ``optax.contrib.reduce_on_plateau``);
-      0 otherwise.
+      after a mini-step that ends a window, that window's weighted mean
+      value (what the elements after the accumulator get); 0 without
+      ``value``.
     has_updated: bool scalar, true when the last mini-step took a gradient
       step (ran the inner optimizer on a window's mean).
     num_rejected: int32 scalar, micro-batches rejected by
@@ -148,6 +152,19 @@ def _is_plain_leaf(x) -> bool:
       x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
 
 
+def is_eager(config, args) -> bool:
+  """Whether a call runs outside any trace, on arrays that jit can take,
+  with a hashable configuration (so a jitted call can be cached)."""
+  if any(not _is_plain_leaf(x) or isinstance(x, jax.core.Tracer)
+         for x in jax.tree.leaves(args)):
+    return False
+  try:
+    hash(config)
+  except TypeError:  # e.g. an unhashable schedule: run op by op
+    return False
+  return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Accumulator:
   """The configuration of an ``accumulate(...)``, and its init and update.
@@ -172,6 +189,13 @@ class Accumulator:
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
+    k = self.every_k_schedule
+    if (isinstance(k, (jax.Array, np.ndarray, np.generic))
+        and not isinstance(k, jax.core.Tracer) and jnp.shape(k) == ()
+        and jnp.issubdtype(jnp.result_type(k), jnp.integer)):
+      # optax.inject_hyperparams passes an int as a concrete array outside
+      # jit: an int keeps the configuration hashable (one compilation).
+      set_('every_k_schedule', int(np.asarray(k)))
     set_('_schedule', _validate.schedule_fn(self.every_k_schedule))
     _validate.check_inner(self.inner, Accumulator)
     set_('accumulator_dtype',
@@ -186,7 +210,7 @@ class Accumulator:
         self.axis_name)
     if self.axis_name is not None and not (
         isinstance(names, tuple) and names
-        and all(isinstance(n, str) for n in names)):
+        and all(isinstance(n, str) and n for n in names)):
       raise TypeError(
           '`axis_name` must be None, a mapped axis name (str) or a tuple of '
           f'them, as in jax.lax.psum, but got {self.axis_name!r}.'
@@ -202,15 +226,23 @@ class Accumulator:
     """The same accumulator around another inner optimizer."""
     return dataclasses.replace(self, inner=inner).transformation()
 
-  def _skip_fn(self):
-    return self.should_skip_update_fn or _no_skip
+  def _skip(self, updates, gradient_step, params):
+    """`should_skip_update_fn`'s `(skip, skip_state)`, checked."""
+    fn = self.should_skip_update_fn or _no_skip
+    result = fn(updates, gradient_step, params)
+    if not (isinstance(result, tuple) and len(result) == 2):
+      raise ValueError(
+          '`should_skip_update_fn` must return a pair `(skip, skip_state)` '
+          f'as optax.skip_not_finite does, but it returned {result!r}.'
+      )
+    return result
 
   def init(self, params: optax.Params) -> AccumulateState:
     """Returns the initial :class:`AccumulateState` for ``params``."""
     acc_grads, acc_compensation = _accumulator.init(
         params, self.accumulator_dtype)
     gradient_step = jnp.zeros([], jnp.int32)
-    _, skip_state = self._skip_fn()(
+    _, skip_state = self._skip(
         optax.tree.zeros_like(params), gradient_step, params)
     inner_state = self._inner_tx.init(params)
     if accumulate_states(inner_state):
@@ -268,19 +300,19 @@ class Accumulator:
 
   def _dispatch(self, updates, state, params, weight, flush, extra_args,
                 apply):
+    if not isinstance(state, AccumulateState):
+      raise TypeError(
+          'accumulate(...).update takes the AccumulateState made by its '
+          f'init, but got a {type(state).__name__}. A checkpoint restored '
+          'without a target comes back as dicts: restore it with '
+          '`jax.eval_shape(tx.init, params)` as the target, or with '
+          'optax_accum.restore_checkpoint.'
+      )
     _validate.check_updates(updates, state.acc_grads)
     weight = _validate.check_weight(weight)
     flush = _validate.check_flush(flush)
     args = (updates, state, params, weight, flush, extra_args)
-    leaves = jax.tree.leaves(args)
-    eager = all(_is_plain_leaf(x) and not isinstance(x, jax.core.Tracer)
-                for x in leaves)
-    if eager:
-      try:
-        hash(self)
-      except TypeError:  # an unhashable schedule: run op by op
-        eager = False
-    if eager:
+    if is_eager(self, args):
       # One compilation per input signature, shared by all calls.
       return _jitted_update(self, *args, apply)
     return self._update(*args, apply)
@@ -294,7 +326,7 @@ class Accumulator:
     k = jnp.where(state.mini_step == 0, self._schedule(gradient_step),
                   state.every_k)
 
-    skip, skip_state = self._skip_fn()(updates, gradient_step, params)
+    skip, skip_state = self._skip(updates, gradient_step, params)
     skip = jnp.asarray(skip)
     if skip.shape != () or skip.dtype != jnp.bool_:
       raise ValueError(
@@ -304,7 +336,8 @@ class Accumulator:
     accept = jnp.logical_not(skip)
     step_weight = jnp.ones([], jnp.float32) if weight is None else weight
     acc_weight = state.acc_weight + jnp.where(accept, step_weight, 0.0)
-    acc_value = state.acc_value
+    # Holds the last window's mean value until the next window starts.
+    acc_value = jnp.where(state.mini_step == 0, 0.0, state.acc_value)
     if 'value' in extra_args:  # the window's weighted mean reaches inner
       value = jnp.asarray(extra_args['value'], jnp.float32)
       acc_value = acc_value + jnp.where(
@@ -387,14 +420,15 @@ class Accumulator:
           stepped, functools.partial(step, window_extra=window_extra),
           functools.partial(no_step, window_extra=None), acc_sum, scale,
           inner_state, params)
-      return out, new_inner, grad_norm, stepped
+      return out, new_inner, grad_norm, stepped, total_value / scale
 
     def mid_branch(acc, inner_state, params, grad_norm):
       del acc
       out = params if apply else _zeros_like_output(out_shape, updates)
-      return out, inner_state, grad_norm, jnp.zeros([], jnp.bool_)
+      return (out, inner_state, grad_norm, jnp.zeros([], jnp.bool_),
+              acc_value)
 
-    out, inner_state, grad_norm, stepped = lax.cond(
+    out, inner_state, grad_norm, stepped, acc_value = lax.cond(
         end, end_branch, mid_branch, (acc_grads, acc_compensation),
         state.inner_opt_state, params, state.grad_norm)
     gradient_step = jnp.where(
@@ -406,7 +440,7 @@ class Accumulator:
         acc_grads=acc_grads,
         acc_compensation=acc_compensation,
         acc_weight=jnp.where(end, 0.0, acc_weight),
-        acc_value=jnp.where(end, 0.0, acc_value),
+        acc_value=acc_value,
         has_updated=stepped,
         num_rejected=state.num_rejected + skip.astype(jnp.int32),
         grad_norm=grad_norm,

@@ -26,7 +26,8 @@ def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
   Raises:
     TypeError: `accumulator_dtype` is not a floating dtype nor
       "kahan_bfloat16".
-    ValueError: `accumulator_dtype` is float16.
+    ValueError: `accumulator_dtype` is float16, a float8 or another
+      floating dtype that is not float32, float64, bfloat16 or complex.
   """
   if accumulator_dtype is None or accumulator_dtype == KAHAN_BFLOAT16:
     return accumulator_dtype
@@ -43,6 +44,14 @@ def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
         f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}. This is because '
         'gradients are summed in it.'
     )
+  supported = (jnp.float32, jnp.float64, jnp.bfloat16, jnp.complex64,
+               jnp.complex128, jnp.float16)
+  if dtype not in [jnp.dtype(d) for d in supported]:
+    raise ValueError(
+        f'`accumulator_dtype` {dtype} is not supported: use None (float32, '
+        'the default), jnp.float32, jnp.float64, jnp.bfloat16, '
+        f'"{KAHAN_BFLOAT16}", or jnp.complex64/complex128 for complex params.'
+    )
   if dtype == jnp.float16:
     raise ValueError(
         '`accumulator_dtype` float16 is not supported: its largest value is '
@@ -51,6 +60,11 @@ def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
         f'jnp.bfloat16 or "{KAHAN_BFLOAT16}" for a 2-byte sum.'
     )
   return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _where(path) -> str:
+  """A leaf's path for error messages; the root is named as such."""
+  return jax.tree_util.keystr(path) or '(the root: params is one array)'
 
 
 def default_accumulator_dtype(param_dtype: jnp.dtype) -> jnp.dtype:
@@ -79,7 +93,7 @@ def init(params, accumulator_dtype):
     dtype = jnp.result_type(p)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f'The param at {jax.tree_util.keystr(path)} has dtype {dtype}; '
+          f'The param at {_where(path)} has dtype {dtype}; '
           'accumulate only takes floating-point params, because integer and '
           'boolean leaves have no gradient to accumulate. Filter them out of '
           'the params (for example with optax.masked or nnx.Param).'
@@ -93,7 +107,7 @@ def init(params, accumulator_dtype):
       acc_dtype = jnp.dtype(accumulator_dtype)
     if complex_param != jnp.issubdtype(acc_dtype, jnp.complexfloating):
       raise TypeError(
-          f'The param at {jax.tree_util.keystr(path)} has dtype {dtype} but '
+          f'The param at {_where(path)} has dtype {dtype} but '
           f'`accumulator_dtype` is {accumulator_dtype!r}: a real accumulator '
           'drops the imaginary part of a complex gradient, and a complex one '
           'is wasted on a real gradient. Leave accumulator_dtype=None (a '

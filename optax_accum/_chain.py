@@ -8,6 +8,7 @@ from jax import lax
 import optax
 
 from optax_accum import _accumulate
+from optax_accum import _validate
 
 # Wrapper states through which an accumulator's `has_updated` flag tells
 # when its whole element emitted: optax.chain's tuple, and the hyperparameter
@@ -44,11 +45,36 @@ def _child(node, entry):
   return getattr(node, entry.name)
 
 
+def _is_chain_state(node) -> bool:
+  """optax.chain's tuple or optax.named_chain's dict of states."""
+  return type(node) is tuple or isinstance(node, dict)  # pylint: disable=unidiomatic-typecheck
+
+
 def _is_gateable(nodes) -> bool:
   return all(
-      type(n) is tuple or isinstance(n, _GATEABLE_WRAPPERS)  # pylint: disable=unidiomatic-typecheck
-      for n in nodes
-  )
+      _is_chain_state(n) or isinstance(n, _GATEABLE_WRAPPERS) for n in nodes)
+
+
+def _elements_after_in_a_nested_chain(state) -> bool:
+  """Whether a chain state around the accumulator has elements after it."""
+  if isinstance(state, _accumulate.AccumulateState):
+    return False
+  is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
+  (path, _), = [
+      (p, x) for p, x in jax.tree.leaves_with_path(state, is_leaf=is_acc)
+      if is_acc(x)
+  ]
+  node = state
+  for entry in path:
+    if not (_is_chain_state(node) or isinstance(node, _GATEABLE_WRAPPERS)):
+      return False  # inside partition, masked, ...: not a chain's order
+    if _is_chain_state(node):
+      keys = list(range(len(node))) if type(node) is tuple else list(node)  # pylint: disable=unidiomatic-typecheck
+      here = getattr(entry, 'idx', getattr(entry, 'key', None))
+      if keys.index(here) < len(keys) - 1:
+        return True
+    node = _child(node, entry)
+  return False
 
 
 def _hidden_accumulator_index(transforms, states) -> int:
@@ -71,9 +97,17 @@ def _hidden_accumulator_index(transforms, states) -> int:
   if not holders:
     return -1
   (i,) = holders
+  count = len(_accumulate.accumulate_states(states[i]))
+  if count == 1 and _elements_after_in_a_nested_chain(states[i]):
+    raise ValueError(
+        f'optax_accum.chain element {i} is an optax.chain (or named_chain) '
+        'with elements after its accumulate(...): optax.chain runs them on '
+        "every mini-step's zeros, so a stateful one drifts. Flatten it: "
+        'optax_accum.chain(..., optax_accum.accumulate(k), opt), or write '
+        'optax_accum.accumulate(k, opt).'
+    )
   if i == len(transforms) - 1:
     return i  # nothing after it to gate
-  count = len(_accumulate.accumulate_states(states[i]))
   if count > 1:
     raise ValueError(
         f'optax_accum.chain element {i} holds {count} accumulate(...) '
@@ -86,7 +120,7 @@ def _hidden_accumulator_index(transforms, states) -> int:
   if not _is_gateable(nodes):
     wrapper = next(
         type(n).__name__ for n in nodes
-        if not (type(n) is tuple or isinstance(n, _GATEABLE_WRAPPERS))  # pylint: disable=unidiomatic-typecheck
+        if not (_is_chain_state(n) or isinstance(n, _GATEABLE_WRAPPERS))
     )
     raise ValueError(
         f'optax_accum.chain element {i} holds an accumulate(...) inside a '
@@ -128,11 +162,23 @@ class Chain:
 
   def update(self, updates, state, params=None, **extra_args):
     """One mini-step through every element; see :func:`optax_accum.chain`."""
-    return self._run(updates, state, params, extra_args, apply=False)
+    return self._dispatch(updates, state, params, extra_args, apply=False)
 
   def apply(self, updates, state, params, **extra_args):
     """One mini-step that also applies the update: ``(params, state)``."""
-    return self._run(updates, state, params, extra_args, apply=True)
+    return self._dispatch(updates, state, params, extra_args, apply=True)
+
+  def _dispatch(self, updates, state, params, extra_args, apply):
+    # Concrete weights and flushes are checked here, where they can raise.
+    extra_args = dict(extra_args)
+    if extra_args.get('weight') is not None:
+      extra_args['weight'] = _validate.check_weight(extra_args['weight'])
+    if extra_args.get('flush') is not None:
+      extra_args['flush'] = _validate.check_flush(extra_args['flush'])
+    if _accumulate.is_eager(self, (updates, state, params, extra_args)):
+      # One compilation per input signature, shared by all calls.
+      return _jitted_run(self, updates, state, params, extra_args, apply)
+    return self._run(updates, state, params, extra_args, apply)
 
   def _run(self, updates, state, params, extra_args, apply):
     txs = self._txs()
@@ -160,12 +206,16 @@ class Chain:
       return updates, tuple(new_state)
     (acc_state,) = _accumulate.accumulate_states(new_state[j])
     rest = txs[j + 1:]
+    rest_extra = dict(extra_args)
+    if 'value' in extra_args:  # the window's weighted mean, as for inner
+      rest_extra['value'] = acc_state.acc_value.astype(
+          jax.numpy.result_type(extra_args['value']))
 
     def run_rest(updates, rest_states, params):
       rest_states = list(rest_states)
       for i, t in enumerate(rest):
         updates, rest_states[i] = t.update(updates, rest_states[i], params,
-                                           **extra_args)
+                                           **rest_extra)
       if apply:
         return optax.apply_updates(params, updates), tuple(rest_states)
       return updates, tuple(rest_states)
@@ -182,6 +232,9 @@ class Chain:
         acc_state.has_updated, run_rest, skip_rest, updates,
         tuple(state[j + 1:]), params)
     return out, tuple(new_state[:j + 1]) + tuple(rest_states)
+
+
+_jitted_run = jax.jit(Chain._run, static_argnums=(0, 5))  # pylint: disable=protected-access
 
 
 def chain_of(tx: Any) -> Optional[Chain]:

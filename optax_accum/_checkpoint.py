@@ -1,5 +1,6 @@
 """Restoring an optimizer state with accumulation from an orbax checkpoint."""
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -29,12 +30,26 @@ def _check_against_metadata(saved_tree, abstract_state, path):
   extra = sorted(set(saved) - set(want))
   if missing or extra:
     show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) or "none"
+    if missing and all(k[-1] == "acc_value" for k in missing) and not extra:
+      raise ValueError(
+          f"The checkpoint at {path} was written by optax_accum 0.1, whose "
+          "AccumulateState has no acc_value field (added in 0.2). Finish "
+          "the window in flight with 0.1, or restore it with orbax into 0.1's "
+          "state and copy its fields into tx.init(params)._replace(...)."
+      )
+    items = [
+        d for d in (sorted(os.listdir(path)) if os.path.isdir(path) else [])
+        if os.path.exists(os.path.join(path, d, "_METADATA"))
+    ]
+    hint = (f" It holds the items {items}: for a CheckpointManager step "
+            "directory, pass the item's folder, e.g. "
+            f"{os.path.join(str(path), items[0])}." if items else "")
     raise ValueError(
         f"The checkpoint at {path} holds an optimizer state of another "
         "structure than `tx.init(params)`: the optimizer, the params or the "
         "accumulate(...) configuration differ. "
         f"Missing from the checkpoint: {show(missing)}. "
-        f"Not in this optimizer's state: {show(extra)}."
+        f"Not in this optimizer's state: {show(extra)}.{hint}"
     )
   for key, target in want.items():
     meta = saved[key]
@@ -91,6 +106,7 @@ def restore_checkpoint(
     ValueError: the checkpoint's state has another structure, shape or
       dtype than ``tx.init(params)`` (another optimizer, params or
       ``accumulator_dtype``).
+    FileNotFoundError: nothing exists at ``path``.
     ImportError: orbax-checkpoint is not installed (``pip install
       optax_accum[checkpoint]``).
 
@@ -124,6 +140,8 @@ def restore_checkpoint(
     checkpointer = ocp.StandardCheckpointer()
   # A fresh function, so no trace cache stands between `params` and `init`.
   abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # pylint: disable=unnecessary-lambda
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint at {path}.")
   metadata = checkpointer.metadata(path)
   saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree",
                        metadata)

@@ -32,6 +32,8 @@ def window_k(value) -> jax.Array:
   Floats are rounded to the nearest integer; values below 1 and NaN mean 1
   (emit on every accepted micro-batch); values beyond int32 mean 2**31-1.
   """
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return jnp.asarray(min(max(int(value), 1), INT32_MAX), jnp.int32)
   k = jnp.asarray(value)
   if jnp.issubdtype(k.dtype, jnp.bool_):
     k = k.astype(jnp.int32)
@@ -67,7 +69,13 @@ def schedule_fn(every_k_schedule: ScheduleLike):
       _check_int_k(int(np.asarray(k)))
     return lambda gradient_step: window_k(k)
   elif callable(every_k_schedule):
-    k0 = jax.eval_shape(every_k_schedule, jnp.zeros([], jnp.int32))
+    def probe(step):
+      value = every_k_schedule(step)
+      if isinstance(value, int) and not isinstance(value, bool):
+        return jnp.zeros([], jnp.int32)  # any Python int is clipped
+      return value
+
+    k0 = jax.eval_shape(probe, jnp.zeros([], jnp.int32))
     if getattr(k0, 'shape', None) != () or not (
         jnp.issubdtype(k0.dtype, jnp.integer)
         or jnp.issubdtype(k0.dtype, jnp.floating)
@@ -108,10 +116,14 @@ def check_inner(inner, accumulate_update_cls) -> None:
     return
   if not isinstance(inner, optax.GradientTransformation):
     hint = ''
-    if callable(inner):
-      name = getattr(inner, '__name__', repr(inner))
+    if hasattr(inner, 'gradient_transformation'):
+      hint = ' Pass its .gradient_transformation().'
+    elif hasattr(inner, '__name__') and callable(inner):
+      name = inner.__name__
       hint = (f' `{name}` looks like a factory: call it, as in '
               f'`inner={name}(learning_rate)`.')
+    elif callable(inner):
+      hint = ' If it is a factory (or a partial of one), call it.'
     raise TypeError(
         '`inner` must be an optax.GradientTransformation such as '
         f'optax.adamw(1e-3), but got {inner!r} of type '
@@ -144,7 +156,7 @@ def check_updates(updates, acc_grads) -> None:
   for (path, u), a in zip(
       jax.tree.leaves_with_path(updates), jax.tree.leaves(acc_grads)
   ):
-    where = jax.tree_util.keystr(path)
+    where = jax.tree_util.keystr(path) or '(the root)'
     if jnp.shape(u) != jnp.shape(a):
       raise ValueError(
           f'The update at {where} has shape {jnp.shape(u)}, but the '

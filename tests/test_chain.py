@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -152,3 +153,92 @@ def _adam(state):
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
   return next(
       s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s))
+
+
+def test_named_chain_around_the_accumulator_is_gated(problem):
+  params, xs, ys = problem
+  tx = optax_accum.chain(
+      optax.named_chain(("accumulate", optax_accum.accumulate(K))),
+      optax.adam(1e-2))
+  got, _ = train_accumulated(tx, params, xs, ys, lambda i: K)
+  want, _ = train_large_batch(optax.adam(1e-2), params, xs, ys)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_elements_after_the_accumulator_in_a_nested_chain_raise(last):
+  inner = optax.chain(optax_accum.accumulate(3), optax.adam(0.1))
+  tx = optax_accum.chain(inner) if last else optax_accum.chain(
+      inner, optax.scale(1.0))
+  with pytest.raises(ValueError, match=r"element 0 is an optax.chain .*"
+                     r"elements after its accumulate.*Flatten it"):
+    tx.init(jnp.zeros(2))
+
+
+@pytest.mark.parametrize("wrap", ["nested", "inject"])
+def test_value_after_a_wrapped_accumulator_is_the_window_mean(wrap):
+  acc = {
+      "nested": lambda: optax.chain(optax.identity(),
+                                    optax_accum.accumulate(2)),
+      "inject": lambda: optax.inject_hyperparams(optax_accum.accumulate)(
+          every_k_schedule=2),
+  }[wrap]()
+  plateau = optax.contrib.reduce_on_plateau(
+      patience=0, factor=0.5, cooldown=0, accumulation_size=1)
+  tx = optax_accum.chain(acc, optax.sgd(1.0), plateau)
+  params = jnp.zeros(1)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  # Window means 1.0 and 0.1; the weight-0 value 100 must not count.
+  for value, weight in [(1.0, 1.0), (1.0, 1.0), (0.1, 1.0), (100.0, 0.0)]:
+    _, state = step(jnp.ones(1), state, params, value=jnp.float32(value),
+                    weight=weight)
+  # The large-batch reference: the plateau fed the window means.
+  ref = optax.chain(optax.sgd(1.0), plateau)
+  ref_state = ref.init(params)
+  for value in (1.0, 0.1):
+    _, ref_state = ref.update(jnp.ones(1), ref_state, params,
+                              value=jnp.float32(value))
+  np.testing.assert_allclose(state[2].best_value, 0.1, rtol=1e-6)
+  chex.assert_trees_all_close(state[2], ref_state[1])
+
+
+@pytest.mark.parametrize("wrap", ["nested", "inject"])
+def test_eager_wrapped_chain_compiles_once(wrap):
+  acc = {
+      "nested": lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                                    optax_accum.accumulate(3)),
+      "inject": lambda: optax.inject_hyperparams(optax_accum.accumulate)(
+          every_k_schedule=3),
+  }[wrap]()
+  tx = optax_accum.chain(acc, optax.adam(0.1))
+  params = {"w": jnp.ones((5, 4))}
+  grads = {"w": jnp.ones((5, 4))}
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params)  # compiles
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for _ in range(6):
+      _, state = tx.update(grads, state, params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert not compiles
+  is_acc = lambda x: isinstance(x, optax_accum.AccumulateState)
+  (acc_state,) = [s for s in jax.tree.leaves(state, is_leaf=is_acc)
+                  if is_acc(s)]
+  assert int(acc_state.gradient_step) == 2  # 7 micro-batches, k=3
+
+
+def test_eager_chain_still_checks_a_concrete_weight():
+  tx = optax_accum.chain(optax.scale(1.0), optax_accum.accumulate(2),
+                         optax.sgd(0.1))
+  state = tx.init(jnp.zeros(2))
+  with pytest.raises(ValueError, match=r"`weight` must be a finite number"):
+    tx.update(jnp.ones(2), state, weight=-1.0)

@@ -254,3 +254,24 @@ def test_nnx_optimizer_state_saves_and_resumes_mid_window(tmp_path):
   for x, y in batches[3:]:
     step(resumed, x, y)
   chex.assert_trees_all_equal(nnx.state(resumed.model), nnx.state(opt.model))
+
+
+def test_missing_path_raises_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+    optax_accum.restore_checkpoint(tmp_path / "nothing", _tx(),
+                                   {"w": jnp.zeros(2)})
+
+
+def test_checkpoint_manager_step_directory_gets_a_hint(tmp_path):
+  params = {"w": jnp.zeros(2)}
+  tx = _tx()
+  mgr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mgr.save(3, args=ocp.args.Composite(
+      opt_state=ocp.args.StandardSave(tx.init(params))))
+  mgr.wait_until_finished()
+  with pytest.raises(ValueError, match=r"items \['opt_state'\].*pass the "
+                     r"item's folder"):
+    optax_accum.restore_checkpoint(tmp_path / "ckpt" / "3", tx, params)
+  restored = optax_accum.restore_checkpoint(
+      tmp_path / "ckpt" / "3" / "opt_state", tx, params)
+  assert isinstance(restored, optax_accum.AccumulateState)

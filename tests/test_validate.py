@@ -1,5 +1,7 @@
 """Bad arguments raise naming the argument and the value (issue 8)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +134,52 @@ def test_inject_hyperparams_with_a_bad_k_raises_naming_it():
   with pytest.raises(ValueError, match=r"every_k_schedule.*got 0"):
     optax.inject_hyperparams(optax_accum.accumulate)(
         every_k_schedule=0).init(jnp.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_accumulator_dtype_is_rejected_at_construction(dtype):
+  with pytest.raises(ValueError, match=r"`accumulator_dtype` float8.*not "
+                     r"supported"):
+    optax_accum.accumulate(2, accumulator_dtype=getattr(jnp, dtype))
+
+
+def test_schedule_returning_a_python_int_beyond_int32_is_clipped():
+  tx = optax_accum.accumulate(lambda step: 2**31)
+  assert int(tx.init(jnp.zeros(2)).every_k) == 2**31 - 1
+
+
+def test_partial_of_a_factory_as_inner_says_to_call_it():
+  with pytest.raises(TypeError, match=r"`inner` must be.*call it"):
+    optax_accum.accumulate(2, functools.partial(optax.adamw, 1e-3))
+
+
+def test_multisteps_object_as_inner_says_gradient_transformation():
+  with pytest.raises(TypeError, match=r"gradient_transformation\(\)"):
+    optax_accum.accumulate(2, optax.MultiSteps(optax.sgd(0.1), 2))
+
+
+def test_skip_function_returning_a_bare_bool_raises_naming_it():
+  tx = optax_accum.accumulate(
+      2, should_skip_update_fn=lambda u, s, p: jnp.asarray(False))
+  with pytest.raises(ValueError, match=r"`should_skip_update_fn` must "
+                     r"return a pair"):
+    tx.init(jnp.zeros(2))
+
+
+def test_empty_axis_name_raises():
+  with pytest.raises(TypeError, match=r"`axis_name` must be"):
+    optax_accum.accumulate(2, axis_name="")
+
+
+def test_a_single_array_param_is_named_as_the_root():
+  with pytest.raises(TypeError, match=r"the root.*has dtype int32"):
+    optax_accum.accumulate(2).init(jnp.zeros(2, jnp.int32))
+
+
+def test_state_restored_without_a_target_gets_a_clear_error():
+  tx = optax_accum.accumulate(2)
+  state = tx.init(jnp.zeros(2))
+  as_dict = dict(state._asdict())  # what orbax returns without a target
+  with pytest.raises(TypeError, match=r"takes the AccumulateState.*"
+                     r"jax.eval_shape\(tx.init, params\)"):
+    tx.update(jnp.ones(2), as_dict)
