@@ -49,17 +49,27 @@ def select(s, g):
   emit = i % K == K - 1
   acc = acc + g
   u, mu2, nu2 = adam(acc / K, mu, nu)
-  return ((jnp.where(emit, 0.0, acc), jnp.where(emit, mu2, mu),
-           jnp.where(emit, nu2, nu), i + 1), jnp.where(emit, u, 0.0))
+  return (
+    (
+      jnp.where(emit, 0.0, acc),
+      jnp.where(emit, mu2, mu),
+      jnp.where(emit, nu2, nu),
+      i + 1,
+    ),
+    jnp.where(emit, u, 0.0),
+  )
 
 
 def inside(s, g):
   acc, mu, nu, i = s
+
   def e(acc, mu, nu, g):
     u, mu, nu = adam((acc + g) / K, mu, nu)
     return u, jnp.zeros_like(acc), mu, nu
+
   def m(acc, mu, nu, g):
     return jnp.zeros_like(g), acc + g, mu, nu
+
   u, acc, mu, nu = lax.cond(i % K == K - 1, e, m, acc, mu, nu, g)
   return (acc, mu, nu, i + 1), u
 
@@ -67,11 +77,14 @@ def inside(s, g):
 def outside(s, g):
   acc, mu, nu, i = s
   acc = acc + g
+
   def e(acc, mu, nu):
     u, mu, nu = adam(acc / K, mu, nu)
     return u, jnp.zeros_like(acc), mu, nu
+
   def m(acc, mu, nu):
     return jnp.zeros_like(acc), acc, mu, nu
+
   u, acc, mu, nu = lax.cond(i % K == K - 1, e, m, acc, mu, nu)
   return (acc, mu, nu, i + 1), u
 
@@ -80,10 +93,13 @@ def reset_after(s, g):
   acc, mu, nu, i = s
   emit = i % K == K - 1
   acc = acc + g
+
   def e(acc, mu, nu):
     return adam(acc / K, mu, nu)
+
   def m(acc, mu, nu):
     return jnp.zeros_like(acc), mu, nu
+
   u, mu, nu = lax.cond(emit, e, m, acc, mu, nu)
   return (jnp.where(emit, 0.0, acc), mu, nu, i + 1), u
 
@@ -91,10 +107,13 @@ def reset_after(s, g):
 def lazy(s, g):
   acc, mu, nu, i = s
   acc = jnp.where(i % K == 0, g, acc + g)
+
   def e(acc, mu, nu):
     return adam(acc / K, mu, nu)
+
   def m(acc, mu, nu):
     return jnp.zeros_like(acc), mu, nu
+
   u, mu, nu = lax.cond(i % K == K - 1, e, m, acc, mu, nu)
   return (acc, mu, nu, i + 1), u
 
@@ -111,9 +130,12 @@ def main():
   for f in fns:
     state = (jnp.zeros(n), jnp.zeros(n), jnp.zeros(n), jnp.zeros([], jnp.int32))
     c = jax.jit(f, donate_argnums=0).lower(state, g).compile()
-    copies = len(re.findall(
+    copies = len(
+      re.findall(
         rf"f32\[{n}\]\{{0\}} copy\(%(?!wrapped_broadcast|broadcast)",
-        c.as_text()))
+        c.as_text(),
+      )
+    )
     compiled[f.__name__], states[f.__name__] = (c, copies), state
     times[f.__name__] = ([], [])
   for _ in range(args.rounds + 1):
@@ -123,18 +145,22 @@ def main():
         states[name], u = c(states[name], g)
         jax.block_until_ready((states[name], u))
         times[name][i == K - 1].append(time.perf_counter() - t0)
-  print(f"jax {jax.__version__}, optax {optax.__version__}, "
-        f"{jax.devices()[0].platform}, {platform.machine()}, "
-        f"{os.cpu_count()} cores; {n:,} float32 params, k={K}, medians "
-        "(first window dropped)\n")
+  print(
+    f"jax {jax.__version__}, optax {optax.__version__}, "
+    f"{jax.devices()[0].platform}, {platform.machine()}, "
+    f"{os.cpu_count()} cores; {n:,} float32 params, k={K}, medians "
+    "(first window dropped)\n"
+  )
   print("| formulation | mid ms | emit ms | mid vs floor | full-size copies |")
   print("|---|---|---|---|---|")
-  base = statistics.median(times["floor"][0][K - 1:])
-  for name, (c, copies) in compiled.items():
-    mid = statistics.median(times[name][0][K - 1:])
+  base = statistics.median(times["floor"][0][K - 1 :])
+  for name, (_, copies) in compiled.items():
+    mid = statistics.median(times[name][0][K - 1 :])
     emit = statistics.median(times[name][1][1:])
-    print(f"| {name} | {1e3 * mid:.1f} | {1e3 * emit:.1f} | {mid / base:.2f} "
-          f"| {copies} |")
+    print(
+      f"| {name} | {1e3 * mid:.1f} | {1e3 * emit:.1f} | {mid / base:.2f} "
+      f"| {copies} |"
+    )
 
 
 if __name__ == "__main__":

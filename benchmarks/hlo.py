@@ -11,9 +11,11 @@ import jax
 
 def _shapes(params) -> set[str]:
   return {
-      f"{jax.numpy.result_type(p).name.replace('float', 'f')}["
-      + ",".join(map(str, p.shape)) + "]"
-      for p in jax.tree.leaves(params) if p.size > 1
+    f"{jax.numpy.result_type(p).name.replace('float', 'f')}["
+    + ",".join(map(str, p.shape))
+    + "]"
+    for p in jax.tree.leaves(params)
+    if p.size > 1
   }
 
 
@@ -36,11 +38,13 @@ def full_size_copies(hlo_text: str, params) -> int:
 
 def entry_computation(hlo_text: str) -> str:
   """The ENTRY computation of HLO text (what runs outside any branch)."""
-  return hlo_text[hlo_text.index("\nENTRY"):]
+  return hlo_text[hlo_text.index("\nENTRY") :]
 
 
 def collectives(hlo_text: str) -> list[tuple[str, str]]:
   """`(shape, op)` of every collective op in HLO text."""
   return re.findall(
-      r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce|"
-      r"reduce-scatter)\(", hlo_text)
+    r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce|"
+    r"reduce-scatter)\(",
+    hlo_text,
+  )

@@ -14,7 +14,9 @@ Systems (AdamW, k=5, float32):
   multisteps   optax.MultiSteps(adamw, k) update + apply
 
 Then the same inside one jitted `lax.scan` over a window of k micro-batch
-gradients: the scan of `acc += g` against the scan of `apply_gradients`.
+gradients (the scan of `acc += g` against the scan of `apply_gradients`),
+and under `jax.vmap` over an ensemble of 4 members (the vmapped `acc += g`
+against the vmapped `apply_gradients`).
 
   python benchmarks/mid_step.py [--sizes 2e7 5e7] [--rounds 7] [--device gpu]
 """
@@ -34,6 +36,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import hlo  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import optax_accum  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 K = 5
@@ -45,8 +48,8 @@ def make_params(n, key=0):
   keys = jax.random.split(jax.random.key(key), 4)
   shapes = {"w1": (d, d), "w2": (d, d), "w3": (d, 2 * d), "b": (d,)}
   return {
-      name: 0.01 * jax.random.normal(k, shape, jnp.float32)
-      for k, (name, shape) in zip(keys, shapes.items())
+    name: 0.01 * jax.random.normal(k, shape, jnp.float32)
+    for k, (name, shape) in zip(keys, shapes.items())
   }
 
 
@@ -63,17 +66,18 @@ def systems():
     def step(params, state, grads):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
+
     return step
 
   def fused(params, state, grads):
     return optax_accum.apply_gradients(exact, grads, state, params)
 
   return {
-      "floor": (floor_step, optax.tree.zeros_like),
-      "bare_adamw": (two_lines(adamw()), adamw().init),
-      "fused": (fused, exact.init),
-      "two_lines": (two_lines(exact), exact.init),
-      "multisteps": (two_lines(multisteps), multisteps.init),
+    "floor": (floor_step, optax.tree.zeros_like),
+    "bare_adamw": (two_lines(adamw()), adamw().init),
+    "fused": (fused, exact.init),
+    "two_lines": (two_lines(exact), exact.init),
+    "multisteps": (two_lines(multisteps), multisteps.init),
   }
 
 
@@ -84,17 +88,32 @@ def scan_systems():
     def body(carry, g):
       p, a = carry
       return floor_step(p, a, g), None
+
     return lax.scan(body, (params, acc), grads_k)[0]
 
   def fused_scan(params, state, grads_k):
     def body(carry, g):
       p, s = carry
       return optax_accum.apply_gradients(exact, g, s, p), None
+
     return lax.scan(body, (params, state), grads_k)[0]
 
   return {
-      "floor_scan": (floor_scan, optax.tree.zeros_like),
-      "fused_scan": (fused_scan, exact.init),
+    "floor_scan": (floor_scan, optax.tree.zeros_like),
+    "fused_scan": (fused_scan, exact.init),
+  }
+
+
+def vmap_systems():
+  """An ensemble: every system vmapped over a leading member axis."""
+  exact = optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-3))
+
+  def fused(params, state, grads):
+    return optax_accum.apply_gradients(exact, grads, state, params)
+
+  return {
+      "floor_vmap": (jax.vmap(floor_step), jax.vmap(optax.tree.zeros_like)),
+      "fused_vmap": (jax.vmap(fused), jax.vmap(exact.init)),
   }
 
 
@@ -113,9 +132,12 @@ def bench(systems_, params, grads, rounds, window):
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     rows[name] = {
-        "system": name, "compile_s": compile_s,
-        "copies": hlo.full_size_copies(compiled.as_text(), params),
-        "temp_mib": mem.temp_size_in_bytes / 2**20, "mid": [], "emit": [],
+      "system": name,
+      "compile_s": compile_s,
+      "copies": hlo.full_size_copies(compiled.as_text(), params),
+      "temp_mib": mem.temp_size_in_bytes / 2**20,
+      "mid": [],
+      "emit": [],
     }
     for _ in range(window):  # warm-up window
       p, s = compiled(p, s, grads)
@@ -129,8 +151,7 @@ def bench(systems_, params, grads, rounds, window):
         p, s = compiled(p, s, grads)
         jax.block_until_ready((p, s))
         is_mid = window == 1 or i < window - 1
-        rows[name]["mid" if is_mid else "emit"].append(
-            time.perf_counter() - t0)
+        rows[name]["mid" if is_mid else "emit"].append(time.perf_counter() - t0)
       entry[1:] = [p, s]
   for row in rows.values():
     row["mid_ms"] = 1e3 * statistics.median(row.pop("mid"))
@@ -158,34 +179,61 @@ def main():
     grads_k = jax.tree.map(lambda g: jnp.stack([g] * K), grads)
     for row in bench(scan_systems(), params, grads_k, args.rounds, 1):
       results.append({"params": int(n), **row})
+    # An ensemble of 4 members of n/4 params each.
+    members = jax.tree.map(
+      lambda p: jnp.stack([p] * 4), make_params(int(n) // 4)
+    )
+    member_grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), members)
+    for row in bench(vmap_systems(), members, member_grads, args.rounds, K):
+      results.append({"params": int(n), **row})
     print(f"done: {int(n):,} params", flush=True)
 
-  print(f"\njax {jax.__version__}, optax {optax.__version__}, "
-        f"{device.device_kind} ({device.platform}), {platform.machine()}, "
-        f"{os.cpu_count()} cores; AdamW, k={K}, float32, params and state "
-        "donated, medians\n")
-  print("| params | system | mid ms | emit ms | mid vs floor "
-        "| emit vs bare adamw | full-size copies | temp MiB | compile s |")
+  print(
+    f"\njax {jax.__version__}, optax {optax.__version__}, "
+    f"{device.device_kind} ({device.platform}), {platform.machine()}, "
+    f"{os.cpu_count()} cores; AdamW, k={K}, float32, params and state "
+    "donated, medians\n"
+  )
+  print(
+    "| params | system | mid ms | emit ms | mid vs floor "
+    "| emit vs bare adamw | full-size copies | temp MiB | compile s |"
+  )
   print("|" + "---|" * 9)
   for r in results:
     same = {q["system"]: q for q in results if q["params"] == r["params"]}
     if r["system"].endswith("_scan"):
       vs_floor = r["mid_ms"] / same["floor_scan"]["mid_ms"]
       emit, vs_bare = "", ""
+    elif r["system"].endswith("_vmap"):
+      vs_floor = r["mid_ms"] / same["floor_vmap"]["mid_ms"]
+      emit, vs_bare = f"{r['emit_ms']:.2f}", ""
     else:
       vs_floor = r["mid_ms"] / same["floor"]["mid_ms"]
       emit = f"{r['emit_ms']:.2f}"
       vs_bare = f"{r['emit_ms'] / same['bare_adamw']['emit_ms']:.2f}"
-    print(f"| {r['params']:,} | {r['system']} | {r['mid_ms']:.2f} | {emit} "
-          f"| {vs_floor:.2f} | {vs_bare} | {r['copies']} "
-          f"| {r['temp_mib']:.1f} | {r['compile_s']:.2f} |")
-  print("\n(scan rows: ms per window of k micro-batches in one call, "
-        "vs the scan of acc += g)")
+    print(
+      f"| {r['params']:,} | {r['system']} | {r['mid_ms']:.2f} | {emit} "
+      f"| {vs_floor:.2f} | {vs_bare} | {r['copies']} "
+      f"| {r['temp_mib']:.1f} | {r['compile_s']:.2f} |"
+    )
+  print(
+    "\n(scan rows: ms per window of k micro-batches in one call, vs the "
+    "scan of acc += g; vmap rows: 4 members of params/4 each, vmapped, vs "
+    "the vmapped acc += g)"
+  )
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"mid_step_{args.device}.json")
   with open(path, "w") as f:
-    json.dump({"jax": jax.__version__, "optax": optax.__version__,
-               "device": device.device_kind, "rows": results}, f, indent=1)
+    json.dump(
+      {
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "device": device.device_kind,
+        "rows": results,
+      },
+      f,
+      indent=1,
+    )
   print(f"wrote {path}")
 
 

@@ -22,13 +22,13 @@ import optax_accum
 
 N = 1 << 20
 MODES = {
-    "float32": (jnp.float32, 4),
-    "bfloat16": (jnp.bfloat16, 2),
-    "kahan_bfloat16": ("kahan_bfloat16", 4),
+  "float32": (jnp.float32, 4),
+  "bfloat16": (jnp.bfloat16, 2),
+  "kahan_bfloat16": ("kahan_bfloat16", 4),
 }
 DATA = {
-    "noise N(0,1)": lambda rng: rng.normal(size=N),
-    "1 + N(0,0.01)": lambda rng: 1.0 + 0.01 * rng.normal(size=N),
+  "noise N(0,1)": lambda rng: rng.normal(size=N),
+  "1 + N(0,0.01)": lambda rng: 1.0 + 0.01 * rng.normal(size=N),
 }
 
 
@@ -52,18 +52,22 @@ def errors(mode, k, data, seed=0):
 
 
 def main():
-  print(f"jax {jax.__version__}, optax {optax.__version__}, "
-        f"{jax.devices()[0].platform}, {platform.machine()}, "
-        f"{os.cpu_count()} cores; {N:,} values, bf16 gradients\n")
-  print("| data | k | accumulator_dtype | bytes/param | max rel err "
-        "| rms rel err |")
+  print(
+    f"jax {jax.__version__}, optax {optax.__version__}, "
+    f"{jax.devices()[0].platform}, {platform.machine()}, "
+    f"{os.cpu_count()} cores; {N:,} values, bf16 gradients\n"
+  )
+  print(
+    "| data | k | accumulator_dtype | bytes/param | max rel err | rms rel err |"
+  )
   print("|---|---|---|---|---|---|")
   for data_name, data in DATA.items():
     for k in (64, 256):
       for name, (mode, nbytes) in MODES.items():
         mx, rms = errors(mode, k, data)
-        print(f"| {data_name} | {k} | {name} | {nbytes} | {mx:.2e} "
-              f"| {rms:.2e} |")
+        print(
+          f"| {data_name} | {k} | {name} | {nbytes} | {mx:.2e} | {rms:.2e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ line; the bytes are the same, the times are the interconnect's.
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 )
 
 import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -50,9 +50,11 @@ LOCAL_BATCH = 8
 def make_params(n):
   d = max(8, int(round((n / 2) ** 0.5)))
   key1, key2 = jax.random.split(jax.random.key(0))
-  return {"w1": 0.01 * jax.random.normal(key1, (d, d)),
-          "w2": 0.01 * jax.random.normal(key2, (d, d)),
-          "b": jnp.zeros(d)}
+  return {
+    "w1": 0.01 * jax.random.normal(key1, (d, d)),
+    "w2": 0.01 * jax.random.normal(key2, (d, d)),
+    "b": jnp.zeros(d),
+  }
 
 
 def loss_fn(params, x, y):
@@ -68,11 +70,19 @@ def make_step(tx, mesh, deferred):
       grads = jax.lax.pmean(grads, "data")
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), jax.tree.map(
-        lambda a: a[None], state)
+      lambda a: a[None], state
+    )
 
-  return jax.jit(jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
-      out_specs=(P(), P("data")), check_vma=False), donate_argnums=1)
+  return jax.jit(
+    jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(), P("data"), P("data"), P("data")),
+      out_specs=(P(), P("data")),
+      check_vma=False,
+    ),
+    donate_argnums=1,
+  )
 
 
 _BYTES = {"f32": 4, "s32": 4, "pred": 1, "bf16": 2, "f16": 2}
@@ -81,18 +91,21 @@ _BYTES = {"f32": 4, "s32": 4, "pred": 1, "bf16": 2, "f16": 2}
 def all_reduce_bytes(hlo):
   """(bytes per mini-step, bytes per emission) from the compiled HLO."""
   entry_at = hlo.index("\nENTRY")
-  entry = hlo[entry_at:hlo.index("\n}", entry_at)]
+  entry = hlo[entry_at : hlo.index("\n}", entry_at)]
+
   def total(text):
     n = 0
     for line in text.splitlines():
       m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
       if not m:
         continue
-      for dtype, dims in re.findall(r"(f32|s32|pred|bf16|f16)\[([\d,]*)\]",
-                                    m.group(1)):
+      for dtype, dims in re.findall(
+        r"(f32|s32|pred|bf16|f16)\[([\d,]*)\]", m.group(1)
+      ):
         size = int(np.prod([int(d) for d in dims.split(",") if d]))
         n += size * _BYTES[dtype]
     return n
+
   per_step = total(entry)
   return per_step, total(hlo) - per_step
 
@@ -102,23 +115,30 @@ def main():
   parser.add_argument("--params", type=float, default=4e6)
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
-  mesh = jax.make_mesh((N_DEV,), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh(
+    (N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
   params = make_params(int(args.params))
   n_params = sum(p.size for p in jax.tree.leaves(params))
   d = params["w1"].shape[0]
   rng = np.random.default_rng(0)
   data = NamedSharding(mesh, P("data"))
-  x = jax.device_put(rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(
-      np.float32), data)
-  y = jax.device_put(rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(
-      np.float32), data)
-  print(f"jax {jax.__version__}, optax {optax.__version__}, {N_DEV} host CPU "
-        f"devices on {os.cpu_count()} cores ({platform.machine()}); "
-        f"{n_params:,} float32 params ({4 * n_params / 2**20:.1f} MiB), "
-        f"{LOCAL_BATCH} samples per device per micro-batch, medians\n")
-  print("| k | reduction | ms per mini-step | MiB all-reduced per window "
-        "| all-reduces per window |")
+  x = jax.device_put(
+    rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(np.float32), data
+  )
+  y = jax.device_put(
+    rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(np.float32), data
+  )
+  print(
+    f"jax {jax.__version__}, optax {optax.__version__}, {N_DEV} host CPU "
+    f"devices on {os.cpu_count()} cores ({platform.machine()}); "
+    f"{n_params:,} float32 params ({4 * n_params / 2**20:.1f} MiB), "
+    f"{LOCAL_BATCH} samples per device per micro-batch, medians\n"
+  )
+  print(
+    "| k | reduction | ms per mini-step | MiB all-reduced per window "
+    "| all-reduces per window |"
+  )
   print("|---|---|---|---|---|")
   with jax.set_mesh(mesh):
     for k in (1, 4, 16):
@@ -126,10 +146,12 @@ def main():
         axis = "data" if deferred else None
         tx = optax_accum.accumulate(k, optax.adamw(1e-3), axis_name=axis)
         state = jax.device_put(
-            jax.tree.map(
-                lambda a: jnp.broadcast_to(a, (N_DEV,) + jnp.shape(a)),
-                tx.init(params)),
-            NamedSharding(mesh, P("data")))
+          jax.tree.map(
+            lambda a: jnp.broadcast_to(a, (N_DEV,) + jnp.shape(a)),
+            tx.init(params),
+          ),
+          NamedSharding(mesh, P("data")),
+        )
         step = make_step(tx, mesh, deferred)
         p = jax.device_put(params, NamedSharding(mesh, P()))
         compiled = step.lower(p, state, x, y).compile()
@@ -145,9 +167,12 @@ def main():
             times.append(time.perf_counter() - t0)
         window_bytes = k * per_step + per_emit
         n_reduce = (k if per_step else 0) + (1 if per_emit else 0)
-        print(f"| {k} | {'deferred (axis_name)' if deferred else 'per micro-batch'} "
-              f"| {1e3 * statistics.median(times):.2f} "
-              f"| {window_bytes / 2**20:.2f} | {n_reduce} |")
+        print(
+          f"| {k} "
+          f"| {'deferred (axis_name)' if deferred else 'per micro-batch'} "
+          f"| {1e3 * statistics.median(times):.2f} "
+          f"| {window_bytes / 2**20:.2f} | {n_reduce} |"
+        )
 
 
 if __name__ == "__main__":

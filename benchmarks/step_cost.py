@@ -12,7 +12,7 @@ param bytes.
 
 Systems:
   floor          acc += g and emit zeros: the least a mini-step can do
-  card           optax.chain(optax_accum.accumulate(k), inner)
+  chainable      optax.chain(optax_accum.accumulate(k), inner)
   accumulate     optax_accum.accumulate(k, inner)
   accum_chain    optax_accum.chain(optax_accum.accumulate(k), inner)
   multisteps     optax.MultiSteps(inner, k)
@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_accum
@@ -41,9 +40,9 @@ import optax_accum
 K = 5
 
 INNERS = {
-    "sgd": lambda: optax.sgd(1e-2),
-    "adamw": lambda: optax.adamw(1e-3),
-    "muon": lambda: optax.contrib.muon(1e-3),
+  "sgd": lambda: optax.sgd(1e-2),
+  "adamw": lambda: optax.adamw(1e-3),
+  "muon": lambda: optax.contrib.muon(1e-3),
 }
 
 
@@ -53,8 +52,8 @@ def make_params(n, key=0):
   keys = jax.random.split(jax.random.key(key), 4)
   shapes = {"w1": (d, d), "w2": (d, d), "w3": (d, 2 * d), "b": (d,)}
   return {
-      name: 0.01 * jax.random.normal(k, shape, jnp.float32)
-      for k, (name, shape) in zip(keys, shapes.items())
+    name: 0.01 * jax.random.normal(k, shape, jnp.float32)
+    for k, (name, shape) in zip(keys, shapes.items())
   }
 
 
@@ -67,7 +66,7 @@ def floor():
   def update(updates, acc, params=None):
     del params
     return jax.tree.map(jnp.zeros_like, updates), jax.tree.map(
-        jnp.add, acc, updates
+      jnp.add, acc, updates
     )
 
   return optax.GradientTransformation(init, update)
@@ -76,12 +75,12 @@ def floor():
 def systems(inner_name):
   inner = INNERS[inner_name]
   return {
-      "floor": floor(),
-      "card": optax.chain(optax_accum.accumulate(K), inner()),
-      "accumulate": optax_accum.accumulate(K, inner()),
-      "accum_chain": optax_accum.chain(optax_accum.accumulate(K), inner()),
-      "multisteps": optax.MultiSteps(inner(), K).gradient_transformation(),
-      "apply_every": optax.chain(optax.apply_every(K), inner()),
+    "floor": floor(),
+    "chainable": optax.chain(optax_accum.accumulate(K), inner()),
+    "accumulate": optax_accum.accumulate(K, inner()),
+    "accum_chain": optax_accum.chain(optax_accum.accumulate(K), inner()),
+    "multisteps": optax.MultiSteps(inner(), K).gradient_transformation(),
+    "apply_every": optax.chain(optax.apply_every(K), inner()),
   }
 
 
@@ -93,8 +92,9 @@ def full_size_copies(hlo_text, params):
   the floor pays too. What is counted are copies of state or gradients.
   """
   shapes = {
-      "f32[" + ",".join(map(str, p.shape)) + "]"
-      for p in jax.tree.leaves(params) if p.size > 1
+    "f32[" + ",".join(map(str, p.shape)) + "]"
+    for p in jax.tree.leaves(params)
+    if p.size > 1
   }
   n = 0
   for line in hlo_text.splitlines():
@@ -127,14 +127,17 @@ def bench_one(n, inner_name, rounds, device):
     c, compile_s = compile_step(tx, state, grads, params, device)
     mem = c.memory_analysis()
     rows[name] = {
-        "params": n, "inner": inner_name, "system": name,
-        "compile_s": compile_s,
-        "copies": full_size_copies(c.as_text(), params),
-        **{
-            f"{kind}_x": getattr(mem, f"{kind}_size_in_bytes") / param_bytes
-            for kind in ("argument", "output", "alias", "temp")
-        },
-        "mid": [], "emit": [],
+      "params": n,
+      "inner": inner_name,
+      "system": name,
+      "compile_s": compile_s,
+      "copies": full_size_copies(c.as_text(), params),
+      **{
+        f"{kind}_x": getattr(mem, f"{kind}_size_in_bytes") / param_bytes
+        for kind in ("argument", "output", "alias", "temp")
+      },
+      "mid": [],
+      "emit": [],
     }
     states[name], compiled[name] = state, c
     # One warm-up window, not timed.
@@ -149,7 +152,7 @@ def bench_one(n, inner_name, rounds, device):
         states[name], u = c(states[name], grads, params)
         jax.block_until_ready((states[name], u))
         rows[name]["mid" if i < K - 1 else "emit"].append(
-            time.perf_counter() - t0
+          time.perf_counter() - t0
         )
   for row in rows.values():
     row["mid_ms"] = 1e3 * statistics.median(row.pop("mid"))
@@ -161,14 +164,20 @@ def bench_one(n, inner_name, rounds, device):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-  parser.add_argument("--sizes", nargs="+", type=float,
-                      default=[1e6, 1e7, 2e7, 5e7])
-  parser.add_argument("--inners", nargs="+", default=list(INNERS),
-                      choices=list(INNERS))
-  parser.add_argument("--muon-max", type=float, default=2e7,
-                      help="skip muon above this many params (its "
-                      "Newton-Schulz iterations run on every MultiSteps "
-                      "mini-step)")
+  parser.add_argument(
+    "--sizes", nargs="+", type=float, default=[1e6, 1e7, 2e7, 5e7]
+  )
+  parser.add_argument(
+    "--inners", nargs="+", default=list(INNERS), choices=list(INNERS)
+  )
+  parser.add_argument(
+    "--muon-max",
+    type=float,
+    default=2e7,
+    help="skip muon above this many params (its "
+    "Newton-Schulz iterations run on every MultiSteps "
+    "mini-step)",
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
   args = parser.parse_args()
@@ -184,30 +193,47 @@ def main():
       results += bench_one(int(n), inner, rounds, device)
       print(f"done: {int(n):,} params, {inner}", flush=True)
 
-  print(f"\njax {jax.__version__}, optax {optax.__version__}, "
-        f"{device.device_kind} ({device.platform}), {platform.machine()}, "
-        f"{os.cpu_count()} cores; k={K}, float32, state donated, medians\n")
-  print("| params | inner | system | mid ms | emit ms | amortized ms "
-        "| vs floor (mid) | vs MultiSteps (amortized) | compile s "
-        "| state copies | arg x | out x | alias x | temp x |")
+  print(
+    f"\njax {jax.__version__}, optax {optax.__version__}, "
+    f"{device.device_kind} ({device.platform}), {platform.machine()}, "
+    f"{os.cpu_count()} cores; k={K}, float32, state donated, medians\n"
+  )
+  print(
+    "| params | inner | system | mid ms | emit ms | amortized ms "
+    "| vs floor (mid) | vs MultiSteps (amortized) | compile s "
+    "| state copies | arg x | out x | alias x | temp x |"
+  )
   print("|" + "---|" * 14)
   for r in results:
-    same = [q for q in results
-            if q["params"] == r["params"] and q["inner"] == r["inner"]]
+    same = [
+      q
+      for q in results
+      if q["params"] == r["params"] and q["inner"] == r["inner"]
+    ]
     fl = next(q for q in same if q["system"] == "floor")
     ms = next(q for q in same if q["system"] == "multisteps")
-    print(f"| {r['params']:,} | {r['inner']} | {r['system']} "
-          f"| {r['mid_ms']:.2f} | {r['emit_ms']:.2f} | {r['amortized_ms']:.2f} "
-          f"| {r['mid_ms'] / fl['mid_ms']:.2f} "
-          f"| {r['amortized_ms'] / ms['amortized_ms']:.2f} "
-          f"| {r['compile_s']:.2f} | {r['copies']} | {r['argument_x']:.2f} "
-          f"| {r['output_x']:.2f} | {r['alias_x']:.2f} | {r['temp_x']:.2f} |")
+    print(
+      f"| {r['params']:,} | {r['inner']} | {r['system']} "
+      f"| {r['mid_ms']:.2f} | {r['emit_ms']:.2f} | {r['amortized_ms']:.2f} "
+      f"| {r['mid_ms'] / fl['mid_ms']:.2f} "
+      f"| {r['amortized_ms'] / ms['amortized_ms']:.2f} "
+      f"| {r['compile_s']:.2f} | {r['copies']} | {r['argument_x']:.2f} "
+      f"| {r['output_x']:.2f} | {r['alias_x']:.2f} | {r['temp_x']:.2f} |"
+    )
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"step_cost_{args.device}.json")
   with open(path, "w") as f:
-    json.dump({"jax": jax.__version__, "optax": optax.__version__,
-               "device": device.device_kind, "k": K, "rows": results}, f,
-              indent=1)
+    json.dump(
+      {
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "device": device.device_kind,
+        "k": K,
+        "rows": results,
+      },
+      f,
+      indent=1,
+    )
   print(f"\nwrote {path}")
 
 

@@ -73,20 +73,19 @@ def make_batches(text, steps, seed=0):
   starts = rng.integers(0, len(text) - MAX_LEN - 2, size=n)
   tokens = np.zeros((n, MAX_LEN + 1), np.int32)
   mask = np.zeros((n, MAX_LEN), np.float32)
-  for i, (s, l) in enumerate(zip(starts, lengths)):
-    tokens[i, :l] = text[s:s + l]
-    mask[i, :l - 1] = 1.0  # targets that are real tokens
+  for i, (s, length) in enumerate(zip(starts, lengths)):
+    tokens[i, :length] = text[s : s + length]
+    mask[i, : length - 1] = 1.0  # targets that are real tokens
   shape = (steps, K * MICRO)
   return tokens.reshape(*shape, -1), mask.reshape(*shape, -1)
 
 
 class Block(nnx.Module):
-
   def __init__(self, rngs):
     self.ln1 = nnx.LayerNorm(DIM, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
-        num_heads=HEADS, in_features=DIM, decode=False, use_bias=False,
-        rngs=rngs)
+      num_heads=HEADS, in_features=DIM, decode=False, use_bias=False, rngs=rngs
+    )
     self.ln2 = nnx.LayerNorm(DIM, rngs=rngs)
     self.up = nnx.Linear(DIM, 4 * DIM, rngs=rngs)
     self.down = nnx.Linear(4 * DIM, DIM, rngs=rngs)
@@ -97,11 +96,11 @@ class Block(nnx.Module):
 
 
 class CharTransformer(nnx.Module):
-
   def __init__(self, rngs):
     self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
-    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(),
-                                                  (MAX_LEN, DIM)))
+    self.pos = nnx.Param(
+      0.02 * jax.random.normal(rngs.params(), (MAX_LEN, DIM))
+    )
     self.blocks = nnx.List([Block(rngs) for _ in range(LAYERS)])
     self.ln = nnx.LayerNorm(DIM, rngs=rngs)
     self.head = nnx.Linear(DIM, VOCAB, rngs=rngs)
@@ -146,7 +145,10 @@ def run(name, tx, micro, weighted, batches, lr_steps):
   for t in tqdm(range(lr_steps), desc=name, leave=False):
     window_sum, window_tokens = 0.0, 0.0
     for i in range(0, K * MICRO, micro):
-      tk, mk = jnp.asarray(tokens[t, i:i + micro]), jnp.asarray(mask[t, i:i + micro])
+      tk, mk = (
+        jnp.asarray(tokens[t, i : i + micro]),
+        jnp.asarray(mask[t, i : i + micro]),
+      )
       n = jnp.sum(mk)
       if weighted:
         loss = step(model, optimizer, tk, mk, n)
@@ -155,14 +157,19 @@ def run(name, tx, micro, weighted, batches, lr_steps):
       window_sum += float(loss) * float(n)
       window_tokens += float(n)
     losses.append(window_sum / window_tokens)  # global token-mean loss
-    trajectory.append(np.concatenate(
-        [np.ravel(p) for p in jax.tree.leaves(nnx.state(model, nnx.Param))]))
+    trajectory.append(
+      np.concatenate(
+        [np.ravel(p) for p in jax.tree.leaves(nnx.state(model, nnx.Param))]
+      )
+    )
   return nnx.state(model, nnx.Param), np.asarray(losses), trajectory
 
 
 def max_abs_diff(a, b):
-  return max(float(jnp.max(jnp.abs(p - q)))
-             for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(jnp.max(jnp.abs(p - q)))
+    for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def main():
@@ -180,37 +187,47 @@ def main():
   perm = np.random.default_rng(7).permutation(K * MICRO)
   reordered = (batches[0][:, perm], batches[1][:, perm])
   results = {
-      "large batch (16 seq)": run("large", adamw(), K * MICRO, False,
-                                  batches, args.steps),
-      "large batch, sequences reordered (noise floor)": run(
-          "reordered", adamw(), K * MICRO, False, reordered, args.steps),
-      "accumulate, weight=tokens": run("weighted", chain(), MICRO, True,
-                                       batches, args.steps),
-      "accumulate, no weight": run("unweighted", chain(), MICRO, False,
-                                   batches, args.steps),
+    "large batch (16 seq)": run(
+      "large", adamw(), K * MICRO, False, batches, args.steps
+    ),
+    "large batch, sequences reordered (noise floor)": run(
+      "reordered", adamw(), K * MICRO, False, reordered, args.steps
+    ),
+    "accumulate, weight=tokens": run(
+      "weighted", chain(), MICRO, True, batches, args.steps
+    ),
+    "accumulate, no weight": run(
+      "unweighted", chain(), MICRO, False, batches, args.steps
+    ),
   }
   ref = results["large batch (16 seq)"][0]
-  print(f"\n{len(text):,} characters of the standard library's source; "
-        f"{args.steps} gradient steps of {K} micro-batches x {MICRO} "
-        f"sequences; tokens per micro-batch {counts.min()}..{counts.max()}")
-  print(f"jax {jax.__version__}, optax {optax.__version__}, "
-        f"{jax.devices()[0].platform}, {platform.machine()}, "
-        f"{os.cpu_count()} cores\n")
+  print(
+    f"\n{len(text):,} characters of the standard library's source; "
+    f"{args.steps} gradient steps of {K} micro-batches x {MICRO} "
+    f"sequences; tokens per micro-batch {counts.min()}..{counts.max()}"
+  )
+  print(
+    f"jax {jax.__version__}, optax {optax.__version__}, "
+    f"{jax.devices()[0].platform}, {platform.machine()}, "
+    f"{os.cpu_count()} cores\n"
+  )
   print("| run | max abs param diff vs large batch | final token-mean loss |")
   print("|---|---|---|")
   rows = []
   for name, (params, losses, _) in results.items():
     d = max_abs_diff(params, ref)
-    rows.append({"run": name, "max_abs_param_diff": d,
-                 "final_loss": float(losses[-1])})
+    rows.append(
+      {"run": name, "max_abs_param_diff": d, "final_loss": float(losses[-1])}
+    )
     print(f"| {name} | {d:.2e} | {losses[-1]:.4f} |")
   floor, weighted, unweighted = (r["max_abs_param_diff"] for r in rows[1:])
 
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   ref_traj = results["large batch (16 seq)"][2]
   for name, (_, _, traj) in list(results.items())[1:]:
-    ax1.plot([np.max(np.abs(a - b)) for a, b in zip(traj, ref_traj)],
-             label=name)
+    ax1.plot(
+      [np.max(np.abs(a - b)) for a, b in zip(traj, ref_traj)], label=name
+    )
   ax1.axhline(TOLERANCE, color="gray", ls=":", lw=1)
   ax1.set_yscale("log")
   ax1.set_xlabel("gradient step")
@@ -224,12 +241,17 @@ def main():
   png = os.path.join(args.out, "train_lm_tokens.png")
   fig.savefig(png, dpi=120)
   with open(os.path.join(args.out, "train_lm_tokens.json"), "w") as f:
-    json.dump({"jax": jax.__version__, "optax": optax.__version__,
-               "rows": rows}, f, indent=2)
-  print(f"\nnoise floor (reordered vs large): {floor:.2e}; "
-        f"weighted vs large: {weighted:.2e} "
-        f"({'within' if weighted <= TOLERANCE else 'OUTSIDE'} "
-        f"{TOLERANCE:g}); unweighted vs large: {unweighted:.2e}\nwrote {png}")
+    json.dump(
+      {"jax": jax.__version__, "optax": optax.__version__, "rows": rows},
+      f,
+      indent=2,
+    )
+  print(
+    f"\nnoise floor (reordered vs large): {floor:.2e}; "
+    f"weighted vs large: {weighted:.2e} "
+    f"({'within' if weighted <= TOLERANCE else 'OUTSIDE'} "
+    f"{TOLERANCE:g}); unweighted vs large: {unweighted:.2e}\nwrote {png}"
+  )
   if weighted > TOLERANCE:
     raise SystemExit(f"weighted run differs by {weighted:.2e}")
 

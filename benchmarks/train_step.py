@@ -17,8 +17,9 @@ optimizer state and returns `(params, opt_state)`.
 
 The systems are timed interleaved in one process (one global batch each per
 round); medians over rounds of the time per global batch. XLA temp memory
-from `compile().memory_analysis()`; peak RSS from a separate process per
-system (`--rss`), since a process's peak covers everything it ran.
+from `compile().memory_analysis()`; peak RSS (VmHWM) from a separate
+process per system (`--rss`), since a process's peak covers everything it
+ran.
 
   python benchmarks/train_step.py [--ks 4 8] [--rounds 3] [--rss]
 """
@@ -46,7 +47,6 @@ BATCH, SEQ = 8, 64
 
 
 class Block(nnx.Module):
-
   def __init__(self, rngs):
     self.norm1 = nnx.LayerNorm(D, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
@@ -60,7 +60,6 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-
   def __init__(self, rngs):
     self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
     self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (SEQ, D)))
@@ -68,7 +67,7 @@ class Transformer(nnx.Module):
     self.norm = nnx.LayerNorm(D, rngs=rngs)
 
   def __call__(self, tokens):
-    x = self.embed(tokens) + self.pos[...][:tokens.shape[1]]
+    x = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
     mask = nnx.make_causal_mask(tokens)
     for block in self.blocks:
       x = block(x, mask)
@@ -82,7 +81,8 @@ def make_data(key=1):
 def loss_and_tokens(graphdef, params, tokens):
   logits = nnx.merge(graphdef, params)(tokens[:, :-1])
   losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, tokens[:, 1:])
+    logits, tokens[:, 1:]
+  )
   return jnp.mean(losses), jnp.asarray(losses.size, jnp.float32)
 
 
@@ -96,25 +96,35 @@ def systems(graphdef, ks):
       grads = jax.grad(loss)(params, tokens)
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
+
     return step
 
-  out = {"large": (adamw(), 1, two_lines(adamw()))}
-  for k in ks:
-    exact = optax_accum.chain(optax_accum.accumulate(k), adamw())
+  def fused_system(k):
+    tx = optax_accum.chain(optax_accum.accumulate(k), adamw())
 
-    def fused(params, state, tokens, tx=exact):
+    def fused(params, state, tokens):
       grads = jax.grad(loss)(params, tokens)
       return optax_accum.apply_gradients(tx, grads, state, params)
 
-    value_and_grad = optax_accum.microbatched_value_and_grad(
-        lambda p, t: loss_and_tokens(graphdef, p, t), k)
+    return tx, k, fused
 
-    def in_step(params, state, tokens, vg=value_and_grad, tx=adamw()):
-      _, grads, _ = vg(params, tokens)
+  def in_step_system(k):
+    tx = adamw()
+    value_and_grad = optax_accum.microbatched_value_and_grad(
+      lambda p, t: loss_and_tokens(graphdef, p, t), k
+    )
+
+    def in_step(params, state, tokens):
+      _, grads, _ = value_and_grad(params, tokens)
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    def scan(params, state, tokens, k=k, tx=adamw()):
+    return tx, 1, in_step
+
+  def scan_system(k):
+    tx = adamw()
+
+    def scan(params, state, tokens):
       micro = tokens.reshape(k, BATCH // k, *tokens.shape[1:])
 
       def body(acc, t):
@@ -126,10 +136,15 @@ def systems(graphdef, ks):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
+    return tx, 1, scan
+
+  large = adamw()
+  out = {"large": (large, 1, two_lines(large))}
+  for k in ks:
     multisteps = optax.MultiSteps(adamw(), k).gradient_transformation()
-    out[f"fused_{k}"] = (exact, k, fused)
-    out[f"in_step_{k}"] = (adamw(), 1, in_step)
-    out[f"scan_{k}"] = (adamw(), 1, scan)
+    out[f"fused_{k}"] = fused_system(k)
+    out[f"in_step_{k}"] = in_step_system(k)
+    out[f"scan_{k}"] = scan_system(k)
     out[f"multisteps_{k}"] = (multisteps, k, two_lines(multisteps))
   return out
 
@@ -138,33 +153,55 @@ def prepare(name, tx, steps, step, graphdef, params, tokens):
   state = tx.init(params)
   micro = tokens.reshape(steps, BATCH // steps, *tokens.shape[1:])
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, state, micro[0]).compile()
+  compiled = (
+    jax.jit(step, donate_argnums=(0, 1))
+    .lower(params, state, micro[0])
+    .compile()
+  )
   compile_s = time.perf_counter() - t0
   params = jax.tree.map(jnp.copy, params)
   for m in micro:  # warm-up: one global batch
     params, state = compiled(params, state, m)
   jax.block_until_ready(params)
-  return {"name": name, "compiled": compiled, "params": params,
-          "state": state, "micro": micro, "compile_s": compile_s,
-          "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
-          "times": []}
+  return {
+    "name": name,
+    "compiled": compiled,
+    "params": params,
+    "state": state,
+    "micro": micro,
+    "compile_s": compile_s,
+    "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+    "times": [],
+  }
 
 
 def run_one(entry):
   t0 = time.perf_counter()
   for m in entry["micro"]:
     entry["params"], entry["state"] = entry["compiled"](
-        entry["params"], entry["state"], m)
+      entry["params"], entry["state"], m
+    )
   jax.block_until_ready(entry["params"])
   entry["times"].append(time.perf_counter() - t0)
+
+
+def peak_rss_mib():
+  """This process's peak resident set (VmHWM; ru_maxrss survives exec)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_of(name, ks):
   """Peak RSS (MiB) of a fresh process that compiles and runs one system."""
   out = subprocess.run(
-      [sys.executable, __file__, "--only", name, "--ks", *map(str, ks)],
-      check=True, capture_output=True, text=True).stdout
+    [sys.executable, __file__, "--only", name, "--ks", *map(str, ks)],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
   return float(out.strip().splitlines()[-1])
 
 
@@ -183,43 +220,63 @@ def main():
     tx, steps, step = table[args.only]
     entry = prepare(args.only, tx, steps, step, graphdef, params, tokens)
     run_one(entry)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
     return
-  entries = [prepare(name, tx, steps, step, graphdef, params, tokens)
-             for name, (tx, steps, step) in table.items()]
+  entries = [
+    prepare(name, tx, steps, step, graphdef, params, tokens)
+    for name, (tx, steps, step) in table.items()
+  ]
   for _ in range(args.rounds):
     for entry in entries:
       run_one(entry)
   n_params = sum(p.size for p in jax.tree.leaves(params))
   dev = jax.devices()[0]
-  print(f"\n{n_params:,} params, global batch {BATCH} x {SEQ} tokens, AdamW; "
-        f"jax {jax.__version__}, optax {optax.__version__}, flax "
-        f"{__import__('flax').__version__}, {dev.device_kind} ({dev.platform}),"
-        f" {platform.machine()}, {os.cpu_count()} cores; medians of "
-        f"{args.rounds} rounds\n")
+  print(
+    f"\n{n_params:,} params, global batch {BATCH} x {SEQ} tokens, AdamW; "
+    f"jax {jax.__version__}, optax {optax.__version__}, flax "
+    f"{__import__('flax').__version__}, {dev.device_kind} ({dev.platform}),"
+    f" {platform.machine()}, {os.cpu_count()} cores; medians of "
+    f"{args.rounds} rounds\n"
+  )
   large = statistics.median(entries[0]["times"])
   rows = []
   for e in entries:
-    row = {"system": e["name"], "s_per_batch": statistics.median(e["times"]),
-           "temp_mib": e["temp_mib"], "compile_s": e["compile_s"]}
+    row = {
+      "system": e["name"],
+      "s_per_batch": statistics.median(e["times"]),
+      "temp_mib": e["temp_mib"],
+      "compile_s": e["compile_s"],
+    }
     row["vs_large"] = row["s_per_batch"] / large
     row["temp_vs_large"] = e["temp_mib"] / entries[0]["temp_mib"]
     if args.rss:
       row["peak_rss_mib"] = rss_of(e["name"], args.ks)
     rows.append(row)
-  print("| system | s per global batch | vs large | XLA temp MiB "
-        "| temp vs large |" + (" peak RSS MiB |" if args.rss else ""))
+  print(
+    "| system | s per global batch | vs large | XLA temp MiB "
+    "| temp vs large |" + (" peak RSS MiB |" if args.rss else "")
+  )
   print("|---|---|---|---|---|" + ("---|" if args.rss else ""))
   for r in rows:
     rss = f" {r['peak_rss_mib']:.0f} |" if args.rss else ""
-    print(f"| {r['system']} | {r['s_per_batch']:.3f} | {r['vs_large']:.2f} "
-          f"| {r['temp_mib']:.1f} | {r['temp_vs_large']:.2f} |{rss}")
+    print(
+      f"| {r['system']} | {r['s_per_batch']:.3f} | {r['vs_large']:.2f} "
+      f"| {r['temp_mib']:.1f} | {r['temp_vs_large']:.2f} |{rss}"
+    )
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "train_step.json")
   with open(path, "w") as f:
-    json.dump({"jax": jax.__version__, "optax": optax.__version__,
-               "device": dev.device_kind, "params": n_params, "rows": rows},
-              f, indent=1)
+    json.dump(
+      {
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "device": dev.device_kind,
+        "params": n_params,
+        "rows": rows,
+      },
+      f,
+      indent=1,
+    )
   print(f"wrote {path}")
 
 

@@ -1,21 +1,21 @@
 """optax_accum: exact gradient accumulation for Optax and Flax."""
 
-from optax_accum._apply import apply_gradients
-from optax_accum._accumulate import accumulate
 from optax_accum._accumulate import AccumulateState
+from optax_accum._accumulate import accumulate
 from optax_accum._accumulate import has_updated
+from optax_accum._apply import apply_gradients
 from optax_accum._chain import chain
 from optax_accum._checkpoint import restore_checkpoint
 from optax_accum._microbatch import microbatched_value_and_grad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
-    "AccumulateState",
-    "accumulate",
-    "apply_gradients",
-    "chain",
-    "has_updated",
-    "microbatched_value_and_grad",
-    "restore_checkpoint",
+  "AccumulateState",
+  "accumulate",
+  "apply_gradients",
+  "chain",
+  "has_updated",
+  "microbatched_value_and_grad",
+  "restore_checkpoint",
 )

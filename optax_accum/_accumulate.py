@@ -14,6 +14,7 @@ import optax
 from optax_accum import _accumulator
 from optax_accum import _validate
 from optax_accum._validate import ScheduleLike
+from optax_accum._validate import Tracer
 
 
 class AccumulateState(NamedTuple):
@@ -127,9 +128,12 @@ def _strong_types(tree):
 def _float32_norm(tree) -> jax.Array:
   """The global L2 norm, computed in float32 or wider (never in float16)."""
   squares = [
-      jnp.sum(jnp.square(jnp.abs(x).astype(jnp.promote_types(
-          jnp.abs(x).dtype, jnp.float32))))
-      for x in jax.tree.leaves(tree)
+    jnp.sum(
+      jnp.square(
+        jnp.abs(x).astype(jnp.promote_types(jnp.abs(x).dtype, jnp.float32))
+      )
+    )
+    for x in jax.tree.leaves(tree)
   ]
   if not squares:
     return jnp.zeros([], jnp.float32)
@@ -149,14 +153,17 @@ def accumulate_states(tree) -> list[AccumulateState]:
 
 def _is_plain_leaf(x) -> bool:
   return x is None or isinstance(
-      x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
+    x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+  )
 
 
 def is_eager(config, args) -> bool:
   """Whether a call runs outside any trace, on arrays that jit can take,
   with a hashable configuration (so a jitted call can be cached)."""
-  if any(not _is_plain_leaf(x) or isinstance(x, jax.core.Tracer)
-         for x in jax.tree.leaves(args)):
+  if any(
+    not _is_plain_leaf(x) or isinstance(x, Tracer)
+    for x in jax.tree.leaves(args)
+  ):
     return False
   try:
     hash(config)
@@ -183,44 +190,62 @@ class Accumulator:
   should_skip_update_fn: Optional[Callable[..., Any]] = None
   axis_name: Optional[Union[str, tuple[str, ...]]] = None
   _schedule: Callable[[jax.Array], jax.Array] = dataclasses.field(
-      init=False, repr=False, compare=False)
+    init=False, repr=False, compare=False
+  )
   _inner_tx: optax.GradientTransformationExtraArgs = dataclasses.field(
-      init=False, repr=False, compare=False)
+    init=False, repr=False, compare=False
+  )
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
     k = self.every_k_schedule
-    if (isinstance(k, (jax.Array, np.ndarray, np.generic))
-        and not isinstance(k, jax.core.Tracer) and jnp.shape(k) == ()
-        and jnp.issubdtype(jnp.result_type(k), jnp.integer)):
+    if (
+      isinstance(k, (jax.Array, np.ndarray, np.generic))
+      and not isinstance(k, Tracer)
+      and jnp.shape(k) == ()
+      and jnp.issubdtype(jnp.result_type(k), jnp.integer)
+    ):
       # optax.inject_hyperparams passes an int as a concrete array outside
       # jit: an int keeps the configuration hashable (one compilation).
       set_('every_k_schedule', int(np.asarray(k)))
     set_('_schedule', _validate.schedule_fn(self.every_k_schedule))
     _validate.check_inner(self.inner, Accumulator)
-    set_('accumulator_dtype',
-         _accumulator.canonical_accumulator_dtype(self.accumulator_dtype))
+    set_(
+      'accumulator_dtype',
+      _accumulator.canonical_accumulator_dtype(self.accumulator_dtype),
+    )
     if self.should_skip_update_fn is not None and not callable(
-        self.should_skip_update_fn):
+      self.should_skip_update_fn
+    ):
       raise TypeError(
-          '`should_skip_update_fn` must be None or a callable such as '
-          f'optax.skip_not_finite, but got {self.should_skip_update_fn!r}.'
+        '`should_skip_update_fn` must be None or a callable such as '
+        f'optax.skip_not_finite, but got {self.should_skip_update_fn!r}.'
       )
-    names = (self.axis_name,) if isinstance(self.axis_name, str) else (
-        self.axis_name)
+    names = (
+      (self.axis_name,) if isinstance(self.axis_name, str) else (self.axis_name)
+    )
     if self.axis_name is not None and not (
-        isinstance(names, tuple) and names
-        and all(isinstance(n, str) and n for n in names)):
+      isinstance(names, tuple)
+      and names
+      and all(isinstance(n, str) and n for n in names)
+    ):
       raise TypeError(
-          '`axis_name` must be None, a mapped axis name (str) or a tuple of '
-          f'them, as in jax.lax.psum, but got {self.axis_name!r}.'
+        '`axis_name` must be None, a mapped axis name (str) or a tuple of '
+        f'them, as in jax.lax.psum, but got {self.axis_name!r}.'
       )
-    set_('_inner_tx', optax.with_extra_args_support(
-        optax.identity() if self.inner is None else self.inner))
+    set_(
+      '_inner_tx',
+      optax.with_extra_args_support(
+        optax.identity() if self.inner is None else self.inner
+      ),
+    )
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     """This accumulator as an optax transformation."""
-    return optax.GradientTransformationExtraArgs(self.init, self.update)
+    return optax.GradientTransformationExtraArgs(
+      self.init,  # type: ignore[arg-type]  # returns an AccumulateState
+      self.update,  # type: ignore[arg-type]
+    )
 
   def with_inner(self, inner) -> optax.GradientTransformationExtraArgs:
     """The same accumulator around another inner optimizer."""
@@ -232,81 +257,84 @@ class Accumulator:
     result = fn(updates, gradient_step, params)
     if not (isinstance(result, tuple) and len(result) == 2):
       raise ValueError(
-          '`should_skip_update_fn` must return a pair `(skip, skip_state)` '
-          f'as optax.skip_not_finite does, but it returned {result!r}.'
+        '`should_skip_update_fn` must return a pair `(skip, skip_state)` '
+        f'as optax.skip_not_finite does, but it returned {result!r}.'
       )
     return result
 
   def init(self, params: optax.Params) -> AccumulateState:
     """Returns the initial :class:`AccumulateState` for ``params``."""
     acc_grads, acc_compensation = _accumulator.init(
-        params, self.accumulator_dtype)
+      params, self.accumulator_dtype
+    )
     gradient_step = jnp.zeros([], jnp.int32)
     _, skip_state = self._skip(
-        optax.tree.zeros_like(params), gradient_step, params)
+      optax.tree.zeros_like(params), gradient_step, params
+    )
     inner_state = self._inner_tx.init(params)
     if accumulate_states(inner_state):
       raise ValueError(
-          "accumulate's `inner` holds another accumulate(...) (for example "
-          'in an optax.chain or optax.partition). Nested windows are one '
-          'window of the product: write accumulate(k1 * k2, opt) instead.'
+        "accumulate's `inner` holds another accumulate(...) (for example "
+        'in an optax.chain or optax.partition). Nested windows are one '
+        'window of the product: write accumulate(k1 * k2, opt) instead.'
       )
     return AccumulateState(
-        mini_step=jnp.zeros([], jnp.int32),
-        gradient_step=gradient_step,
-        every_k=self._schedule(gradient_step),
-        acc_grads=acc_grads,
-        acc_compensation=acc_compensation,
-        acc_weight=jnp.zeros([], jnp.float32),
-        acc_value=jnp.zeros([], jnp.float32),
-        has_updated=jnp.zeros([], jnp.bool_),
-        num_rejected=jnp.zeros([], jnp.int32),
-        grad_norm=jnp.zeros([], jnp.float32),
-        skip_state=_strong_types(skip_state),
-        inner_opt_state=_strong_types(inner_state),
+      mini_step=jnp.zeros([], jnp.int32),
+      gradient_step=gradient_step,
+      every_k=self._schedule(gradient_step),
+      acc_grads=acc_grads,
+      acc_compensation=acc_compensation,
+      acc_weight=jnp.zeros([], jnp.float32),
+      acc_value=jnp.zeros([], jnp.float32),
+      has_updated=jnp.zeros([], jnp.bool_),
+      num_rejected=jnp.zeros([], jnp.int32),
+      grad_norm=jnp.zeros([], jnp.float32),
+      skip_state=_strong_types(skip_state),
+      inner_opt_state=_strong_types(inner_state),
     )
 
   def update(
-      self,
-      updates: optax.Updates,
-      state: AccumulateState,
-      params: Optional[optax.Params] = None,
-      *,
-      weight: Optional[jax.typing.ArrayLike] = None,
-      flush: Optional[jax.typing.ArrayLike] = None,
-      **extra_args: Any,
+    self,
+    updates: optax.Updates,
+    state: AccumulateState,
+    params: Optional[optax.Params] = None,
+    *,
+    weight: Optional[jax.typing.ArrayLike] = None,
+    flush: Optional[jax.typing.ArrayLike] = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, AccumulateState]:
     """One mini-step; see :func:`optax_accum.accumulate`."""
-    return self._dispatch(updates, state, params, weight, flush, extra_args,
-                          apply=False)
+    return self._dispatch(
+      updates, state, params, weight, flush, extra_args, apply=False
+    )
 
   def apply(
-      self,
-      updates: optax.Updates,
-      state: AccumulateState,
-      params: optax.Params,
-      *,
-      weight: Optional[jax.typing.ArrayLike] = None,
-      flush: Optional[jax.typing.ArrayLike] = None,
-      **extra_args: Any,
+    self,
+    updates: optax.Updates,
+    state: AccumulateState,
+    params: optax.Params,
+    *,
+    weight: Optional[jax.typing.ArrayLike] = None,
+    flush: Optional[jax.typing.ArrayLike] = None,
+    **extra_args: Any,
   ) -> tuple[optax.Params, AccumulateState]:
     """One mini-step that also applies the update: ``(params, state)``.
 
     The same numbers as ``update`` followed by ``optax.apply_updates``; on
     mid-steps ``params`` pass through the conditional untouched.
     """
-    return self._dispatch(updates, state, params, weight, flush, extra_args,
-                          apply=True)
+    return self._dispatch(
+      updates, state, params, weight, flush, extra_args, apply=True
+    )
 
-  def _dispatch(self, updates, state, params, weight, flush, extra_args,
-                apply):
+  def _dispatch(self, updates, state, params, weight, flush, extra_args, apply):
     if not isinstance(state, AccumulateState):
       raise TypeError(
-          'accumulate(...).update takes the AccumulateState made by its '
-          f'init, but got a {type(state).__name__}. A checkpoint restored '
-          'without a target comes back as dicts: restore it with '
-          '`jax.eval_shape(tx.init, params)` as the target, or with '
-          'optax_accum.restore_checkpoint.'
+        'accumulate(...).update takes the AccumulateState made by its '
+        f'init, but got a {type(state).__name__}. A checkpoint restored '
+        'without a target comes back as dicts: restore it with '
+        '`jax.eval_shape(tx.init, params)` as the target, or with '
+        'optax_accum.restore_checkpoint.'
       )
     _validate.check_updates(updates, state.acc_grads)
     weight = _validate.check_weight(weight)
@@ -317,21 +345,21 @@ class Accumulator:
       return _jitted_update(self, *args, apply)
     return self._update(*args, apply)
 
-  def _update(self, updates, state, params, weight, flush, extra_args,
-              apply):
+  def _update(self, updates, state, params, weight, flush, extra_args, apply):
     inner_tx = self._inner_tx
     gradient_step = state.gradient_step
     # The k of the window in flight is held in the state; a window that has
     # not started takes the schedule's k now.
-    k = jnp.where(state.mini_step == 0, self._schedule(gradient_step),
-                  state.every_k)
+    k = jnp.where(
+      state.mini_step == 0, self._schedule(gradient_step), state.every_k
+    )
 
     skip, skip_state = self._skip(updates, gradient_step, params)
     skip = jnp.asarray(skip)
     if skip.shape != () or skip.dtype != jnp.bool_:
       raise ValueError(
-          '`should_skip_update_fn` must return a bool scalar first, but it '
-          f'returned dtype {skip.dtype} and shape {skip.shape}.'
+        '`should_skip_update_fn` must return a bool scalar first, but it '
+        f'returned dtype {skip.dtype} and shape {skip.shape}.'
       )
     accept = jnp.logical_not(skip)
     step_weight = jnp.ones([], jnp.float32) if weight is None else weight
@@ -341,7 +369,8 @@ class Accumulator:
     if 'value' in extra_args:  # the window's weighted mean reaches inner
       value = jnp.asarray(extra_args['value'], jnp.float32)
       acc_value = acc_value + jnp.where(
-          accept & (step_weight > 0), step_weight * value, 0.0)
+        accept & (step_weight > 0), step_weight * value, 0.0
+      )
     if self.axis_name is None:
       mini_step = state.mini_step + accept.astype(jnp.int32)
     else:
@@ -351,14 +380,16 @@ class Accumulator:
       end = end | (flush & (mini_step > 0))
 
     def inner_update(mean, inner_state, params, window_extra=None):
-      return inner_tx.update(mean, inner_state, params,
-                              **(window_extra or extra_args))
+      return inner_tx.update(
+        mean, inner_state, params, **(window_extra or extra_args)
+      )
 
     if apply:
       out_shape = None
     else:
       out_shape, _ = jax.eval_shape(
-          inner_update, updates, state.inner_opt_state, params)
+        inner_update, updates, state.inner_opt_state, params
+      )
 
     # The sum is formed outside the conditional, in one fused pass that XLA
     # writes in place into the donated accumulator, and the conditional does
@@ -367,8 +398,13 @@ class Accumulator:
     # micro-batch: the previous window's sum is overwritten in that same pass
     # (`fresh`) rather than zeroed on emission.
     acc_grads, acc_compensation = _accumulator.add(
-        state.acc_grads, state.acc_compensation, updates, weight, accept,
-        fresh=state.mini_step == 0)
+      state.acc_grads,
+      state.acc_compensation,
+      updates,
+      weight,
+      accept,
+      fresh=state.mini_step == 0,
+    )
 
     # With `apply`, the branches return the params instead of the updates:
     # updated in the stepping branch, passed through untouched otherwise, so
@@ -385,14 +421,17 @@ class Accumulator:
     def step(acc_sum, scale, inner_state, params, window_extra):
       # A multiply, which XLA duplicates into each consumer fusion; a divide
       # it would compute once into a full-size temporary.
-      inv = (1.0 / scale)
+      inv = 1.0 / scale
       mean = jax.tree.map(lambda a: a * inv.astype(a.dtype), acc_sum)
       mean = optax.tree.cast_like(mean, updates)
-      new_updates, new_inner = inner_update(mean, inner_state, params,
-                                            window_extra)
+      new_updates, new_inner = inner_update(
+        mean, inner_state, params, window_extra
+      )
       new_inner = jax.tree.map(
-          lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
-          new_inner, inner_state)
+        lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
+        new_inner,
+        inner_state,
+      )
       if apply:
         return optax.apply_updates(params, new_updates), new_inner
       return new_updates, new_inner
@@ -403,7 +442,8 @@ class Accumulator:
       total_weight, total_value = acc_weight, acc_value
       if self.axis_name is not None:  # the one reduction of the window
         acc_sum, total_weight, total_value = lax.psum(
-            (acc_sum, acc_weight, acc_value), self.axis_name)
+          (acc_sum, acc_weight, acc_value), self.axis_name
+        )
       # A window of total weight 0 (every micro-batch weighted 0, or with
       # axis_name, rejected everywhere) takes no gradient step.
       stepped = total_weight != 0
@@ -415,37 +455,49 @@ class Accumulator:
       window_extra = dict(extra_args)
       if 'value' in extra_args:
         window_extra['value'] = (total_value / scale).astype(
-            jnp.result_type(extra_args['value']))
+          jnp.result_type(extra_args['value'])
+        )
       out, new_inner = lax.cond(
-          stepped, functools.partial(step, window_extra=window_extra),
-          functools.partial(no_step, window_extra=None), acc_sum, scale,
-          inner_state, params)
+        stepped,
+        functools.partial(step, window_extra=window_extra),
+        functools.partial(no_step, window_extra=None),
+        acc_sum,
+        scale,
+        inner_state,
+        params,
+      )
       return out, new_inner, grad_norm, stepped, total_value / scale
 
     def mid_branch(acc, inner_state, params, grad_norm):
       del acc
       out = params if apply else _zeros_like_output(out_shape, updates)
-      return (out, inner_state, grad_norm, jnp.zeros([], jnp.bool_),
-              acc_value)
+      return (out, inner_state, grad_norm, jnp.zeros([], jnp.bool_), acc_value)
 
     out, inner_state, grad_norm, stepped, acc_value = lax.cond(
-        end, end_branch, mid_branch, (acc_grads, acc_compensation),
-        state.inner_opt_state, params, state.grad_norm)
+      end,
+      end_branch,
+      mid_branch,
+      (acc_grads, acc_compensation),
+      state.inner_opt_state,
+      params,
+      state.grad_norm,
+    )
     gradient_step = jnp.where(
-        stepped, optax.safe_increment(gradient_step), gradient_step)
+      stepped, optax.safe_increment(gradient_step), gradient_step
+    )
     new_state = AccumulateState(
-        mini_step=jnp.where(end, 0, mini_step),
-        gradient_step=gradient_step,
-        every_k=jnp.where(end, self._schedule(gradient_step), k),
-        acc_grads=acc_grads,
-        acc_compensation=acc_compensation,
-        acc_weight=jnp.where(end, 0.0, acc_weight),
-        acc_value=acc_value,
-        has_updated=stepped,
-        num_rejected=state.num_rejected + skip.astype(jnp.int32),
-        grad_norm=grad_norm,
-        skip_state=_strong_types(skip_state),
-        inner_opt_state=inner_state,
+      mini_step=jnp.where(end, 0, mini_step),
+      gradient_step=gradient_step,
+      every_k=jnp.where(end, self._schedule(gradient_step), k),
+      acc_grads=acc_grads,
+      acc_compensation=acc_compensation,
+      acc_weight=jnp.where(end, 0.0, acc_weight),
+      acc_value=acc_value,
+      has_updated=stepped,
+      num_rejected=state.num_rejected + skip.astype(jnp.int32),
+      grad_norm=grad_norm,
+      skip_state=_strong_types(skip_state),
+      inner_opt_state=inner_state,
     )
     return out, new_state
 
@@ -460,102 +512,82 @@ def accumulator_of(tx: Any) -> Optional[Accumulator]:
 
 
 def accumulate(
-    every_k_schedule: ScheduleLike,
-    inner: Optional[optax.GradientTransformation] = None,
-    *,
-    accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
-    should_skip_update_fn: Optional[optax.ShouldSkipUpdateFunction] = None,
-    axis_name: Optional[Union[str, tuple[str, ...]]] = None,
+  every_k_schedule: ScheduleLike,
+  inner: Optional[optax.GradientTransformation] = None,
+  *,
+  accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+  should_skip_update_fn: Optional[optax.ShouldSkipUpdateFunction] = None,
+  axis_name: Optional[Union[str, tuple[str, ...]]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulates micro-batch gradients and emits their mean every k mini-steps.
 
   Each ``update`` is one mini-step: it adds the micro-batch gradient
-  :math:`g_i` with weight :math:`w_i` (default 1) into ``acc_grads``. The
+  :math:`g_i`, weighted by :math:`w_i` (default 1), into ``acc_grads``. The
   k-th mini-step of a window emits
-  :math:`\bar g = \sum_{i=1}^{k} w_i g_i / \sum_{i=1}^{k} w_i` and starts a
-  new window; with a mean-reduced loss on k equal micro-batches of B/k
-  samples, :math:`\bar g` is the gradient of the batch of B.
+  :math:`\bar g = \sum_{i=1}^{k} w_i g_i / \sum_{i=1}^{k} w_i`: with a
+  mean-reduced loss on k equal micro-batches of B/k samples, the gradient
+  of the batch of B.
 
-  * Exact form, ``inner=opt`` (or ``optax_accum.chain(accumulate(k), opt)``):
-    the k-th mini-step emits ``opt.update(g_bar, inner_opt_state, params)``;
-    mid-steps emit zeros and never run ``opt`` (a ``lax.cond``), so ``opt``
-    sees the large-batch sequence of gradients.
-  * Chainable form, ``inner=None``: emits zeros, then :math:`\bar g`.
+  * Exact form, ``accumulate(k, opt)``: the k-th mini-step emits
+    ``opt.update(g_bar, ...)``; mid-steps emit zeros and never run ``opt``
+    (a ``lax.cond``). :func:`optax_accum.chain` builds it from a chain.
+  * Chainable form, ``accumulate(k)``: emits zeros, then :math:`\bar g`.
 
   .. warning::
-    ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mini-step's
-    zeros: a stateful ``opt`` (Adam's moments and count, weight decay)
-    drifts from large-batch training. It is exact only for a stateless,
-    linear ``opt`` such as ``optax.sgd(lr)``, as noted under
-    ``optax.apply_every``. Use the exact form.
+    ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mid-step's
+    zeros: Adam's moments, count and weight decay drift from large-batch
+    training (the ``optax.apply_every`` trap). Use the exact form.
 
   Args:
-    every_k_schedule: micro-batches per gradient step: an int in
-      [1, 2**31 - 1], or a callable ``gradient_step -> k`` (int32 scalar in,
-      real scalar out, possibly traced). A window takes k when its first
-      micro-batch arrives and keeps it (``AccumulateState.every_k``) until it
-      ends. Callable values are rounded; below 1 or NaN means 1; beyond
-      int32 means 2**31 - 1.
-    inner: an ``optax.GradientTransformation`` instance run once per window
-      on :math:`\bar g`, or None for the chainable form.
-    accumulator_dtype: dtype of ``acc_grads``. None: per leaf, float32 (or
-      complex64 for complex params) or the param dtype when wider. Or
-      float32, float64 (under x64), bfloat16, or ``"kahan_bfloat16"``
-      (a bfloat16 sum with a bfloat16 Kahan error term). float16 is
-      rejected: its sums overflow at 65504.
-    should_skip_update_fn: ``fn(updates, gradient_step, params) -> (bool,
-      skip_state)`` as in ``optax.MultiSteps`` (``optax.skip_not_finite``).
-      A micro-batch for which it is true adds no gradient, weight or
-      mini-step; ``num_rejected`` counts it. When given, a window whose mean
-      is not finite (a sum that overflowed) is discarded, not applied.
-    axis_name: inside ``jax.shard_map``/``jax.pmap``, the data-parallel axis
-      (or axes), as in ``jax.lax.psum``. Pass each device's unreduced
-      micro-batch gradient; the sum and weight are reduced once per window,
-      in the emitting branch. Every micro-batch, even a rejected one, counts
-      as a mini-step, so devices emit together.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose ``init(params)``
-    returns an :class:`AccumulateState`.
+    every_k_schedule: micro-batches per window: an int in [1, 2**31 - 1], or
+      a callable ``gradient_step -> k`` (int32 scalar in, real scalar out,
+      traceable). A window takes k when it starts and keeps it
+      (``AccumulateState.every_k``). Callable values are rounded; below 1
+      or NaN means 1, beyond int32 means 2**31 - 1.
+    inner: an ``optax.GradientTransformation`` run once per window on
+      :math:`\bar g`, or None for the chainable form.
+    accumulator_dtype: dtype of ``acc_grads``. None: per leaf, float32
+      (complex64 for complex params) or the param dtype when wider. Else
+      float32, float64 (x64), bfloat16, ``"kahan_bfloat16"`` (bfloat16 sum
+      and Kahan error term), or a complex dtype; float16 and float8 are
+      rejected (their sums overflow).
+    should_skip_update_fn: ``fn(updates, gradient_step, params) -> (skip,
+      skip_state)`` as in ``optax.MultiSteps``. A skipped micro-batch adds
+      no gradient, weight or mini-step. When given, a window whose sum is
+      not finite is discarded; without it, it is applied.
+    axis_name: inside ``jax.shard_map``/``jax.pmap``, the data-parallel
+      axis of ``jax.lax.psum``: pass each device's unreduced gradient; the
+      window's sum is reduced once, when it ends. Every micro-batch counts
+      as a mini-step there, so devices end windows together.
 
   Keyword arguments of ``update``:
-    weight: a scalar >= 0, the number of items (tokens, samples) the
-      micro-batch gradient averages over; a weight-0 micro-batch adds
-      nothing, even a NaN gradient. A window of total weight 0 takes no
-      gradient step. A traced negative or non-finite weight makes the
-      window's update NaN. Subnormal float32 weights may be flushed to 0 by
-      the hardware.
-    flush: a bool scalar; when true, the window ends after this micro-batch
-      (which it includes) and emits its weighted mean. A flush of an empty
-      window emits nothing.
-    value: the micro-batch's loss, if ``inner`` reads one
-      (``optax.contrib.reduce_on_plateau``): ``inner`` gets the window's
-      weighted mean. Pass it on every micro-batch.
-    Other keyword arguments reach ``inner`` as passed on the emitting
-    mini-step (the last micro-batch's). ``optax.lbfgs`` as ``inner`` is not
-    large-batch exact: its line search evaluates ``value_fn`` on that
-    micro-batch only.
+    weight: a scalar >= 0, the items (tokens) the micro-batch's loss
+      averages over. A weight-0 micro-batch adds nothing (even NaN); a
+      window of total weight 0 takes no gradient step; a traced negative or
+      non-finite weight makes the update NaN.
+    flush: a bool scalar; true ends the window after this micro-batch.
+    value: the loss, for an ``inner`` that reads it
+      (``reduce_on_plateau``): ``inner`` gets the window's weighted mean.
+      Other keyword arguments reach ``inner`` from the last micro-batch.
 
-  ``update`` costs one fused pass over ``acc_grads`` on mid-steps, plus a
-  zero-filled updates buffer that ``optax.apply_updates`` then adds.
-  Called outside ``jax.jit``, it compiles once per input signature.
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with an
+    :class:`AccumulateState`. Outside ``jax.jit``, ``update`` compiles once
+    per input signature. ``update`` writes zero updates on mid-steps;
+    :func:`optax_accum.apply_gradients` does not.
 
   Raises:
-    TypeError: a bad ``every_k_schedule``, ``inner`` (a factory such as
-      ``optax.adamw``), ``accumulator_dtype``, ``axis_name``, ``flush`` or
-      ``weight`` dtype; at ``init``, a non-float param or a complex param
-      with a real ``accumulator_dtype``; at ``update``, an integer, boolean
-      or wrongly complex gradient leaf.
-    ValueError: ``every_k_schedule`` outside [1, 2**31 - 1]; an
-      ``accumulate`` nested in ``inner``; float16 ``accumulator_dtype``; at
-      ``update``, updates of another structure or shape, or a concrete
-      ``weight`` that is negative, not finite in float32 or not a scalar.
+    TypeError: a bad ``every_k_schedule``, ``inner`` (a factory),
+      ``accumulator_dtype``, ``axis_name``, ``flush`` or ``weight`` type; a
+      non-float param or gradient leaf, or complex meeting real.
+    ValueError: ``every_k_schedule`` out of range; a nested accumulator;
+      updates of another structure or shape; a concrete ``weight`` < 0,
+      not finite in float32, or not a scalar.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax, optax_accum
-    >>> params = {'w': jnp.array([1.0, 2.0])}
+    >>> import jax.numpy as jnp, optax, optax_accum
     >>> tx = optax_accum.accumulate(2, optax.adamw(1e-1))
+    >>> params = {'w': jnp.array([1.0, 2.0])}
     >>> state = tx.init(params)
     >>> u, state = tx.update({'w': jnp.array([1.0, 1.0])}, state, params)
     >>> u['w']  # mid-step: zeros, adamw not run
@@ -565,15 +597,15 @@ def accumulate(
     (True, 1)
 
   References:
-    ``optax.MultiSteps`` and ``optax.apply_every``; token-weighted mean:
+    ``optax.MultiSteps``, ``optax.apply_every``; token-weighted mean:
     Hugging Face transformers PR #34191.
   """
   return Accumulator(
-      every_k_schedule=every_k_schedule,
-      inner=inner,
-      accumulator_dtype=accumulator_dtype,
-      should_skip_update_fn=should_skip_update_fn,
-      axis_name=axis_name,
+    every_k_schedule=every_k_schedule,
+    inner=inner,
+    accumulator_dtype=accumulator_dtype,
+    should_skip_update_fn=should_skip_update_fn,
+    axis_name=axis_name,
   ).transformation()
 
 
@@ -619,7 +651,7 @@ def has_updated(opt_state: Any) -> jax.Array:
         flag = flag.get_value()
       return jnp.asarray(flag)
   raise ValueError(
-      'has_updated found no AccumulateState in `opt_state` (a '
-      f'{type(opt_state).__name__}). Pass the state of an optimizer built '
-      'with optax_accum.accumulate or optax_accum.chain.'
+    'has_updated found no AccumulateState in `opt_state` (a '
+    f'{type(opt_state).__name__}). Pass the state of an optimizer built '
+    'with optax_accum.accumulate or optax_accum.chain.'
   )

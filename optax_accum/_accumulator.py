@@ -7,7 +7,7 @@ Plain mode keeps one array per param, ``acc_grads``. The compensated mode
 error of each bfloat16 store is carried into the next addition.
 """
 
-from typing import Optional, Union
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -35,29 +35,35 @@ def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
     dtype = jnp.dtype(accumulator_dtype)
   except TypeError as e:
     raise TypeError(
-        '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
-        f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}.'
+      '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
+      f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}.'
     ) from e
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
-        '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
-        f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}. This is because '
-        'gradients are summed in it.'
+      '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
+      f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}. This is because '
+      'gradients are summed in it.'
     )
-  supported = (jnp.float32, jnp.float64, jnp.bfloat16, jnp.complex64,
-               jnp.complex128, jnp.float16)
+  supported = (
+    jnp.float32,
+    jnp.float64,
+    jnp.bfloat16,
+    jnp.complex64,
+    jnp.complex128,
+    jnp.float16,
+  )
   if dtype not in [jnp.dtype(d) for d in supported]:
     raise ValueError(
-        f'`accumulator_dtype` {dtype} is not supported: use None (float32, '
-        'the default), jnp.float32, jnp.float64, jnp.bfloat16, '
-        f'"{KAHAN_BFLOAT16}", or jnp.complex64/complex128 for complex params.'
+      f'`accumulator_dtype` {dtype} is not supported: use None (float32, '
+      'the default), jnp.float32, jnp.float64, jnp.bfloat16, '
+      f'"{KAHAN_BFLOAT16}", or jnp.complex64/complex128 for complex params.'
     )
   if dtype == jnp.float16:
     raise ValueError(
-        '`accumulator_dtype` float16 is not supported: its largest value is '
-        '65504, so a sum of micro-batch gradients overflows to inf long '
-        'before their mean would. Use None (float32, the default), '
-        f'jnp.bfloat16 or "{KAHAN_BFLOAT16}" for a 2-byte sum.'
+      '`accumulator_dtype` float16 is not supported: its largest value is '
+      '65504, so a sum of micro-batch gradients overflows to inf long '
+      'before their mean would. Use None (float32, the default), '
+      f'jnp.bfloat16 or "{KAHAN_BFLOAT16}" for a 2-byte sum.'
     )
   return jax.dtypes.canonicalize_dtype(dtype)
 
@@ -93,10 +99,10 @@ def init(params, accumulator_dtype):
     dtype = jnp.result_type(p)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f'The param at {_where(path)} has dtype {dtype}; '
-          'accumulate only takes floating-point params, because integer and '
-          'boolean leaves have no gradient to accumulate. Filter them out of '
-          'the params (for example with optax.masked or nnx.Param).'
+        f'The param at {_where(path)} has dtype {dtype}; '
+        'accumulate only takes floating-point params, because integer and '
+        'boolean leaves have no gradient to accumulate. Filter them out of '
+        'the params (for example with optax.masked or nnx.Param).'
       )
     complex_param = jnp.issubdtype(dtype, jnp.complexfloating)
     if accumulator_dtype == KAHAN_BFLOAT16:
@@ -107,12 +113,12 @@ def init(params, accumulator_dtype):
       acc_dtype = jnp.dtype(accumulator_dtype)
     if complex_param != jnp.issubdtype(acc_dtype, jnp.complexfloating):
       raise TypeError(
-          f'The param at {_where(path)} has dtype {dtype} but '
-          f'`accumulator_dtype` is {accumulator_dtype!r}: a real accumulator '
-          'drops the imaginary part of a complex gradient, and a complex one '
-          'is wasted on a real gradient. Leave accumulator_dtype=None (a '
-          'complex64 or wider sum for complex params) or give a matching '
-          'dtype.'
+        f'The param at {_where(path)} has dtype {dtype} but '
+        f'`accumulator_dtype` is {accumulator_dtype!r}: a real accumulator '
+        'drops the imaginary part of a complex gradient, and a complex one '
+        'is wasted on a real gradient. Leave accumulator_dtype=None (a '
+        'complex64 or wider sum for complex params) or give a matching '
+        'dtype.'
       )
     return jnp.zeros_like(p, dtype=acc_dtype)  # keeps the param's sharding
 
@@ -153,7 +159,7 @@ def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
       g = weighted(g, acc.dtype)
       zero = jnp.zeros([], acc.dtype)
       return jnp.where(
-          fresh, jnp.where(accept, g, zero), jnp.where(accept, acc + g, acc)
+        fresh, jnp.where(accept, g, zero), jnp.where(accept, acc + g, acc)
       )
 
     return jax.tree.map(plain, acc_grads, updates), None
@@ -167,22 +173,22 @@ def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
     new_comp = ((t.astype(jnp.float32) - s) - y).astype(comp.dtype)
     # Rejected: keep the sums, or drop them when the window is empty.
     return (
-        jnp.where(accept, t, s.astype(acc.dtype)),
-        jnp.where(accept, new_comp, c.astype(comp.dtype)),
+      jnp.where(accept, t, s.astype(acc.dtype)),
+      jnp.where(accept, new_comp, c.astype(comp.dtype)),
     )
 
   treedef = jax.tree.structure(acc_grads)
   pairs = [
-      kahan(a, c, g)
-      for a, c, g in zip(
-          treedef.flatten_up_to(acc_grads),
-          treedef.flatten_up_to(acc_compensation),
-          treedef.flatten_up_to(updates),
-      )
+    kahan(a, c, g)
+    for a, c, g in zip(
+      treedef.flatten_up_to(acc_grads),
+      treedef.flatten_up_to(acc_compensation),
+      treedef.flatten_up_to(updates),
+    )
   ]
   return (
-      treedef.unflatten([p[0] for p in pairs]),
-      treedef.unflatten([p[1] for p in pairs]),
+    treedef.unflatten([p[0] for p in pairs]),
+    treedef.unflatten([p[1] for p in pairs]),
   )
 
 
@@ -191,7 +197,7 @@ def total(acc_grads, acc_compensation):
   if acc_compensation is None:
     return acc_grads
   return jax.tree.map(
-      lambda s, c: s.astype(jnp.float32) - c.astype(jnp.float32),
-      acc_grads,
-      acc_compensation,
+    lambda s, c: s.astype(jnp.float32) - c.astype(jnp.float32),
+    acc_grads,
+    acc_compensation,
   )

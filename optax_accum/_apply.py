@@ -9,11 +9,11 @@ from optax_accum import _chain
 
 
 def apply_gradients(
-    tx: optax.GradientTransformation,
-    grads: optax.Updates,
-    opt_state: optax.OptState,
-    params: optax.Params,
-    **extra_args: Any,
+  tx: optax.GradientTransformation,
+  grads: optax.Updates,
+  opt_state: optax.OptState,
+  params: optax.Params,
+  **extra_args: Any,
 ) -> tuple[optax.Params, optax.OptState]:
   r"""One mini-step of ``tx`` applied to ``params``: ``(params, opt_state)``.
 
@@ -76,10 +76,11 @@ def apply_gradients(
   """
   acc = _accumulate.accumulator_of(tx)
   if acc is not None:
-    return acc.apply(grads, opt_state, params, **extra_args)
+    return acc.apply(grads, opt_state, params, **extra_args)  # type: ignore[arg-type,return-value]
   gated = _chain.chain_of(tx)
   if gated is not None:
     return gated.apply(grads, opt_state, params, **extra_args)
   updates, opt_state = optax.with_extra_args_support(tx).update(
-      grads, opt_state, params, **extra_args)
+    grads, opt_state, params, **extra_args
+  )
   return optax.apply_updates(params, updates), opt_state

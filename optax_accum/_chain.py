@@ -17,8 +17,8 @@ from optax_accum import _validate
 # optax.MultiSteps, ...) lets updates through that did not pass the
 # accumulator, so gating the elements after it on the flag would drop them.
 _GATEABLE_WRAPPERS = (
-    optax.InjectHyperparamsState,
-    optax.InjectStatefulHyperparamsState,
+  optax.InjectHyperparamsState,
+  optax.InjectStatefulHyperparamsState,
 )
 
 
@@ -27,9 +27,10 @@ def _path_to_accumulator(state) -> list[Any]:
   if isinstance(state, _accumulate.AccumulateState):
     return []
   is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
-  (path, _), = [
-      (p, x) for p, x in jax.tree.leaves_with_path(state, is_leaf=is_acc)
-      if is_acc(x)
+  ((path, _),) = [
+    (p, x)
+    for p, x in jax.tree.leaves_with_path(state, is_leaf=is_acc)
+    if is_acc(x)
   ]
   nodes, node = [], state
   for entry in path:
@@ -52,7 +53,8 @@ def _is_chain_state(node) -> bool:
 
 def _is_gateable(nodes) -> bool:
   return all(
-      _is_chain_state(n) or isinstance(n, _GATEABLE_WRAPPERS) for n in nodes)
+    _is_chain_state(n) or isinstance(n, _GATEABLE_WRAPPERS) for n in nodes
+  )
 
 
 def _elements_after_in_a_nested_chain(state) -> bool:
@@ -60,17 +62,18 @@ def _elements_after_in_a_nested_chain(state) -> bool:
   if isinstance(state, _accumulate.AccumulateState):
     return False
   is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
-  (path, _), = [
-      (p, x) for p, x in jax.tree.leaves_with_path(state, is_leaf=is_acc)
-      if is_acc(x)
+  ((path, _),) = [
+    (p, x)
+    for p, x in jax.tree.leaves_with_path(state, is_leaf=is_acc)
+    if is_acc(x)
   ]
-  node = state
+  node: Any = state
   for entry in path:
     if not (_is_chain_state(node) or isinstance(node, _GATEABLE_WRAPPERS)):
       return False  # inside partition, masked, ...: not a chain's order
     if _is_chain_state(node):
-      keys = list(range(len(node))) if type(node) is tuple else list(node)  # pylint: disable=unidiomatic-typecheck
-      here = getattr(entry, 'idx', getattr(entry, 'key', None))
+      keys = list(range(len(node))) if type(node) is tuple else list(node)
+      here: Any = getattr(entry, 'idx', getattr(entry, 'key', None))
       if keys.index(here) < len(keys) - 1:
         return True
     node = _child(node, entry)
@@ -85,14 +88,14 @@ def _hidden_accumulator_index(transforms, states) -> int:
       after it.
   """
   holders = [
-      i for i, s in enumerate(states) if _accumulate.accumulate_states(s)
+    i for i, s in enumerate(states) if _accumulate.accumulate_states(s)
   ]
   if len(holders) > 1:
     raise ValueError(
-        'optax_accum.chain takes at most one accumulate(...), but its '
-        f'elements at positions {holders} hold one each. This is because the '
-        'elements after an accumulator run once per gradient step, which '
-        'two windows would not agree on. Use one accumulate(k1 * k2, ...).'
+      'optax_accum.chain takes at most one accumulate(...), but its '
+      f'elements at positions {holders} hold one each. This is because the '
+      'elements after an accumulator run once per gradient step, which '
+      'two windows would not agree on. Use one accumulate(k1 * k2, ...).'
     )
   if not holders:
     return -1
@@ -100,37 +103,38 @@ def _hidden_accumulator_index(transforms, states) -> int:
   count = len(_accumulate.accumulate_states(states[i]))
   if count == 1 and _elements_after_in_a_nested_chain(states[i]):
     raise ValueError(
-        f'optax_accum.chain element {i} is an optax.chain (or named_chain) '
-        'with elements after its accumulate(...): optax.chain runs them on '
-        "every mini-step's zeros, so a stateful one drifts. Flatten it: "
-        'optax_accum.chain(..., optax_accum.accumulate(k), opt), or write '
-        'optax_accum.accumulate(k, opt).'
+      f'optax_accum.chain element {i} is an optax.chain (or named_chain) '
+      'with elements after its accumulate(...): optax.chain runs them on '
+      "every mini-step's zeros, so a stateful one drifts. Flatten it: "
+      'optax_accum.chain(..., optax_accum.accumulate(k), opt), or write '
+      'optax_accum.accumulate(k, opt).'
     )
   if i == len(transforms) - 1:
     return i  # nothing after it to gate
   if count > 1:
     raise ValueError(
-        f'optax_accum.chain element {i} holds {count} accumulate(...) '
-        'transformations, so the elements after it cannot be gated on one '
-        'window. Move the later elements into each accumulator, e.g. '
-        'optax.partition({"a": optax_accum.chain(accumulate(k), '
-        'optax.adam(lr)), ...}).'
+      f'optax_accum.chain element {i} holds {count} accumulate(...) '
+      'transformations, so the elements after it cannot be gated on one '
+      'window. Move the later elements into each accumulator, e.g. '
+      'optax.partition({"a": optax_accum.chain(accumulate(k), '
+      'optax.adam(lr)), ...}).'
     )
   nodes = _path_to_accumulator(states[i])
   if not _is_gateable(nodes):
     wrapper = next(
-        type(n).__name__ for n in nodes
-        if not (_is_chain_state(n) or isinstance(n, _GATEABLE_WRAPPERS))
+      type(n).__name__
+      for n in nodes
+      if not (_is_chain_state(n) or isinstance(n, _GATEABLE_WRAPPERS))
     )
     raise ValueError(
-        f'optax_accum.chain element {i} holds an accumulate(...) inside a '
-        f'{wrapper}, so the elements after it cannot be gated on its '
-        'window: part of the updates bypasses the accumulator, and running '
-        'the later elements on every mini-step would drift. Put the '
-        'accumulator at the top level, e.g. optax_accum.chain(accumulate(k), '
-        'optax.partition(...)), or move the later elements inside the '
-        'wrapper, e.g. optax.partition({"a": optax_accum.chain(accumulate(k),'
-        ' optax.adam(lr)), ...}).'
+      f'optax_accum.chain element {i} holds an accumulate(...) inside a '
+      f'{wrapper}, so the elements after it cannot be gated on its '
+      'window: part of the updates bypasses the accumulator, and running '
+      'the later elements on every mini-step would drift. Put the '
+      'accumulator at the top level, e.g. optax_accum.chain(accumulate(k), '
+      'optax.partition(...)), or move the later elements inside the '
+      'wrapper, e.g. optax.partition({"a": optax_accum.chain(accumulate(k),'
+      ' optax.adam(lr)), ...}).'
     )
   return i
 
@@ -187,8 +191,7 @@ class Chain:
     new_state = list(state)
     head = txs if j < 0 else txs[:j]
     for i, t in enumerate(head):
-      updates, new_state[i] = t.update(updates, state[i], params,
-                                       **extra_args)
+      updates, new_state[i] = t.update(updates, state[i], params, **extra_args)
     if j < 0:
       if apply:
         return optax.apply_updates(params, updates), tuple(new_state)
@@ -198,30 +201,33 @@ class Chain:
       run = acc.apply if apply else acc.update
       out, new_state[j] = run(updates, state[j], params, **extra_args)
       return out, tuple(new_state)
-    updates, new_state[j] = txs[j].update(updates, state[j], params,
-                                          **extra_args)
+    updates, new_state[j] = txs[j].update(
+      updates, state[j], params, **extra_args
+    )
     if j == last:
       if apply:
         return optax.apply_updates(params, updates), tuple(new_state)
       return updates, tuple(new_state)
     (acc_state,) = _accumulate.accumulate_states(new_state[j])
-    rest = txs[j + 1:]
+    rest = txs[j + 1 :]
     rest_extra = dict(extra_args)
     if 'value' in extra_args:  # the window's weighted mean, as for inner
       rest_extra['value'] = acc_state.acc_value.astype(
-          jax.numpy.result_type(extra_args['value']))
+        jax.numpy.result_type(extra_args['value'])
+      )
 
     def run_rest(updates, rest_states, params):
       rest_states = list(rest_states)
       for i, t in enumerate(rest):
-        updates, rest_states[i] = t.update(updates, rest_states[i], params,
-                                           **rest_extra)
+        updates, rest_states[i] = t.update(
+          updates, rest_states[i], params, **rest_extra
+        )
       if apply:
         return optax.apply_updates(params, updates), tuple(rest_states)
       return updates, tuple(rest_states)
 
     if not apply:
-      out_shape, _ = jax.eval_shape(run_rest, updates, state[j + 1:], params)
+      out_shape, _ = jax.eval_shape(run_rest, updates, state[j + 1 :], params)
 
     def skip_rest(updates, rest_states, params):
       if apply:
@@ -229,9 +235,14 @@ class Chain:
       return _accumulate._zeros_like_output(out_shape, updates), rest_states  # pylint: disable=protected-access
 
     out, rest_states = lax.cond(
-        acc_state.has_updated, run_rest, skip_rest, updates,
-        tuple(state[j + 1:]), params)
-    return out, tuple(new_state[:j + 1]) + tuple(rest_states)
+      acc_state.has_updated,
+      run_rest,
+      skip_rest,
+      updates,
+      tuple(state[j + 1 :]),
+      params,
+    )
+    return out, tuple(new_state[: j + 1]) + tuple(rest_states)
 
 
 _jitted_run = jax.jit(Chain._run, static_argnums=(0, 5))  # pylint: disable=protected-access
@@ -244,7 +255,7 @@ def chain_of(tx: Any) -> Optional[Chain]:
 
 
 def chain(
-    *transforms: optax.GradientTransformation,
+  *transforms: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
   """Chains transformations like ``optax.chain``, running those after the
   accumulator only on the mini-steps that take a gradient step.
@@ -304,25 +315,26 @@ def chain(
       elif callable(t):
         hint = ' If it is a factory such as optax.adam, call it.'
       raise TypeError(
-          f'chain element {i} must be an optax.GradientTransformation, but '
-          f'got {t!r} of type {type(t).__name__}.{hint}'
+        f'chain element {i} must be an optax.GradientTransformation, but '
+        f'got {t!r} of type {type(t).__name__}.{hint}'
       )
   positions = [
-      i for i, t in enumerate(transforms)
-      if _accumulate.accumulator_of(t) is not None
+    i
+    for i, t in enumerate(transforms)
+    if _accumulate.accumulator_of(t) is not None
   ]
   if len(positions) > 1:
     raise ValueError(
-        'chain takes at most one optax_accum.accumulate(...) element, but got '
-        f'{len(positions)} at positions {positions}. This is because each '
-        'element after an accumulator already runs once per gradient step.'
+      'chain takes at most one optax_accum.accumulate(...) element, but got '
+      f'{len(positions)} at positions {positions}. This is because each '
+      'element after an accumulator already runs once per gradient step.'
     )
   if not positions:
     return Chain(tuple(transforms)).transformation()
   (i,) = positions
   acc = _accumulate.accumulator_of(transforms[i])
   assert acc is not None
-  after = list(transforms[i + 1:])
+  after = list(transforms[i + 1 :])
   if acc.inner is not None:
     after.insert(0, acc.inner)
   if not after:
@@ -330,5 +342,5 @@ def chain(
   else:
     gated = acc.with_inner(after[0] if len(after) == 1 else optax.chain(*after))
   if i == 0:
-    return gated
+    return optax.with_extra_args_support(gated)
   return Chain((*transforms[:i], gated)).transformation()

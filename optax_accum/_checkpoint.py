@@ -8,7 +8,6 @@ import numpy as np
 import optax
 
 
-
 def _path_name(entry) -> str:
   for attr in ("name", "key", "idx"):
     if hasattr(entry, attr):
@@ -32,44 +31,50 @@ def _check_against_metadata(saved_tree, abstract_state, path):
     show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) or "none"
     if missing and all(k[-1] == "acc_value" for k in missing) and not extra:
       raise ValueError(
-          f"The checkpoint at {path} was written by optax_accum 0.1, whose "
-          "AccumulateState has no acc_value field (added in 0.2). Finish "
-          "the window in flight with 0.1, or restore it with orbax into 0.1's "
-          "state and copy its fields into tx.init(params)._replace(...)."
+        f"The checkpoint at {path} was written by optax_accum 0.1, whose "
+        "AccumulateState has no acc_value field (added in 0.2). Finish "
+        "the window in flight with 0.1, or restore it with orbax into 0.1's "
+        "state and copy its fields into tx.init(params)._replace(...)."
       )
     items = [
-        d for d in (sorted(os.listdir(path)) if os.path.isdir(path) else [])
-        if os.path.exists(os.path.join(path, d, "_METADATA"))
+      d
+      for d in (sorted(os.listdir(path)) if os.path.isdir(path) else [])
+      if os.path.exists(os.path.join(path, d, "_METADATA"))
     ]
-    hint = (f" It holds the items {items}: for a CheckpointManager step "
-            "directory, pass the item's folder, e.g. "
-            f"{os.path.join(str(path), items[0])}." if items else "")
+    hint = (
+      f" It holds the items {items}: for a CheckpointManager step "
+      "directory, pass the item's folder, e.g. "
+      f"{os.path.join(str(path), items[0])}."
+      if items
+      else ""
+    )
     raise ValueError(
-        f"The checkpoint at {path} holds an optimizer state of another "
-        "structure than `tx.init(params)`: the optimizer, the params or the "
-        "accumulate(...) configuration differ. "
-        f"Missing from the checkpoint: {show(missing)}. "
-        f"Not in this optimizer's state: {show(extra)}.{hint}"
+      f"The checkpoint at {path} holds an optimizer state of another "
+      "structure than `tx.init(params)`: the optimizer, the params or the "
+      "accumulate(...) configuration differ. "
+      f"Missing from the checkpoint: {show(missing)}. "
+      f"Not in this optimizer's state: {show(extra)}.{hint}"
     )
   for key, target in want.items():
     meta = saved[key]
     if tuple(meta.shape) != tuple(target.shape) or np.dtype(
-        meta.dtype) != np.dtype(target.dtype):
+      meta.dtype
+    ) != np.dtype(target.dtype):
       raise ValueError(
-          f"The checkpoint at {path} holds {'/'.join(key)} as "
-          f"{np.dtype(meta.dtype).name}{list(meta.shape)}, but this "
-          f"optimizer's state has {np.dtype(target.dtype).name}"
-          f"{list(target.shape)}. This is because the params or the "
-          "accumulator_dtype differ from the run that saved it; restoring "
-          "would cast or fail silently."
+        f"The checkpoint at {path} holds {'/'.join(key)} as "
+        f"{np.dtype(meta.dtype).name}{list(meta.shape)}, but this "
+        f"optimizer's state has {np.dtype(target.dtype).name}"
+        f"{list(target.shape)}. This is because the params or the "
+        "accumulator_dtype differ from the run that saved it; restoring "
+        "would cast or fail silently."
       )
 
 
 def restore_checkpoint(
-    path: str,
-    tx: optax.GradientTransformation,
-    params: optax.Params,
-    checkpointer: Optional[Any] = None,
+  path: str,
+  tx: optax.GradientTransformation,
+  params: optax.Params,
+  checkpointer: Optional[Any] = None,
 ) -> Any:
   """Restores an optimizer state saved with orbax, checked against ``tx``.
 
@@ -133,17 +138,18 @@ def restore_checkpoint(
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(
-          "restore_checkpoint needs orbax-checkpoint: pip install "
-          "'optax_accum[checkpoint]'."
+        "restore_checkpoint needs orbax-checkpoint: pip install "
+        "'optax_accum[checkpoint]'."
       ) from e
 
     checkpointer = ocp.StandardCheckpointer()
   # A fresh function, so no trace cache stands between `params` and `init`.
-  abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # pylint: disable=unnecessary-lambda
+  abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # noqa: PLW0108
   if not os.path.exists(path):
     raise FileNotFoundError(f"No checkpoint at {path}.")
   metadata = checkpointer.metadata(path)
-  saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree",
-                       metadata)
+  saved_tree = getattr(
+    getattr(metadata, "item_metadata", metadata), "tree", metadata
+  )
   _check_against_metadata(saved_tree, abstract_state, path)
   return checkpointer.restore(path, abstract_state)

@@ -19,25 +19,26 @@ def _split(batch, num_microbatches: int, argnum: int):
     x = jnp.asarray(x)
     if x.ndim == 0 or x.shape[0] % num_microbatches:
       raise ValueError(
-          f'microbatched_value_and_grad splits argument {argnum} along its '
-          f'leading axis into num_microbatches={num_microbatches}, but the '
-          f'leaf at {jax.tree_util.keystr(path)} has shape {x.shape}. Give '
-          'every batch leaf a leading axis divisible by num_microbatches.'
+        f'microbatched_value_and_grad splits argument {argnum} along its '
+        f'leading axis into num_microbatches={num_microbatches}, but the '
+        f'leaf at {jax.tree_util.keystr(path)} has shape {x.shape}. Give '
+        'every batch leaf a leading axis divisible by num_microbatches.'
       )
-    return x.reshape(num_microbatches, x.shape[0] // num_microbatches,
-                     *x.shape[1:])
+    return x.reshape(
+      num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]
+    )
 
   return jax.tree.map_with_path(split, batch)
 
 
 def microbatched_value_and_grad(
-    loss_fn: Callable[..., Any],
-    num_microbatches: int,
-    *,
-    has_aux: bool = False,
-    reduction: str = 'mean',
-    batch_argnums: Union[int, Sequence[int]] = 1,
-    key_argnum: Union[int, None] = None,
+  loss_fn: Callable[..., Any],
+  num_microbatches: int,
+  *,
+  has_aux: bool = False,
+  reduction: str = 'mean',
+  batch_argnums: Union[int, Sequence[int]] = 1,
+  key_argnum: Union[int, None] = None,
 ) -> Callable[..., Any]:
   r"""Turns a loss into the token-weighted value and gradient of a window.
 
@@ -106,25 +107,30 @@ def microbatched_value_and_grad(
     Face transformers PR #34191 (the global token mean); MaxText's in-step
     gradient accumulation.
   """
-  if isinstance(num_microbatches, bool) or not isinstance(
-      num_microbatches, int) or num_microbatches < 1:
+  if (
+    isinstance(num_microbatches, bool)
+    or not isinstance(num_microbatches, int)
+    or num_microbatches < 1
+  ):
     raise ValueError(
-        '`num_microbatches` must be a positive int, but got '
-        f'{num_microbatches!r}.'
+      '`num_microbatches` must be a positive int, but got '
+      f'{num_microbatches!r}.'
     )
   if reduction not in _REDUCTIONS:
     raise ValueError(
-        f'`reduction` must be one of {_REDUCTIONS}, but got {reduction!r}.'
+      f'`reduction` must be one of {_REDUCTIONS}, but got {reduction!r}.'
     )
-  batch_argnums = ((batch_argnums,) if isinstance(batch_argnums, int)
-                   else tuple(batch_argnums))
-  for name, nums in (('batch_argnums', batch_argnums),
-                     ('key_argnum', () if key_argnum is None
-                      else (key_argnum,))):
+  batch_argnums = (
+    (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+  )
+  for name, nums in (
+    ('batch_argnums', batch_argnums),
+    ('key_argnum', () if key_argnum is None else (key_argnum,)),
+  ):
     if any(not isinstance(n, int) or n < 1 for n in nums):
       raise ValueError(
-          f'`{name}` must hold argument positions >= 1 (0 is the params), '
-          f'but got {nums!r}.'
+        f'`{name}` must hold argument positions >= 1 (0 is the params), '
+        f'but got {nums!r}.'
       )
 
   def weighted_loss(params, args):
@@ -141,16 +147,18 @@ def microbatched_value_and_grad(
 
   def value_and_grad(params, *args):
     args = list(args)
-    split = {n: _split(args[n - 1], num_microbatches, n)
-             for n in batch_argnums}
+    split = {n: _split(args[n - 1], num_microbatches, n) for n in batch_argnums}
     key = None if key_argnum is None else args[key_argnum - 1]
 
     acc_dtype = lambda p: _accumulator.default_accumulator_dtype(
-        jnp.result_type(p))
-    grads0 = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)),
-                          params)
-    loss0, aux_shape = _first_outputs(weighted_loss, params, args, split,
-                                      key, key_argnum)
+      jnp.result_type(p)
+    )
+    grads0 = jax.tree.map(
+      lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)), params
+    )
+    loss0, aux_shape = _first_outputs(
+      weighted_loss, params, args, split, key, key_argnum
+    )
     aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
     carry0 = (grads0, jnp.zeros([], jnp.float32), loss0, aux0)
 
@@ -159,27 +167,32 @@ def microbatched_value_and_grad(
       call_args = list(args)
       for n, value in micro.items():
         call_args[n - 1] = value
-      if key is not None:
+      if key is not None and key_argnum is not None:
         call_args[key_argnum - 1] = jax.random.fold_in(key, i)
       grads, (weight, loss, aux) = grad_fn(params, call_args)
       g_sum, w_sum, l_sum, a_sum = carry
       # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
       g_sum = jax.tree.map(
-          lambda a, g: a + jnp.where(weight > 0, g.astype(a.dtype), 0),
-          g_sum, grads)
+        lambda a, g: a + jnp.where(weight > 0, g.astype(a.dtype), 0),
+        g_sum,
+        grads,
+      )
       scale = weight if reduction == 'mean' else jnp.ones([], jnp.float32)
       l_sum = l_sum + jnp.where(weight > 0, scale * loss, 0.0)
       a_sum = jax.tree.map(
-          lambda a, x: a + jnp.where(weight > 0, weight * x, 0.0),
-          a_sum, aux)
+        lambda a, x: a + jnp.where(weight > 0, weight * x, 0.0), a_sum, aux
+      )
       return (g_sum, w_sum + weight, l_sum, a_sum), None
 
     (g_sum, w_sum, l_sum, a_sum), _ = lax.scan(
-        body, carry0, (jnp.arange(num_microbatches), split))
+      body, carry0, (jnp.arange(num_microbatches), split)
+    )
     denom = jnp.where(w_sum > 0, w_sum, 1.0)
     grads = jax.tree.map(
-        lambda g, p: (g / denom.astype(g.dtype)).astype(jnp.result_type(p)),
-        g_sum, params)
+      lambda g, p: (g / denom.astype(g.dtype)).astype(jnp.result_type(p)),
+      g_sum,
+      params,
+    )
     loss = l_sum / denom
     if has_aux:
       aux = jax.tree.map(lambda a: a / denom, a_sum)

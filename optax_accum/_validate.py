@@ -8,9 +8,10 @@ with NaN (a weight), never to a silently wrong mean.
 
 from collections.abc import Callable
 import numbers
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import jax
+from jax.core import Tracer
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -58,17 +59,19 @@ def schedule_fn(every_k_schedule: ScheduleLike):
   elif _is_array(every_k_schedule):
     # optax.inject_hyperparams passes an int hyperparameter as an array,
     # traced inside `update`.
-    k = every_k_schedule
-    if jnp.shape(k) != () or not jnp.issubdtype(jnp.result_type(k),
-                                                jnp.integer):
+    k = cast(Any, every_k_schedule)
+    if jnp.shape(k) != () or not jnp.issubdtype(
+      jnp.result_type(k), jnp.integer
+    ):
       raise TypeError(
-          '`every_k_schedule` given as an array must be an integer scalar, '
-          f'but got dtype {jnp.result_type(k)} and shape {jnp.shape(k)}.'
+        '`every_k_schedule` given as an array must be an integer scalar, '
+        f'but got dtype {jnp.result_type(k)} and shape {jnp.shape(k)}.'
       )
-    if not isinstance(k, jax.core.Tracer):
+    if not isinstance(k, Tracer):
       _check_int_k(int(np.asarray(k)))
     return lambda gradient_step: window_k(k)
   elif callable(every_k_schedule):
+
     def probe(step):
       value = every_k_schedule(step)
       if isinstance(value, int) and not isinstance(value, bool):
@@ -77,29 +80,29 @@ def schedule_fn(every_k_schedule: ScheduleLike):
 
     k0 = jax.eval_shape(probe, jnp.zeros([], jnp.int32))
     if getattr(k0, 'shape', None) != () or not (
-        jnp.issubdtype(k0.dtype, jnp.integer)
-        or jnp.issubdtype(k0.dtype, jnp.floating)
+      jnp.issubdtype(k0.dtype, jnp.integer)
+      or jnp.issubdtype(k0.dtype, jnp.floating)
     ):
       raise ValueError(
-          '`every_k_schedule` must return a real scalar, but '
-          f'every_k_schedule(0) returned {k0!r}.'
+        '`every_k_schedule` must return a real scalar, but '
+        f'every_k_schedule(0) returned {k0!r}.'
       )
     return lambda gradient_step: window_k(every_k_schedule(gradient_step))
   elif isinstance(every_k_schedule, numbers.Integral):
     k = _check_int_k(int(every_k_schedule))
     return lambda gradient_step: jnp.asarray(k, jnp.int32)
   raise TypeError(
-      '`every_k_schedule` must be a positive int or a callable '
-      f'`gradient_step -> k`, but got {every_k_schedule!r} of type '
-      f'{type(every_k_schedule).__name__}.'
+    '`every_k_schedule` must be a positive int or a callable '
+    f'`gradient_step -> k`, but got {every_k_schedule!r} of type '
+    f'{type(every_k_schedule).__name__}.'
   )
 
 
 def _check_int_k(k: int) -> int:
   if not 1 <= k <= INT32_MAX:
     raise ValueError(
-        '`every_k_schedule` must be >= 1 and <= 2**31 - 1 (the number of '
-        f'micro-batches per gradient step, an int32 counter), but got {k!r}.'
+      '`every_k_schedule` must be >= 1 and <= 2**31 - 1 (the number of '
+      f'micro-batches per gradient step, an int32 counter), but got {k!r}.'
     )
   return k
 
@@ -120,21 +123,22 @@ def check_inner(inner, accumulate_update_cls) -> None:
       hint = ' Pass its .gradient_transformation().'
     elif hasattr(inner, '__name__') and callable(inner):
       name = inner.__name__
-      hint = (f' `{name}` looks like a factory: call it, as in '
-              f'`inner={name}(learning_rate)`.')
+      hint = (
+        f' `{name}` looks like a factory: call it, as in '
+        f'`inner={name}(learning_rate)`.'
+      )
     elif callable(inner):
       hint = ' If it is a factory (or a partial of one), call it.'
     raise TypeError(
-        '`inner` must be an optax.GradientTransformation such as '
-        f'optax.adamw(1e-3), but got {inner!r} of type '
-        f'{type(inner).__name__}.{hint}'
+      '`inner` must be an optax.GradientTransformation such as '
+      f'optax.adamw(1e-3), but got {inner!r} of type '
+      f'{type(inner).__name__}.{hint}'
     )
-  if isinstance(getattr(inner.update, '__self__', None),
-                accumulate_update_cls):
+  if isinstance(getattr(inner.update, '__self__', None), accumulate_update_cls):
     raise ValueError(
-        '`inner` is itself an optax_accum.accumulate(...). Nested windows '
-        'are one window of the product: write accumulate(k1 * k2, opt) '
-        'instead of accumulate(k1, accumulate(k2, opt)).'
+      '`inner` is itself an optax_accum.accumulate(...). Nested windows '
+      'are one window of the product: write accumulate(k1 * k2, opt) '
+      'instead of accumulate(k1, accumulate(k2, opt)).'
     )
 
 
@@ -148,34 +152,35 @@ def check_updates(updates, acc_grads) -> None:
   got, want = jax.tree.structure(updates), jax.tree.structure(acc_grads)
   if got != want:
     raise ValueError(
-        'The updates passed to accumulate(...).update do not have the '
-        'structure of the params given to init. This is because the '
-        'accumulator holds one array per parameter.\n'
-        f'updates structure: {got}\nstate structure:   {want}'
+      'The updates passed to accumulate(...).update do not have the '
+      'structure of the params given to init. This is because the '
+      'accumulator holds one array per parameter.\n'
+      f'updates structure: {got}\nstate structure:   {want}'
     )
   for (path, u), a in zip(
-      jax.tree.leaves_with_path(updates), jax.tree.leaves(acc_grads)
+    jax.tree.leaves_with_path(updates), jax.tree.leaves(acc_grads)
   ):
     where = jax.tree_util.keystr(path) or '(the root)'
     if jnp.shape(u) != jnp.shape(a):
       raise ValueError(
-          f'The update at {where} has shape {jnp.shape(u)}, but the '
-          'accumulator (built from the params given to init) has shape '
-          f'{jnp.shape(a)}.'
+        f'The update at {where} has shape {jnp.shape(u)}, but the '
+        'accumulator (built from the params given to init) has shape '
+        f'{jnp.shape(a)}.'
       )
     dtype = jnp.result_type(u)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f'The update at {where} has dtype {dtype}; accumulate takes '
-          'floating-point gradients only, because a mean of integers would '
-          'be truncated. Cast the gradient to a float dtype.'
+        f'The update at {where} has dtype {dtype}; accumulate takes '
+        'floating-point gradients only, because a mean of integers would '
+        'be truncated. Cast the gradient to a float dtype.'
       )
     if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(
-        a.dtype, jnp.complexfloating):
+      a.dtype, jnp.complexfloating
+    ):
       raise TypeError(
-          f'The update at {where} is complex ({dtype}) but the accumulator '
-          f'is real ({a.dtype}): the imaginary part would be dropped. Use '
-          'complex params, or pass the real gradient.'
+        f'The update at {where} is complex ({dtype}) but the accumulator '
+        f'is real ({a.dtype}): the imaginary part would be dropped. Use '
+        'complex params, or pass the real gradient.'
       )
 
 
@@ -195,22 +200,23 @@ def check_weight(weight):
     return None
   if jnp.shape(weight) != ():
     raise ValueError(
-        '`weight` must be a scalar (the number of items the micro-batch '
-        f'gradient averages over), but got shape {jnp.shape(weight)}.'
+      '`weight` must be a scalar (the number of items the micro-batch '
+      f'gradient averages over), but got shape {jnp.shape(weight)}.'
     )
   dtype = jnp.result_type(weight)
   if jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(
-      dtype, jnp.complexfloating):
+    dtype, jnp.complexfloating
+  ):
     raise TypeError(
-        f'`weight` must be a real number, but got {weight!r} of dtype {dtype}.'
+      f'`weight` must be a real number, but got {weight!r} of dtype {dtype}.'
     )
-  if not isinstance(weight, jax.core.Tracer):
+  if not isinstance(weight, Tracer):
     with np.errstate(over='ignore', invalid='ignore'):
       value = np.float32(np.asarray(weight))
     if not np.isfinite(value) or value < 0:
       raise ValueError(
-          '`weight` must be a finite number >= 0 in float32 (the dtype '
-          f'weights are summed in), but got {weight!r}.'
+        '`weight` must be a finite number >= 0 in float32 (the dtype '
+        f'weights are summed in), but got {weight!r}.'
       )
     return jnp.asarray(value, jnp.float32)
   weight = jnp.asarray(weight, jnp.float32)
@@ -228,10 +234,13 @@ def check_flush(flush):
   if isinstance(flush, bool):
     return jnp.asarray(flush)
   dtype = getattr(flush, 'dtype', None)
-  if dtype is None or jnp.shape(flush) != () or not jnp.issubdtype(
-      dtype, jnp.bool_):
+  if (
+    dtype is None
+    or jnp.shape(flush) != ()
+    or not jnp.issubdtype(dtype, jnp.bool_)
+  ):
     raise TypeError(
-        '`flush` must be a bool scalar (Python bool or a bool array of shape '
-        f'()), but got {flush!r}. Write flush=bool(...) or flush=(x > 0).'
+      '`flush` must be a bool scalar (Python bool or a bool array of shape '
+      f'()), but got {flush!r}. Write flush=bool(...) or flush=(x > 0).'
     )
   return jnp.asarray(flush)

@@ -72,8 +72,9 @@ class Optimizer(nnx.Optimizer):
     gradient steps).
   """
 
-  def update(self, model, grads, /, *, weight=None, flush=None,
-             **extra_args):  # pytype: disable=signature-mismatch
+  def update(
+    self, model, grads, /, *, weight=None, flush=None, **extra_args
+  ):  # pytype: disable=signature-mismatch
     """One mini-step: accumulates ``grads`` and, at the end of a window,
     updates ``model``'s ``wrt`` variables. Returns None."""
     graph = getattr(self, 'graph', None)
@@ -82,7 +83,8 @@ class Optimizer(nnx.Optimizer):
     opt_state = nnx.as_pure(self.opt_state)
     extra = nnx.as_pure(_extra(weight, flush, extra_args))
     new_params, new_opt_state = _apply.apply_gradients(
-        self.tx, grads, opt_state, params, **extra)
+      self.tx, grads, opt_state, params, **extra
+    )
     nnx.update(model, new_params)
     nnx.update(self.opt_state, nnx.state(new_opt_state, graph=graph))
     self.step[...] += _steps_taken(new_opt_state, self.step[...].dtype)
@@ -117,15 +119,25 @@ class TrainState(train_state.TrainState):
     ``flax.training.train_state.TrainState.apply_gradients``.
   """
 
-  def apply_gradients(self, *, grads, weight=None, flush=None,
-                      extra_args: Optional[dict[str, Any]] = None, **kwargs):
+  def apply_gradients(
+    self,
+    *,
+    grads,
+    weight=None,
+    flush=None,
+    extra_args: Optional[dict[str, Any]] = None,
+    **kwargs,
+  ):
     """One mini-step; returns the new state."""
     params, opt_state = _apply.apply_gradients(
-        self.tx, grads, self.opt_state, self.params,
-        **_extra(weight, flush, extra_args))
+      self.tx,
+      grads,
+      self.opt_state,
+      self.params,
+      **_extra(weight, flush, extra_args),
+    )
     step = self.step + _steps_taken(opt_state, jnp.result_type(self.step))
-    return self.replace(step=step, params=params, opt_state=opt_state,
-                        **kwargs)
+    return self.replace(step=step, params=params, opt_state=opt_state, **kwargs)
 
 
 __all__ = ('Optimizer', 'TrainState')

@@ -5,10 +5,11 @@ import os
 # Eight host CPU devices for the sharding and shard_map tests; must be set
 # before JAX starts (tests/multiprocess_worker.py sets its own 4).
 if "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
+  "XLA_FLAGS", ""
+):
   os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "")
-      + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
   )
 
 import sys  # pylint: disable=g-import-not-at-top
@@ -16,8 +17,7 @@ import sys  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 # benchmarks/hlo.py reads compiled HLO for the tests and benchmarks alike.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
-                                "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 # optax itself relies on standard promotion (adam's bias correction mixes a
 # Python float with an int32 count), so strict promotion is switched on only

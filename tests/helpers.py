@@ -13,8 +13,8 @@ def make_problem(seed=0, steps=10, batch=40, dim=6, out=3):
   """A linear regression: params and `steps` batches of `batch` samples."""
   rng = np.random.default_rng(seed)
   params = {
-      "w": jnp.asarray(rng.normal(size=(dim, out)), jnp.float32),
-      "b": jnp.asarray(rng.normal(size=(out,)), jnp.float32),
+    "w": jnp.asarray(rng.normal(size=(dim, out)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(out,)), jnp.float32),
   }
   true_w = rng.normal(size=(dim, out))
   xs = rng.normal(size=(steps, batch, dim))
@@ -58,6 +58,6 @@ def train_accumulated(tx, params, xs, ys, k_of_step):
 
 def max_abs_diff(a, b):
   return max(
-      float(jnp.max(jnp.abs(x - y)))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
   )

@@ -24,9 +24,10 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import optax_accum  # pylint: disable=g-import-not-at-top
 from helpers import grad_fn  # pylint: disable=g-import-not-at-top
 from helpers import make_problem  # pylint: disable=g-import-not-at-top
+
+import optax_accum  # pylint: disable=g-import-not-at-top
 
 K, STEPS, BATCH = 4, 3, 64
 
@@ -34,44 +35,59 @@ K, STEPS, BATCH = 4, 3, 64
 def main():
   process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
   jax.distributed.initialize(
-      coordinator_address=f"localhost:{port}", num_processes=2,
-      process_id=process_id, initialization_timeout=60)
+    coordinator_address=f"localhost:{port}",
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
   assert jax.device_count() == 8 and jax.local_device_count() == 4
-  mesh = jax.make_mesh((8,), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh(
+    (8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
   params, xs, ys = make_problem(steps=STEPS, batch=BATCH, dim=8, out=4)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
 
   def local(params, state, x, y):
     state = jax.tree.map(lambda a: a[0], state)
     updates, state = tx.update(grad_fn(params, x, y), state, params)
-    return (optax.apply_updates(params, updates),
-            jax.tree.map(lambda a: a[None], state))
+    return (
+      optax.apply_updates(params, updates),
+      jax.tree.map(lambda a: a[None], state),
+    )
 
-  step = jax.jit(jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
-      out_specs=(P(), P("data")), check_vma=False))
+  step = jax.jit(
+    jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(), P("data"), P("data"), P("data")),
+      out_specs=(P(), P("data")),
+      check_vma=False,
+    )
+  )
 
   def global_array(local_data, spec):
     return jax.make_array_from_process_local_data(
-        NamedSharding(mesh, spec), np.asarray(local_data))
+      NamedSharding(mesh, spec), np.asarray(local_data)
+    )
 
   # Each process holds the rows of its own 4 devices.
   lo, hi = 4 * process_id, 4 * process_id + 4
   state = jax.tree.map(
-      lambda a: global_array(
-          np.broadcast_to(a, (4,) + jnp.shape(a)), P("data")),
-      tx.init(params))
+    lambda a: global_array(np.broadcast_to(a, (4,) + jnp.shape(a)), P("data")),
+    tx.init(params),
+  )
   p = jax.tree.map(lambda a: global_array(a, P()), params)
   micro = BATCH // K
   for x, y in zip(xs, ys):
     for i in range(K):
-      xm, ym = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
+      xm, ym = x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]
       per_dev = micro // 8
       p, state = step(
-          p, state,
-          global_array(xm[lo * per_dev:hi * per_dev], P("data")),
-          global_array(ym[lo * per_dev:hi * per_dev], P("data")))
+        p,
+        state,
+        global_array(xm[lo * per_dev : hi * per_dev], P("data")),
+        global_array(ym[lo * per_dev : hi * per_dev], P("data")),
+      )
   np.savez(out, **{k: np.asarray(v.addressable_data(0)) for k, v in p.items()})
   jax.distributed.shutdown()
 

@@ -5,6 +5,12 @@ import pickle
 import re
 
 import chex
+from helpers import grad_fn
+from helpers import make_problem
+from helpers import max_abs_diff
+from helpers import microbatches
+from helpers import train_accumulated
+from helpers import train_large_batch
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -13,35 +19,29 @@ import optax
 import pytest
 
 import optax_accum
-from helpers import grad_fn
-from helpers import make_problem
-from helpers import max_abs_diff
-from helpers import microbatches
-from helpers import train_accumulated
-from helpers import train_large_batch
 
 K = 5
 
 OPTIMIZERS = {
-    "sgd": lambda: optax.sgd(0.05),
-    "sgd_nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
-    "adam": lambda: optax.adam(1e-2),
-    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
-    "lion": lambda: optax.lion(1e-3),
-    "adafactor": lambda: optax.adafactor(1e-2),
-    "rmsprop": lambda: optax.rmsprop(1e-2),
-    "clip_adamw_warmup_cosine": lambda: optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(
-            optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 10, 1e-4),
-            weight_decay=0.1,
-        ),
+  "sgd": lambda: optax.sgd(0.05),
+  "sgd_nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+  "adam": lambda: optax.adam(1e-2),
+  "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+  "lion": lambda: optax.lion(1e-3),
+  "adafactor": lambda: optax.adafactor(1e-2),
+  "rmsprop": lambda: optax.rmsprop(1e-2),
+  "clip_adamw_warmup_cosine": lambda: optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 10, 1e-4),
+      weight_decay=0.1,
     ),
+  ),
 }
 
 FORMS = {
-    "inner": lambda opt: optax_accum.accumulate(K, opt),
-    "chain": lambda opt: optax_accum.chain(optax_accum.accumulate(K), opt),
+  "inner": lambda opt: optax_accum.accumulate(K, opt),
+  "chain": lambda opt: optax_accum.chain(optax_accum.accumulate(K), opt),
 }
 
 
@@ -49,13 +49,15 @@ FORMS = {
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_matches_large_batch(problem, name, form):
   params, xs, ys = problem
-  want_params, want_state = train_large_batch(OPTIMIZERS[name](), params, xs, ys)
+  want_params, want_state = train_large_batch(
+    OPTIMIZERS[name](), params, xs, ys
+  )
   tx = FORMS[form](OPTIMIZERS[name]())
   got_params, got_state = train_accumulated(tx, params, xs, ys, lambda i: K)
 
   chex.assert_trees_all_close(got_params, want_params, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(
-      got_state.inner_opt_state, want_state, rtol=1e-5, atol=1e-6
+    got_state.inner_opt_state, want_state, rtol=1e-5, atol=1e-6
   )
   assert int(got_state.gradient_step) == len(xs)
   assert int(got_state.mini_step) == 0
@@ -68,7 +70,7 @@ def test_chain_keeps_elements_before_the_accumulator_per_microbatch(problem):
   # scale(2) before the accumulator sees every micro-batch; its effect on
   # the mean is the same factor 2, so this equals sgd(2 * lr) on large batch.
   tx = optax_accum.chain(
-      optax.scale(2.0), optax_accum.accumulate(K), optax.sgd(0.05)
+    optax.scale(2.0), optax_accum.accumulate(K), optax.sgd(0.05)
   )
   got, state = train_accumulated(tx, params, xs, ys, lambda i: K)
   want, _ = train_large_batch(optax.sgd(0.1), params, xs, ys)
@@ -84,8 +86,9 @@ def test_mid_steps_do_not_run_the_inner_update():
     jax.debug.callback(lambda: calls.append(1))
     return updates, state
 
-  inner = optax.GradientTransformation(lambda p: optax.EmptyState(),
-                                       counting_update)
+  inner = optax.GradientTransformation(
+    lambda p: optax.EmptyState(), counting_update
+  )
   tx = optax_accum.accumulate(K, inner)
   params = jnp.zeros(3)
   state = tx.init(params)
@@ -104,10 +107,10 @@ def _full_size_copies(tx, params):
     return state, updates
 
   hlo = (
-      jax.jit(step, donate_argnums=0)
-      .lower(tx.init(params), params, params)
-      .compile()
-      .as_text()
+    jax.jit(step, donate_argnums=0)
+    .lower(tx.init(params), params, params)
+    .compile()
+    .as_text()
   )
   shapes = "|".join(",".join(map(str, p.shape)) for p in params.values())
   return re.findall(rf"f32\[(?:{shapes})\]\{{[\d,]*\}} copy\(", hlo)
@@ -117,15 +120,19 @@ def test_compiled_step_copies_no_full_size_buffer():
   """Issue 3: the accumulator and AdamW's moments are updated in place."""
   # Distinct shapes, so XLA cannot share one zeros buffer between leaves.
   params = {"w": jnp.zeros((37, 41)), "b": jnp.zeros(43)}
-  assert _full_size_copies(
-      optax_accum.accumulate(K, optax.adamw(1e-3)), params
-  ) == []
-  assert _full_size_copies(
+  assert (
+    _full_size_copies(optax_accum.accumulate(K, optax.adamw(1e-3)), params)
+    == []
+  )
+  assert (
+    _full_size_copies(
       optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-3)), params
-  ) == []
+    )
+    == []
+  )
   # The detector finds the copies that optax.MultiSteps' select makes.
   assert _full_size_copies(
-      optax.MultiSteps(optax.adamw(1e-3), K).gradient_transformation(), params
+    optax.MultiSteps(optax.adamw(1e-3), K).gradient_transformation(), params
   )
 
 
@@ -135,7 +142,7 @@ def test_extra_args_reach_the_inner_optimizer():
     return jax.tree.map(lambda u: factor * u, updates), state
 
   inner = optax.GradientTransformationExtraArgs(
-      lambda p: optax.EmptyState(), update
+    lambda p: optax.EmptyState(), update
   )
   tx = optax_accum.accumulate(2, inner)
   params = jnp.zeros(2)
@@ -153,9 +160,9 @@ def test_chainable_form_emits_zeros_then_the_mean():
   tx = optax_accum.accumulate(3)
   params = {"a": jnp.zeros(2), "b": jnp.zeros((), jnp.bfloat16)}
   grads = [
-      {"a": jnp.array([1.0, -2.0]), "b": jnp.asarray(1.5, jnp.bfloat16)},
-      {"a": jnp.array([4.0, 0.5]), "b": jnp.asarray(-3.0, jnp.bfloat16)},
-      {"a": jnp.array([-2.0, 7.0]), "b": jnp.asarray(6.0, jnp.bfloat16)},
+    {"a": jnp.array([1.0, -2.0]), "b": jnp.asarray(1.5, jnp.bfloat16)},
+    {"a": jnp.array([4.0, 0.5]), "b": jnp.asarray(-3.0, jnp.bfloat16)},
+    {"a": jnp.array([-2.0, 7.0]), "b": jnp.asarray(6.0, jnp.bfloat16)},
   ]
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -166,7 +173,7 @@ def test_chainable_form_emits_zeros_then_the_mean():
       chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, g))
       assert not bool(optax_accum.has_updated(state))
   want = jax.tree.map(
-      lambda *x: jnp.mean(jnp.stack(x).astype(jnp.float32), 0), *grads
+    lambda *x: jnp.mean(jnp.stack(x).astype(jnp.float32), 0), *grads
   )
   chex.assert_trees_all_close(u, optax.tree.cast_like(want, u), rtol=1e-6)
   assert bool(optax_accum.has_updated(state))
@@ -174,7 +181,7 @@ def test_chainable_form_emits_zeros_then_the_mean():
   # The next window starts from the next micro-batch alone.
   u, state = step(grads[1], state, params)
   chex.assert_trees_all_close(
-      state.acc_grads, optax.tree.cast(grads[1], jnp.float32)
+    state.acc_grads, optax.tree.cast(grads[1], jnp.float32)
   )
 
 
@@ -191,28 +198,32 @@ def test_chainable_form_drifts_with_a_stateful_optimizer(problem, opt):
   """Pins down the trap documented in `accumulate`'s warning."""
   params, xs, ys = problem
   want, _ = train_large_batch(opt(1e-2), params, xs, ys)
-  card, card_state = train_accumulated(
-      optax.chain(optax_accum.accumulate(K), opt(1e-2)),
-      params, xs, ys, lambda i: K,
+  chainable, chainable_state = train_accumulated(
+    optax.chain(optax_accum.accumulate(K), opt(1e-2)),
+    params,
+    xs,
+    ys,
+    lambda i: K,
   )
   exact, exact_state = train_accumulated(
-      optax_accum.chain(optax_accum.accumulate(K), opt(1e-2)),
-      params, xs, ys, lambda i: K,
+    optax_accum.chain(optax_accum.accumulate(K), opt(1e-2)),
+    params,
+    xs,
+    ys,
+    lambda i: K,
   )
   # Adam's count advances on every mini-step in optax.chain, once per
   # gradient step in the exact form.
   adam_count = lambda s: int(_adam_state(s).count)
-  assert adam_count(card_state[1]) == K * len(xs)
+  assert adam_count(chainable_state[1]) == K * len(xs)
   assert adam_count(exact_state.inner_opt_state) == len(xs)
-  assert max_abs_diff(card, want) > 1e-2
+  assert max_abs_diff(chainable, want) > 1e-2
   assert max_abs_diff(exact, want) < 1e-5
 
 
 def _adam_state(state):
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  return next(
-      s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)
-  )
+  return next(s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s))
 
 
 # jit, scan, schedules.
@@ -220,8 +231,9 @@ def _adam_state(state):
 
 def test_no_recompilation_after_the_first_step():
   params, xs, ys = make_problem(steps=3)
-  tx = optax_accum.accumulate(lambda step: jnp.where(step < 1, 2, 4),
-                              optax.adamw(1e-2))
+  tx = optax_accum.accumulate(
+    lambda step: jnp.where(step < 1, 2, 4), optax.adamw(1e-2)
+  )
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -238,8 +250,9 @@ def test_state_dtypes_are_stable_and_scan_accepts_the_state():
   params, xs, ys = make_problem(steps=4, batch=20)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2))
   state = tx.init(params)
-  _, new_state = jax.jit(tx.update)(grad_fn(params, xs[0], ys[0]), state,
-                                    params)
+  _, new_state = jax.jit(tx.update)(
+    grad_fn(params, xs[0], ys[0]), state, params
+  )
   chex.assert_trees_all_equal_dtypes(new_state, state)
   chex.assert_trees_all_equal_shapes(new_state, state)
 
@@ -252,7 +265,7 @@ def test_state_dtypes_are_stable_and_scan_accepts_the_state():
     return (optax.apply_updates(params, updates), state), None
 
   (scanned, scan_state), _ = jax.jit(
-      lambda c: lax.scan(body, c, (micro_x, micro_y))
+    lambda c: lax.scan(body, c, (micro_x, micro_y))
   )((params, state))
   looped, loop_state = train_accumulated(tx, params, xs, ys, lambda i: K)
   chex.assert_trees_all_close(scanned, looped, rtol=1e-6, atol=1e-7)
@@ -264,7 +277,7 @@ def test_varying_every_k_schedule_matches_large_batches():
   k_of_step = lambda step: jnp.where(step < 3, 2, 4)
   tx = optax_accum.accumulate(k_of_step, optax.adam(1e-2))
   got, state = train_accumulated(
-      tx, params, xs, ys, lambda i: int(k_of_step(i))
+    tx, params, xs, ys, lambda i: int(k_of_step(i))
   )
   want, _ = train_large_batch(optax.adam(1e-2), params, xs, ys)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
@@ -284,9 +297,15 @@ def test_float_schedule_is_rounded():
 
 
 @pytest.mark.parametrize(
-    "k, error",
-    [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError),
-     (None, TypeError), ("5", TypeError)],
+  "k, error",
+  [
+    (0, ValueError),
+    (-3, ValueError),
+    (2.0, TypeError),
+    (True, TypeError),
+    (None, TypeError),
+    ("5", TypeError),
+  ],
 )
 def test_bad_every_k_schedule_raises_naming_the_value(k, error):
   with pytest.raises(error, match=r"every_k_schedule.*" + repr(k)[:2]):
@@ -298,8 +317,10 @@ def test_schedule_value_below_one_means_one_at_every_gradient_step(value):
   # k=2 for the first gradient step, then `value`: every accepted
   # micro-batch ends a window from then on.
   tx = optax_accum.accumulate(
-      lambda step: jnp.where(step < 1, 2.0, value), optax.adamw(0.1),
-      should_skip_update_fn=optax.skip_not_finite)
+    lambda step: jnp.where(step < 1, 2.0, value),
+    optax.adamw(0.1),
+    should_skip_update_fn=optax.skip_not_finite,
+  )
   params = jnp.ones(2)
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -411,3 +432,21 @@ def test_eager_update_compiles_once_per_input_signature():
   assert counts[0] <= 1
   assert counts[-1] == counts[0]  # no compilation after the first call
   assert int(state.gradient_step) == 3
+
+
+def test_migrating_a_multisteps_state_between_windows(problem):
+  params, xs, ys = problem
+  multisteps = optax.MultiSteps(optax.adam(1e-2), K).gradient_transformation()
+  want, _ = train_accumulated(multisteps, params, xs, ys, lambda i: K)
+  # Two gradient steps with MultiSteps, then the README's one-line switch.
+  p, ms_state = train_accumulated(
+    multisteps, params, xs[:2], ys[:2], lambda i: K
+  )
+  tx = optax_accum.chain(optax_accum.accumulate(K), optax.adam(1e-2))
+  state = tx.init(p)._replace(inner_opt_state=ms_state.inner_opt_state)
+  update = jax.jit(tx.update)
+  for x, y in zip(xs[2:], ys[2:]):
+    for xm, ym in microbatches(x, y, K):
+      updates, state = update(grad_fn(p, xm, ym), state, p)
+      p = optax.apply_updates(p, updates)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)

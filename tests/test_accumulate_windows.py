@@ -48,11 +48,11 @@ def _global_token_mean_grad(params, batches):
 
 
 FORMS = {
-    "chainable": lambda: optax_accum.accumulate(K),
-    "exact": lambda: optax_accum.accumulate(K, optax.scale(-1.0)),
-    "chain": lambda: optax_accum.chain(
-        optax_accum.accumulate(K), optax.scale(-1.0)
-    ),
+  "chainable": lambda: optax_accum.accumulate(K),
+  "exact": lambda: optax_accum.accumulate(K, optax.scale(-1.0)),
+  "chain": lambda: optax_accum.chain(
+    optax_accum.accumulate(K), optax.scale(-1.0)
+  ),
 }
 SIGN = {"chainable": 1.0, "exact": -1.0, "chain": -1.0}
 
@@ -86,7 +86,6 @@ def test_weight_reaches_accumulate_through_nnx_optimizer():
   params, batches = _token_problem(3)
 
   class Model(nnx.Module):
-
     def __init__(self):
       self.w = nnx.Param(params["w"])
 
@@ -95,9 +94,9 @@ def test_weight_reaches_accumulate_through_nnx_optimizer():
 
   model = Model()
   optimizer = nnx.Optimizer(
-      model,
-      optax_accum.chain(optax_accum.accumulate(K), optax.sgd(1.0)),
-      wrt=nnx.Param,
+    model,
+    optax_accum.chain(optax_accum.accumulate(K), optax.sgd(1.0)),
+    wrt=nnx.Param,
   )
   for b in batches:
     optimizer.update(model, nnx.grad(loss)(model, *b), weight=jnp.sum(b[2]))
@@ -164,8 +163,9 @@ def test_flush_after_n_microbatches_emits_their_weighted_mean(form, n):
   step = jax.jit(tx.update)
   for i, b in enumerate(batches[:n]):
     grad = jax.grad(_token_mean_loss)(params, *b)
-    updates, state = step(grad, state, params, weight=jnp.sum(b[2]),
-                          flush=jnp.asarray(i == n - 1))
+    updates, state = step(
+      grad, state, params, weight=jnp.sum(b[2]), flush=jnp.asarray(i == n - 1)
+    )
   want = _global_token_mean_grad(params, batches[:n])
   got = jax.tree.map(lambda u: SIGN[form] * u, updates)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
@@ -188,7 +188,7 @@ def test_flush_of_an_empty_window_emits_nothing():
   _, state = step(jnp.ones(2), state, params)  # emits
   # The next micro-batch is rejected, so the window is still empty.
   tx_skip = optax_accum.accumulate(
-      2, optax.adam(1e-2), should_skip_update_fn=optax.skip_not_finite
+    2, optax.adam(1e-2), should_skip_update_fn=optax.skip_not_finite
   )
   s = tx_skip.init(params)
   u, s = tx_skip.update(jnp.full(2, jnp.nan), s, params, flush=True)
@@ -210,7 +210,7 @@ def _acc_state(state):
 def test_non_finite_microbatch_is_skipped_anywhere(position, bad_value):
   params, batches = _token_problem(5)
   tx = optax_accum.accumulate(
-      K, optax.scale(-1.0), should_skip_update_fn=optax.skip_not_finite
+    K, optax.scale(-1.0), should_skip_update_fn=optax.skip_not_finite
   )
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -229,8 +229,9 @@ def test_non_finite_microbatch_is_skipped_anywhere(position, bad_value):
   emitting_call = K if position < K else K - 1
   assert flags == [i == emitting_call for i in range(K + 1)]
   want = _global_token_mean_grad(params, batches)
-  chex.assert_trees_all_close(jax.tree.map(jnp.negative, emitted), want,
-                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+    jax.tree.map(jnp.negative, emitted), want, rtol=1e-5, atol=1e-7
+  )
   assert int(state.num_rejected) == 1
   last_was_bad = position == K
   assert int(state.skip_state["num_not_finite"]) == int(last_was_bad)
@@ -239,10 +240,10 @@ def test_non_finite_microbatch_is_skipped_anywhere(position, bad_value):
 def test_has_updated_stays_truthful_after_a_skip_unlike_multisteps():
   params = jnp.zeros(2)
   ours = optax_accum.accumulate(
-      2, optax.sgd(1.0), should_skip_update_fn=optax.skip_not_finite
+    2, optax.sgd(1.0), should_skip_update_fn=optax.skip_not_finite
   )
   theirs = optax.MultiSteps(
-      optax.sgd(1.0), 2, should_skip_update_fn=optax.skip_not_finite
+    optax.sgd(1.0), 2, should_skip_update_fn=optax.skip_not_finite
   )
   s_ours, s_theirs = ours.init(params), theirs.init(params)
   for g in [jnp.ones(2), jnp.ones(2), jnp.full(2, jnp.nan)]:
@@ -268,27 +269,26 @@ def test_skip_large_updates_works_as_is():
 
 
 def test_telemetry_is_readable_under_jit():
-  tx = optax_accum.accumulate(
-      3, should_skip_update_fn=optax.skip_not_finite
-  )
+  tx = optax_accum.accumulate(3, should_skip_update_fn=optax.skip_not_finite)
   params = jnp.zeros(2)
 
   @jax.jit
   def run(state):
     out = []
-    for g, w in [(jnp.array([3.0, 4.0]), 2.0), (jnp.full(2, jnp.nan), 1.0),
-                 (jnp.array([0.0, 0.0]), 1.0)]:
+    for g, w in [
+      (jnp.array([3.0, 4.0]), 2.0),
+      (jnp.full(2, jnp.nan), 1.0),
+      (jnp.array([0.0, 0.0]), 1.0),
+    ]:
       _, state = tx.update(g, state, params, weight=w)
       out.append((state.acc_weight, state.num_rejected))
     _, state = tx.update(jnp.array([6.0, 8.0]), state, params, weight=1.0)
     return out, state
 
   out, state = run(tx.init(params))
-  assert [(float(w), int(r)) for w, r in out] == [(2.0, 0), (2.0, 1),
-                                                  (3.0, 1)]
+  assert [(float(w), int(r)) for w, r in out] == [(2.0, 0), (2.0, 1), (3.0, 1)]
   mean = (2 * np.array([3.0, 4.0]) + np.array([6.0, 8.0])) / 4.0
-  np.testing.assert_allclose(state.grad_norm, np.linalg.norm(mean),
-                             rtol=1e-6)
+  np.testing.assert_allclose(state.grad_norm, np.linalg.norm(mean), rtol=1e-6)
   assert float(state.acc_weight) == 0.0  # reset on emission
 
 
@@ -301,13 +301,20 @@ def test_value_reaches_the_inner_optimizer_as_the_window_weighted_mean():
     return updates, state
 
   inner = optax.GradientTransformationExtraArgs(
-      lambda p: optax.EmptyState(), update)
+    lambda p: optax.EmptyState(), update
+  )
   tx = optax_accum.accumulate(3, inner)
   params = jnp.zeros(2)
   state = tx.init(params)
   step = jax.jit(tx.update)
-  for value, weight in [(1.0, 1.0), (4.0, 2.0), (10.0, 1.0),  # 19 / 4
-                        (2.0, 5.0), (jnp.nan, 0.0), (8.0, 5.0)]:  # 50 / 10
+  for value, weight in [
+    (1.0, 1.0),
+    (4.0, 2.0),
+    (10.0, 1.0),  # 19 / 4
+    (2.0, 5.0),
+    (jnp.nan, 0.0),
+    (8.0, 5.0),
+  ]:  # 50 / 10
     _, state = step(jnp.ones(2), state, params, value=value, weight=weight)
   jax.effects_barrier()
   np.testing.assert_allclose(seen, [19.0 / 4.0, 5.0])
@@ -315,9 +322,11 @@ def test_value_reaches_the_inner_optimizer_as_the_window_weighted_mean():
 
 def test_reduce_on_plateau_sees_the_window_loss():
   tx = optax_accum.chain(
-      optax_accum.accumulate(2),
-      optax.contrib.reduce_on_plateau(patience=0, factor=0.5, cooldown=0,
-                                      accumulation_size=1))
+    optax_accum.accumulate(2),
+    optax.contrib.reduce_on_plateau(
+      patience=0, factor=0.5, cooldown=0, accumulation_size=1
+    ),
+  )
   params = jnp.zeros(2)
   state = tx.init(params)
   step = jax.jit(tx.update)

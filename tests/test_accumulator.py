@@ -40,7 +40,7 @@ def test_bf16_grads_accumulate_in_float32():
   np.testing.assert_array_equal(outs[-1], want)
   # A bf16 accumulator loses that exactness on the same data.
   bf16_outs, _ = _run(
-      optax_accum.accumulate(k, accumulator_dtype=jnp.bfloat16), params, grads
+    optax_accum.accumulate(k, accumulator_dtype=jnp.bfloat16), params, grads
   )
   assert not np.array_equal(bf16_outs[-1], want)
 
@@ -53,7 +53,7 @@ def test_float64_params_accumulate_in_float64_under_x64():
     assert state.acc_grads.dtype == jnp.float64
     assert outs[-1].dtype == jnp.float64
     np.testing.assert_allclose(
-        outs[-1], np.mean(np.stack(grads), 0), rtol=1e-14
+      outs[-1], np.mean(np.stack(grads), 0), rtol=1e-14
     )
     # optax.MultiSteps accumulates the same float64 params in float32.
     multi = optax.MultiSteps(optax.sgd(1.0), 4)
@@ -62,7 +62,7 @@ def test_float64_params_accumulate_in_float64_under_x64():
 
 def test_explicit_float64_is_float32_without_x64():
   state = optax_accum.accumulate(2, accumulator_dtype=jnp.float64).init(
-      jnp.zeros(2)
+    jnp.zeros(2)
   )
   assert state.acc_grads.dtype == jnp.float32
 
@@ -74,33 +74,33 @@ def test_non_float_accumulator_dtype_raises(bad):
 
 
 @pytest.mark.parametrize(
-    "param_dtype, grad_dtype", list(itertools.product(FLOATS, FLOATS))
+  "param_dtype, grad_dtype", list(itertools.product(FLOATS, FLOATS))
 )
 def test_updates_have_the_bare_optimizers_dtype(param_dtype, grad_dtype):
   k = 3
   params = {"w": jnp.ones((4, 2), param_dtype), "b": jnp.ones(2, param_dtype)}
   grads = [
-      {"w": jnp.full((4, 2), 0.5, grad_dtype), "b": jnp.full(2, 0.5, grad_dtype)}
-      for _ in range(k)
+    {"w": jnp.full((4, 2), 0.5, grad_dtype), "b": jnp.full(2, 0.5, grad_dtype)}
+    for _ in range(k)
   ]
   bare = optax.adamw(1e-3)
   want, _ = bare.update(grads[0], bare.init(params), params)
   outs, state = _run(
-      optax_accum.accumulate(k, optax.adamw(1e-3)), params, grads
+    optax_accum.accumulate(k, optax.adamw(1e-3)), params, grads
   )
   for u in outs:  # mid-step zeros and the emitted update alike
     chex.assert_trees_all_equal_dtypes(u, want)
   # Every state leaf keeps its dtype across steps.
   chex.assert_trees_all_equal_dtypes(
-      state, optax_accum.accumulate(k, optax.adamw(1e-3)).init(params)
+    state, optax_accum.accumulate(k, optax.adamw(1e-3)).init(params)
   )
 
 
 @pytest.mark.parametrize(
-    "param_dtype, grad_dtype", list(itertools.product(FLOATS, FLOATS))
+  "param_dtype, grad_dtype", list(itertools.product(FLOATS, FLOATS))
 )
 def test_chainable_form_promotes_nothing_under_strict_promotion(
-    param_dtype, grad_dtype
+  param_dtype, grad_dtype
 ):
   params = jnp.ones(3, param_dtype)
   grads = [jnp.full(3, 0.25, grad_dtype) for _ in range(2)]
@@ -126,9 +126,9 @@ def _window_errors(accumulator_dtype, k, seed=0, n=4096):
   rng = np.random.default_rng(seed)
   grads = [jnp.asarray(rng.normal(size=n), jnp.bfloat16) for _ in range(k)]
   outs, state = _run(
-      optax_accum.accumulate(k, accumulator_dtype=accumulator_dtype),
-      jnp.zeros(n, jnp.float32),
-      [g.astype(jnp.float32) for g in grads],
+    optax_accum.accumulate(k, accumulator_dtype=accumulator_dtype),
+    jnp.zeros(n, jnp.float32),
+    [g.astype(jnp.float32) for g in grads],
   )
   g64 = np.stack([np.asarray(g, np.float64) for g in grads])
   err = np.abs(np.asarray(outs[-1], np.float64) - g64.mean(0))
@@ -156,16 +156,21 @@ def test_kahan_bfloat16_error_bound_on_a_long_window(k):
 
 def test_complex_params_with_a_real_accumulator_dtype_raise():
   tx = optax_accum.accumulate(2, accumulator_dtype=jnp.float32)
-  with pytest.raises(TypeError, match=r"\['z'\] has dtype complex64.*"
-                     r"imaginary part"):
+  with pytest.raises(
+    TypeError,
+    match=r"\['z'\] has dtype complex64.*"
+    r"imaginary part",
+  ):
     tx.init({"z": jnp.zeros(2, jnp.complex64)})
 
 
 def test_complex_params_keep_the_imaginary_part_by_default():
   tx = optax_accum.accumulate(2)
   params = jnp.zeros(2, jnp.complex64)
-  grads = [jnp.array([1 + 2j, 3j], jnp.complex64),
-           jnp.array([3 - 4j, 1 + 1j], jnp.complex64)]
+  grads = [
+    jnp.array([1 + 2j, 3j], jnp.complex64),
+    jnp.array([3 - 4j, 1 + 1j], jnp.complex64),
+  ]
   outs, state = _run(tx, params, grads)
   assert state.acc_grads.dtype == jnp.complex64
   np.testing.assert_allclose(outs[-1], [2 - 1j, 0.5 + 2j])
@@ -195,8 +200,9 @@ def test_grad_norm_is_computed_in_float32():
 
 def test_overflowing_window_is_discarded_with_should_skip_update_fn():
   params = jnp.ones(2)
-  tx = optax_accum.accumulate(2, optax.adamw(0.1),
-                              should_skip_update_fn=optax.skip_not_finite)
+  tx = optax_accum.accumulate(
+    2, optax.adamw(0.1), should_skip_update_fn=optax.skip_not_finite
+  )
   big = jnp.full(2, 3e38)  # finite; two of them sum to inf in float32
   outs, state = _run(tx, params, [big, big])
   np.testing.assert_array_equal(outs[-1], np.zeros(2))

@@ -3,6 +3,9 @@
 import re
 
 import chex
+from helpers import grad_fn
+from helpers import microbatches
+from helpers import train_large_batch
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,20 +13,18 @@ import optax
 import pytest
 
 import optax_accum
-from helpers import grad_fn
-from helpers import microbatches
-from helpers import train_large_batch
 
 K = 4
 
 OPTIMIZERS = {
-    "accumulate": lambda: optax_accum.accumulate(K, optax.adamw(1e-2)),
-    "chain": lambda: optax_accum.chain(
-        optax.clip_by_global_norm(1.0), optax_accum.accumulate(K),
-        optax.adamw(1e-2)),
-    "nested": lambda: optax_accum.chain(
-        optax.chain(optax_accum.accumulate(K)), optax.adamw(1e-2)),
-    "plain_optax": lambda: optax.adamw(1e-2),
+  "accumulate": lambda: optax_accum.accumulate(K, optax.adamw(1e-2)),
+  "chain": lambda: optax_accum.chain(
+    optax.clip_by_global_norm(1.0), optax_accum.accumulate(K), optax.adamw(1e-2)
+  ),
+  "nested": lambda: optax_accum.chain(
+    optax.chain(optax_accum.accumulate(K)), optax.adamw(1e-2)
+  ),
+  "plain_optax": lambda: optax.adamw(1e-2),
 }
 
 
@@ -82,9 +83,11 @@ def test_weight_and_flush_reach_the_accumulator():
   params = jnp.zeros(2)
   state = tx.init(params)
   params, state = optax_accum.apply_gradients(
-      tx, jnp.full(2, 1.0), state, params, weight=1.0)
+    tx, jnp.full(2, 1.0), state, params, weight=1.0
+  )
   params, state = optax_accum.apply_gradients(
-      tx, jnp.full(2, 4.0), state, params, weight=3.0, flush=True)
+    tx, jnp.full(2, 4.0), state, params, weight=3.0, flush=True
+  )
   chex.assert_trees_all_close(params, jnp.full(2, -13.0 / 4.0))
   assert int(state.gradient_step) == 1
 
@@ -97,8 +100,9 @@ def test_inner_update_runs_once_per_window():
     jax.debug.callback(lambda: calls.append(1))
     return updates, state
 
-  inner = optax.GradientTransformation(lambda p: optax.EmptyState(),
-                                       counting_update)
+  inner = optax.GradientTransformation(
+    lambda p: optax.EmptyState(), counting_update
+  )
   tx = optax_accum.accumulate(K, inner)
   params = jnp.zeros(3)
   state = tx.init(params)

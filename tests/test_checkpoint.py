@@ -7,6 +7,9 @@ import sys
 
 import chex
 from flax import nnx
+from helpers import grad_fn
+from helpers import make_problem
+from helpers import microbatches
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +18,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_accum
-from helpers import grad_fn
-from helpers import make_problem
-from helpers import microbatches
 
 K = 5
 
@@ -41,8 +41,8 @@ def _apply(tx, params, state, x, y):
 
 def _tx(k=K, inner=None, **kwargs):
   return optax_accum.chain(
-      optax_accum.accumulate(k, **kwargs),
-      inner if inner is not None else optax.adamw(1e-2),
+    optax_accum.accumulate(k, **kwargs),
+    inner if inner is not None else optax.adamw(1e-2),
   )
 
 
@@ -52,7 +52,7 @@ def saved(tmp_path):
   params, xs, ys = make_problem(steps=4)
   batches = list(_micro_stream(xs, ys))
   tx = _tx()
-  p, s = _train(tx, params, tx.init(params), batches[:2 * K + 2])
+  p, s = _train(tx, params, tx.init(params), batches[: 2 * K + 2])
   path = tmp_path / "opt_state"
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, s)
@@ -64,10 +64,10 @@ def test_resume_mid_window_is_bit_for_bit(saved):
   path, ckptr, params, p, s, batches = saved
   assert int(s.mini_step) == 2 and int(s.gradient_step) == 2
   tx = _tx()
-  want_p, want_s = _train(tx, p, s, batches[2 * K + 2:])
+  want_p, want_s = _train(tx, p, s, batches[2 * K + 2 :])
   restored = optax_accum.restore_checkpoint(path, tx, params, ckptr)
   chex.assert_trees_all_equal(restored, s)
-  got_p, got_s = _train(tx, p, restored, batches[2 * K + 2:])
+  got_p, got_s = _train(tx, p, restored, batches[2 * K + 2 :])
   chex.assert_trees_all_equal(got_p, want_p)
   chex.assert_trees_all_equal(got_s, want_s)
   assert int(got_s.gradient_step) == 4
@@ -75,7 +75,8 @@ def test_resume_mid_window_is_bit_for_bit(saved):
 
 @pytest.mark.parametrize("new_k", [4, 6])
 def test_restore_into_another_k_finishes_the_window_with_the_saved_k(
-    saved, new_k):
+  saved, new_k
+):
   path, ckptr, params, p, s, batches = saved
   tx = _tx(k=new_k)
   restored = optax_accum.restore_checkpoint(path, tx, params, ckptr)
@@ -96,7 +97,7 @@ def test_plain_orbax_restore_into_another_k_keeps_the_window_in_flight(saved):
   restored = ckptr.restore(path, jax.eval_shape(tx.init, params))
   step = jax.jit(lambda p, s, x, y: _apply(tx, p, s, x, y))
   flags = []
-  for x, y in batches[2 * K + 2:2 * K + 2 + 3]:
+  for x, y in batches[2 * K + 2 : 2 * K + 2 + 3]:
     p, restored = step(p, restored, x, y)
     flags.append(bool(restored.has_updated))
   assert flags == [False, False, True]
@@ -105,16 +106,20 @@ def test_plain_orbax_restore_into_another_k_keeps_the_window_in_flight(saved):
 def test_restore_with_another_accumulator_dtype_raises(saved):
   path, ckptr, params, *_ = saved
   tx = _tx(accumulator_dtype=jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"acc_grads/b as float32\[3\].*"
-                     r"bfloat16\[3\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"acc_grads/b as float32\[3\].*"
+    r"bfloat16\[3\]",
+  ):
     optax_accum.restore_checkpoint(path, tx, params, ckptr)
 
 
 def test_restore_with_another_optimizer_raises(saved):
   path, ckptr, params, *_ = saved
   with pytest.raises(ValueError, match="another structure"):
-    optax_accum.restore_checkpoint(path, _tx(inner=optax.sgd(0.1)), params,
-                                   ckptr)
+    optax_accum.restore_checkpoint(
+      path, _tx(inner=optax.sgd(0.1)), params, ckptr
+    )
 
 
 def test_restore_with_other_params_raises(saved):
@@ -130,10 +135,13 @@ def test_restore_with_other_params_raises(saved):
 def test_partition_of_two_accumulators_restores_its_own_checkpoint(tmp_path):
   params, xs, ys = make_problem(steps=3, batch=8)
   labels = {"w": "w", "b": "b"}
-  tx = optax.partition({
+  tx = optax.partition(
+    {
       "w": optax_accum.accumulate(4, optax.adam(1e-2)),
       "b": optax_accum.accumulate(2, optax.adam(1e-2)),
-  }, labels)
+    },
+    labels,
+  )
   batches = [(x, y) for x, y in zip(xs, ys)] * 3
   p, s = _train(tx, params, tx.init(params), batches[:3])
   ckptr = ocp.StandardCheckpointer()
@@ -148,8 +156,9 @@ def test_partition_of_two_accumulators_restores_its_own_checkpoint(tmp_path):
 
 def test_nested_chain_state_restores(tmp_path):
   params = {"w": jnp.ones(3)}
-  tx = optax.chain(optax.chain(
-      optax.scale(1.0), optax_accum.accumulate(3, optax.sgd(0.1))))
+  tx = optax.chain(
+    optax.chain(optax.scale(1.0), optax_accum.accumulate(3, optax.sgd(0.1)))
+  )
   state = tx.init(params)
   _, state = tx.update({"w": jnp.ones(3)}, state, params)
   ckptr = ocp.StandardCheckpointer()
@@ -199,22 +208,28 @@ np.save({out!r} + sys.argv[1] + ".npy", np.asarray(params["w"]))
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_manager_composite_resumes_in_a_fresh_process(tmp_path):
   script = tmp_path / "run.py"
-  script.write_text(_MANAGER_SCRIPT.format(
-      tests=os.path.dirname(__file__), directory=str(tmp_path / "ckpt"),
-      out=str(tmp_path / "w_")))
+  script.write_text(
+    _MANAGER_SCRIPT.format(
+      tests=os.path.dirname(__file__),
+      directory=str(tmp_path / "ckpt"),
+      out=str(tmp_path / "w_"),
+    )
+  )
   env = dict(os.environ, XLA_FLAGS="")
   for mode in ("save", "restore"):
-    subprocess.run([sys.executable, str(script), mode], check=True, env=env,
-                   timeout=300)
+    subprocess.run(
+      [sys.executable, str(script), mode], check=True, env=env, timeout=300
+    )
   # The saving process trained on to the end without a restore.
-  np.testing.assert_array_equal(np.load(tmp_path / "w_restore.npy"),
-                                np.load(tmp_path / "w_save.npy"))
+  np.testing.assert_array_equal(
+    np.load(tmp_path / "w_restore.npy"), np.load(tmp_path / "w_save.npy")
+  )
 
 
 class _Linear(nnx.Module):
-
   def __init__(self, rngs):
     self.l = nnx.Linear(6, 3, rngs=rngs)
 
@@ -224,9 +239,10 @@ class _Linear(nnx.Module):
 
 def _nnx_optimizer(seed):
   return nnx.ModelAndOptimizer(
-      _Linear(nnx.Rngs(seed)),
-      optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)),
-      wrt=nnx.Param)
+    _Linear(nnx.Rngs(seed)),
+    optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)),
+    wrt=nnx.Param,
+  )
 
 
 def test_nnx_optimizer_state_saves_and_resumes_mid_window(tmp_path):
@@ -258,20 +274,26 @@ def test_nnx_optimizer_state_saves_and_resumes_mid_window(tmp_path):
 
 def test_missing_path_raises_file_not_found(tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint at"):
-    optax_accum.restore_checkpoint(tmp_path / "nothing", _tx(),
-                                   {"w": jnp.zeros(2)})
+    optax_accum.restore_checkpoint(
+      tmp_path / "nothing", _tx(), {"w": jnp.zeros(2)}
+    )
 
 
 def test_checkpoint_manager_step_directory_gets_a_hint(tmp_path):
   params = {"w": jnp.zeros(2)}
   tx = _tx()
   mgr = ocp.CheckpointManager(tmp_path / "ckpt")
-  mgr.save(3, args=ocp.args.Composite(
-      opt_state=ocp.args.StandardSave(tx.init(params))))
+  mgr.save(
+    3, args=ocp.args.Composite(opt_state=ocp.args.StandardSave(tx.init(params)))
+  )
   mgr.wait_until_finished()
-  with pytest.raises(ValueError, match=r"items \['opt_state'\].*pass the "
-                     r"item's folder"):
+  with pytest.raises(
+    ValueError,
+    match=r"items \['opt_state'\].*pass the "
+    r"item's folder",
+  ):
     optax_accum.restore_checkpoint(tmp_path / "ckpt" / "3", tx, params)
   restored = optax_accum.restore_checkpoint(
-      tmp_path / "ckpt" / "3" / "opt_state", tx, params)
+    tmp_path / "ckpt" / "3" / "opt_state", tx, params
+  )
   assert isinstance(restored, optax_accum.AccumulateState)

@@ -3,6 +3,10 @@
 import re
 
 import chex
+from helpers import grad_fn
+from helpers import make_problem
+from helpers import microbatches
+from helpers import train_large_batch
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -13,20 +17,15 @@ import optax
 import pytest
 
 import optax_accum
-from helpers import grad_fn
-from helpers import make_problem
-from helpers import microbatches
-from helpers import train_large_batch
 
 K = 4
 N_DEV = 8
 
 LAYOUTS = {
-    # name: (mesh shape, axis names, spec of w (dim, out), spec of b (out,))
-    "data_parallel": ((8,), ("data",), P(), P()),
-    "fsdp": ((8,), ("data",), P("data", None), P()),
-    "tensor_parallel": ((2, 4), ("data", "model"), P(None, "model"),
-                        P("model")),
+  # name: (mesh shape, axis names, spec of w (dim, out), spec of b (out,))
+  "data_parallel": ((8,), ("data",), P(), P()),
+  "fsdp": ((8,), ("data",), P("data", None), P()),
+  "tensor_parallel": ((2, 4), ("data", "model"), P(None, "model"), P("model")),
 }
 
 
@@ -46,22 +45,25 @@ def _sharded_problem(layout, axis_type, steps=3):
 
 def _collectives(hlo_text):
   return re.findall(
-      r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)"
-      r"(?:-start)?\(", hlo_text)
+    r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)"
+    r"(?:-start)?\(",
+    hlo_text,
+  )
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_acc_grads_keep_the_param_sharding(layout, axis_type):
-  mesh, shardings, params, sharded, xs, ys = _sharded_problem(
-      layout, axis_type)
+  mesh, shardings, params, sharded, xs, ys = _sharded_problem(layout, axis_type)
   tx = optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2))
   with jax.set_mesh(mesh):
     state = tx.init(sharded)
     update = jax.jit(tx.update, donate_argnums=1)
     grads = jax.tree.map(
-        lambda g, s: jax.device_put(g, s),
-        grad_fn(params, xs[0], ys[0]), shardings)
+      jax.device_put,
+      grad_fn(params, xs[0], ys[0]),
+      shardings,
+    )
     hlo = update.lower(grads, state, sharded).compile().as_text()
     for _ in range(K + 1):
       updates, state = update(grads, state, sharded)
@@ -73,13 +75,16 @@ def test_acc_grads_keep_the_param_sharding(layout, axis_type):
   # emitted gradient's norm (telemetry), on emitting steps.
   for shape, op in _collectives(hlo):
     assert op == "all-reduce" and re.fullmatch(r"f32\[\](\{\})?", shape), (
-        shape, op)
+      shape,
+      op,
+    )
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_sharded_training_matches_unsharded_large_batch(layout):
   mesh, shardings, params, sharded, xs, ys = _sharded_problem(
-      layout, AxisType.Auto, steps=4)
+    layout, AxisType.Auto, steps=4
+  )
   want, _ = train_large_batch(optax.adamw(1e-2), params, xs, ys)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2))
 
@@ -102,30 +107,38 @@ def test_sharded_training_matches_unsharded_large_batch(layout):
 
 def _per_device(state):
   """Stacks a state along a new leading axis, one copy per device."""
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (N_DEV,) + jnp.shape(x)),
-                      state)
+  return jax.tree.map(
+    lambda x: jnp.broadcast_to(x, (N_DEV,) + jnp.shape(x)), state
+  )
 
 
 def _shard_map_step(tx, mesh, weighted):
   def local(params, state, x, y, mask):
     state = jax.tree.map(lambda a: a[0], state)
     if weighted:
-      loss = lambda p: (jnp.sum(mask * jnp.sum((x @ p["w"] + p["b"] - y) ** 2,
-                                               -1))
-                        / jnp.maximum(jnp.sum(mask), 1.0) / y.shape[-1])
-      updates, state = tx.update(jax.grad(loss)(params), state, params,
-                                 weight=jnp.sum(mask))
+      loss = lambda p: (
+        jnp.sum(mask * jnp.sum((x @ p["w"] + p["b"] - y) ** 2, -1))
+        / jnp.maximum(jnp.sum(mask), 1.0)
+        / y.shape[-1]
+      )
+      updates, state = tx.update(
+        jax.grad(loss)(params), state, params, weight=jnp.sum(mask)
+      )
     else:
       updates, state = tx.update(grad_fn(params, x, y), state, params)
     params = optax.apply_updates(params, updates)
     return params, jax.tree.map(lambda a: a[None], state)
 
   return jax.jit(
-      jax.shard_map(
-          local, mesh=mesh,
-          in_specs=(P(), P("data"), P("data"), P("data"), P("data")),
-          out_specs=(P(), P("data")), check_vma=False),
-      donate_argnums=1)
+    jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(), P("data"), P("data"), P("data"), P("data")),
+      out_specs=(P(), P("data")),
+      check_vma=False,
+    ),
+    donate_argnums=1,
+  )
 
 
 def test_deferred_reduction_matches_large_batch_and_reduces_once():
@@ -145,8 +158,8 @@ def test_deferred_reduction_matches_large_batch_and_reduces_once():
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
   # The one all-reduce of a gradient step lives in the emitting branch of
   # the conditional: the entry computation (every mini-step) has none.
-  entry = hlo[hlo.index("\nENTRY"):]
-  entry = entry[:entry.index("\n}")]
+  entry = hlo[hlo.index("\nENTRY") :]
+  entry = entry[: entry.index("\n}")]
   assert "all-reduce" not in entry
   assert "all-reduce" in hlo
 
@@ -156,19 +169,22 @@ def test_deferred_reduction_with_unequal_token_counts_is_the_global_mean():
   params, xs, ys = make_problem(steps=1, batch=K * N_DEV * 4, dim=8, out=4)
   rng = np.random.default_rng(0)
   mask = jnp.asarray(rng.random(xs.shape[:2]) < 0.6, jnp.float32)
+
   # The global masked-mean gradient over the whole window.
   def global_loss(p):
     err = jnp.sum((xs[0] @ p["w"] + p["b"] - ys[0]) ** 2, -1)
     return jnp.sum(mask[0] * err) / jnp.sum(mask[0]) / ys.shape[-1]
 
-  want = jax.tree.map(lambda p, g: p - 0.1 * g, params,
-                      jax.grad(global_loss)(params))
+  want = jax.tree.map(
+    lambda p, g: p - 0.1 * g, params, jax.grad(global_loss)(params)
+  )
   tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
   step = _shard_map_step(tx, mesh, weighted=True)
   state = _per_device(tx.init(params))
   p = params
   with jax.set_mesh(mesh):
-    for (xm, ym), mm in zip(microbatches(xs[0], ys[0], K),
-                            jnp.split(mask[0], K)):
+    for (xm, ym), mm in zip(
+      microbatches(xs[0], ys[0], K), jnp.split(mask[0], K)
+    ):
       p, state = step(p, state, xm, ym, mm)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ import chex
 from flax import linen
 from flax import nnx
 from flax.training import train_state
+from helpers import max_abs_diff
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,6 @@ import optax
 
 import optax_accum
 import optax_accum.flax as optax_accum_flax
-from helpers import max_abs_diff
 
 K = 4
 STEPS = 5
@@ -25,7 +25,6 @@ def _data(batch=32, dim=5, seed=0):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, rngs):
     self.l1 = nnx.Linear(5, 16, rngs=rngs)
     self.l2 = nnx.Linear(16, 1, rngs=rngs)
@@ -57,7 +56,7 @@ def _nnx_train(tx, micro, optimizer_cls=nnx.Optimizer):
 def test_nnx_optimizer_matches_large_batch():
   want, _ = _nnx_train(optax.adamw(1e-2), micro=1)
   got, optimizer = _nnx_train(
-      optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)), micro=K
+    optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)), micro=K
   )
   start, _ = _nnx_train(optax.adamw(0.0), micro=1)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
@@ -67,7 +66,6 @@ def test_nnx_optimizer_matches_large_batch():
 
 
 class LinenMLP(linen.Module):
-
   @linen.compact
   def __call__(self, x):
     return linen.Dense(1)(linen.relu(linen.Dense(16)(x)))
@@ -77,9 +75,7 @@ def _linen_train(tx, micro, state_cls=train_state.TrainState):
   model = LinenMLP()
   xs, ys = _data()
   params = model.init(jax.random.key(0), xs[0])["params"]
-  state = state_cls.create(
-      apply_fn=model.apply, params=params, tx=tx
-  )
+  state = state_cls.create(apply_fn=model.apply, params=params, tx=tx)
 
   @jax.jit
   def step(state, x, y):
@@ -109,8 +105,10 @@ def test_linen_train_state_matches_large_batch():
 def test_nnx_front_end_matches_large_batch_and_counts_gradient_steps():
   want, _ = _nnx_train(optax.adamw(1e-2), micro=1)
   got, optimizer = _nnx_train(
-      optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)),
-      micro=K, optimizer_cls=optax_accum_flax.Optimizer)
+    optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-2)),
+    micro=K,
+    optimizer_cls=optax_accum_flax.Optimizer,
+  )
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   assert int(optimizer.step[...]) == STEPS  # not STEPS * K micro-batches
   assert int(optimizer.opt_state.mini_step[...]) == 0
@@ -130,15 +128,19 @@ def test_nnx_front_end_passes_weight_and_flush():
 
 
 def test_nnx_front_end_without_an_accumulator_counts_every_step():
-  _, optimizer = _nnx_train(optax.sgd(1e-2), micro=2,
-                            optimizer_cls=optax_accum_flax.Optimizer)
+  _, optimizer = _nnx_train(
+    optax.sgd(1e-2), micro=2, optimizer_cls=optax_accum_flax.Optimizer
+  )
   assert int(optimizer.step[...]) == STEPS * 2
 
 
 def test_linen_front_end_matches_large_batch_and_counts_gradient_steps():
   want = _linen_train(optax.adamw(1e-2), micro=1)
-  got = _linen_train(optax_accum.accumulate(K, optax.adamw(1e-2)), micro=K,
-                     state_cls=optax_accum_flax.TrainState)
+  got = _linen_train(
+    optax_accum.accumulate(K, optax.adamw(1e-2)),
+    micro=K,
+    state_cls=optax_accum_flax.TrainState,
+  )
   chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=1e-6)
   assert int(got.step) == STEPS
 
@@ -146,10 +148,15 @@ def test_linen_front_end_matches_large_batch_and_counts_gradient_steps():
 def test_linen_front_end_passes_weight_flush_and_replaces_fields():
   tx = optax_accum.chain(optax_accum.accumulate(8), optax.sgd(1.0))
   state = optax_accum_flax.TrainState.create(
-      apply_fn=None, params={"w": jnp.zeros(2)}, tx=tx)
+    apply_fn=None, params={"w": jnp.zeros(2)}, tx=tx
+  )
   state = state.apply_gradients(grads={"w": jnp.ones(2)}, weight=1.0)
   np.testing.assert_array_equal(state.params["w"], 0.0)
-  state = state.apply_gradients(grads={"w": jnp.full(2, 5.0)}, weight=3.0,
-                                flush=jnp.asarray(True), apply_fn=len)
+  state = state.apply_gradients(
+    grads={"w": jnp.full(2, 5.0)},
+    weight=3.0,
+    flush=jnp.asarray(True),
+    apply_fn=len,
+  )
   np.testing.assert_allclose(state.params["w"], -4.0)
   assert int(state.step) == 1 and state.apply_fn is len

@@ -15,8 +15,10 @@ B, T, D = 8, 6, 3
 
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"w": jnp.asarray(rng.normal(size=(D,)), jnp.float32),
-            "b": jnp.asarray(0.3, jnp.float32)}
+  params = {
+    "w": jnp.asarray(rng.normal(size=(D,)), jnp.float32),
+    "b": jnp.asarray(0.3, jnp.float32),
+  }
   x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(B, T)), jnp.float32)
   # Uneven token counts: micro-batches of 2 sequences hold 1 to 12 tokens.
@@ -29,8 +31,10 @@ def _masked_mean_loss(params, x, y, mask):
   err = (x @ params["w"] + params["b"] - y) ** 2
   n = jnp.sum(mask)
   loss = jnp.sum(err * mask) / jnp.maximum(n, 1.0)
-  return loss, (n, {"abs_err": jnp.sum(jnp.sqrt(err) * mask) /
-                    jnp.maximum(n, 1.0)})
+  return loss, (
+    n,
+    {"abs_err": jnp.sum(jnp.sqrt(err) * mask) / jnp.maximum(n, 1.0)},
+  )
 
 
 def _masked_sum_loss(params, x, y, mask):
@@ -42,10 +46,12 @@ def _masked_sum_loss(params, x, y, mask):
 def test_gradient_is_the_global_token_mean_gradient(k):
   params, x, y, mask = _problem()
   f = optax_accum.microbatched_value_and_grad(
-      _masked_mean_loss, k, has_aux=True, batch_argnums=(1, 2, 3))
+    _masked_mean_loss, k, has_aux=True, batch_argnums=(1, 2, 3)
+  )
   (loss, aux), grads, weight = jax.jit(f)(params, x, y, mask)
   (want_loss, (n, want_aux)), want_grads = jax.value_and_grad(
-      _masked_mean_loss, has_aux=True)(params, x, y, mask)
+    _masked_mean_loss, has_aux=True
+  )(params, x, y, mask)
   chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   chex.assert_trees_all_close(aux, want_aux, rtol=1e-5)
@@ -57,23 +63,31 @@ def test_unweighted_mean_of_means_would_be_wrong():
   """The check above could fail: the naive mean differs here."""
   params, x, y, mask = _problem()
   per_micro = [
-      jax.grad(lambda p, *a: _masked_mean_loss(p, *a)[0])(
-          params, x[i:i + 2], y[i:i + 2], mask[i:i + 2])
-      for i in range(0, B, 2)
+    jax.grad(lambda p, *a: _masked_mean_loss(p, *a)[0])(
+      params, x[i : i + 2], y[i : i + 2], mask[i : i + 2]
+    )
+    for i in range(0, B, 2)
   ]
   naive = jax.tree.map(lambda *g: sum(g) / 4, *per_micro)
   want = jax.grad(lambda p: _masked_mean_loss(p, x, y, mask)[0])(params)
-  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-      jax.tree.leaves(naive), jax.tree.leaves(want))) > 1e-2
+  assert (
+    max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(jax.tree.leaves(naive), jax.tree.leaves(want))
+    )
+    > 1e-2
+  )
 
 
 def test_sum_reduction_gives_the_same_mean():
   params, x, y, mask = _problem()
   f = optax_accum.microbatched_value_and_grad(
-      _masked_sum_loss, 4, reduction="sum", batch_argnums=(1, 2, 3))
+    _masked_sum_loss, 4, reduction="sum", batch_argnums=(1, 2, 3)
+  )
   loss, grads, _ = jax.jit(f)(params, x, y, mask)
   want_loss, want_grads = jax.value_and_grad(
-      lambda p: _masked_mean_loss(p, x, y, mask)[0])(params)
+    lambda p: _masked_mean_loss(p, x, y, mask)[0]
+  )(params)
   chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
 
@@ -87,16 +101,27 @@ def test_each_microbatch_gets_its_own_key():
   key = jax.random.key(7)
   f = optax_accum.microbatched_value_and_grad(noisy_loss, 2, key_argnum=2)
   _, g, _ = f(jnp.float32(1.0), x, key)
-  want = sum(jax.grad(lambda w, i=i: noisy_loss(
-      w, x[2 * i:2 * i + 2], jax.random.fold_in(key, i))[0])(1.0)
-             for i in range(2)) / 2
+  want = (
+    sum(
+      jax.grad(
+        lambda w, i=i: noisy_loss(
+          w, x[2 * i : 2 * i + 2], jax.random.fold_in(key, i)
+        )[0]
+      )(1.0)
+      for i in range(2)
+    )
+    / 2
+  )
   np.testing.assert_allclose(g, want, rtol=1e-6)
 
 
 def test_in_step_and_cross_step_compose_into_the_global_mean():
   params, x, y, mask = _problem()
-  f = jax.jit(optax_accum.microbatched_value_and_grad(
-      _masked_mean_loss, 2, has_aux=True, batch_argnums=(1, 2, 3)))
+  f = jax.jit(
+    optax_accum.microbatched_value_and_grad(
+      _masked_mean_loss, 2, has_aux=True, batch_argnums=(1, 2, 3)
+    )
+  )
   tx = optax_accum.chain(optax_accum.accumulate(2), optax.sgd(1.0))
   state = tx.init(params)
   p = params
@@ -105,7 +130,8 @@ def test_in_step_and_cross_step_compose_into_the_global_mean():
     p, state = optax_accum.apply_gradients(tx, grads, state, p, weight=weight)
   want = jax.grad(lambda q: _masked_mean_loss(q, x, y, mask)[0])(params)
   chex.assert_trees_all_close(
-      p, jax.tree.map(lambda a, g: a - g, params, want), rtol=1e-5, atol=1e-6)
+    p, jax.tree.map(lambda a, g: a - g, params, want), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_zero_weight_microbatch_adds_nothing_even_nan():
@@ -114,8 +140,7 @@ def test_zero_weight_microbatch_adds_nothing_even_nan():
 
   x = jnp.array([1.0, 3.0, 5.0, 7.0])
   n = jnp.array([2.0, 2.0, 0.0, 0.0])
-  f = optax_accum.microbatched_value_and_grad(loss_fn, 2,
-                                              batch_argnums=(1, 2))
+  f = optax_accum.microbatched_value_and_grad(loss_fn, 2, batch_argnums=(1, 2))
   loss, g, weight = f(jnp.float32(1.0), x, n)
   np.testing.assert_allclose(g, 2.0)  # (1 + 3) / 2, the first half alone
   np.testing.assert_allclose(loss, 2.0)
@@ -123,7 +148,6 @@ def test_zero_weight_microbatch_adds_nothing_even_nan():
 
 
 class _Model(nnx.Module):
-
   def __init__(self, rngs):
     self.lin = nnx.Linear(D, 1, rngs=rngs)
 
@@ -141,20 +165,25 @@ def test_works_with_nnx_through_split_and_merge():
     n = jnp.sum(mask)
     return jnp.sum((m(x) - y) ** 2 * mask) / jnp.maximum(n, 1.0), n
 
-  f = optax_accum.microbatched_value_and_grad(loss_fn, 4,
-                                              batch_argnums=(1, 2, 3))
+  f = optax_accum.microbatched_value_and_grad(
+    loss_fn, 4, batch_argnums=(1, 2, 3)
+  )
   _, grads, _ = jax.jit(f)(params, x, y, mask)
-  want = nnx.grad(lambda m: jnp.sum((m(x) - y) ** 2 * mask) /
-                  jnp.sum(mask))(model)
+  want = nnx.grad(lambda m: jnp.sum((m(x) - y) ** 2 * mask) / jnp.sum(mask))(
+    model
+  )
   chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"num_microbatches": 0}, r"`num_microbatches` must be a positive int"),
     ({"num_microbatches": 2.0}, r"`num_microbatches` must be a positive int"),
     ({"num_microbatches": 2, "reduction": "avg"}, r"`reduction` must be"),
     ({"num_microbatches": 2, "batch_argnums": 0}, r"`batch_argnums` must"),
-])
+  ],
+)
 def test_bad_arguments_raise_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     optax_accum.microbatched_value_and_grad(_masked_mean_loss, **kwargs)
@@ -163,6 +192,9 @@ def test_bad_arguments_raise_naming_them(kwargs, match):
 def test_batch_not_divisible_raises_naming_the_leaf():
   params, x, y, mask = _problem()
   f = optax_accum.microbatched_value_and_grad(
-      _masked_mean_loss, 3, has_aux=True, batch_argnums=(1, 2, 3))
-  with pytest.raises(ValueError, match=r"num_microbatches=3.*shape \(8, 6, 3\)"):
+    _masked_mean_loss, 3, has_aux=True, batch_argnums=(1, 2, 3)
+  )
+  with pytest.raises(
+    ValueError, match=r"num_microbatches=3.*shape \(8, 6, 3\)"
+  ):
     f(params, x, y, mask)

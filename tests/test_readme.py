@@ -16,8 +16,36 @@ def test_quick_example_runs():
 
 def test_ci_runs_exactly_the_readme_test_command():
   text = README.read_text()
-  command = re.search(
-      r"The tests:\n\n```bash\n(.*?)\n```", text, re.S
-  ).group(1)
+  command = re.search(r"The tests:\n\n```bash\n(.*?)\n```", text, re.S).group(1)
   ci = (README.parent / ".ci" / "run").read_text()
   assert command in ci.splitlines()
+
+
+def test_checkpoint_example_runs(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  import optax_accum  # pylint: disable=g-import-not-at-top
+
+  text = README.read_text()
+  section = text.split("## Checkpoints", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  params = {"w": jnp.ones(3)}
+  tx = optax_accum.chain(optax_accum.accumulate(4), optax.adamw(1e-2))
+  opt_state = tx.init(params)
+  _, opt_state = tx.update(params, opt_state, params)
+  namespace = {
+    "jax": jax,
+    "ocp": ocp,
+    "tx": tx,
+    "params": params,
+    "opt_state": opt_state,
+    "step": 1,
+    "directory": tmp_path / "ckpt",
+  }
+  exec(compile(code, "README checkpoint example", "exec"), namespace)
+  restored = namespace["restored"].opt_state
+  assert isinstance(restored, optax_accum.AccumulateState)
+  assert int(restored.mini_step) == 1

@@ -11,12 +11,18 @@ import pytest
 import optax_accum
 
 
-@pytest.mark.parametrize("inner, match", [
-    (optax.adamw, r"`inner` must be.*adamw.*call it, as in "
-     r"`inner=adamw\(learning_rate\)`"),
+@pytest.mark.parametrize(
+  "inner, match",
+  [
+    (
+      optax.adamw,
+      r"`inner` must be.*adamw.*call it, as in "
+      r"`inner=adamw\(learning_rate\)`",
+    ),
     ("adam", r"`inner` must be.*'adam' of type str"),
     (3, r"`inner` must be.*3 of type int"),
-])
+  ],
+)
 def test_inner_that_is_not_a_transformation_raises_naming_inner(inner, match):
   with pytest.raises(TypeError, match=match):
     optax_accum.accumulate(2, inner)
@@ -30,13 +36,15 @@ def test_nested_accumulate_raises_at_construction():
 
 def test_accumulate_hidden_in_inner_raises_at_init():
   tx = optax_accum.accumulate(
-      2, optax.chain(optax_accum.accumulate(3), optax.sgd(0.1)))
+    2, optax.chain(optax_accum.accumulate(3), optax.sgd(0.1))
+  )
   with pytest.raises(ValueError, match=r"`inner` holds another accumulate"):
     tx.init(jnp.zeros(2))
 
 
-@pytest.mark.parametrize("flush", [1, 0.0, "yes", np.array([True]),
-                                   jnp.array(1)])
+@pytest.mark.parametrize(
+  "flush", [1, 0.0, "yes", np.array([True]), jnp.array(1)]
+)
 def test_flush_that_is_not_a_bool_scalar_raises_naming_flush(flush):
   tx = optax_accum.accumulate(2)
   state = tx.init(jnp.zeros(2))
@@ -57,8 +65,11 @@ def test_bool_flushes_are_accepted(flush):
 def test_weight_beyond_float32_raises(weight):
   tx = optax_accum.accumulate(2)
   state = tx.init(jnp.zeros(2))
-  with pytest.raises(ValueError, match=r"`weight` must be a finite number "
-                     r">= 0 in float32"):
+  with pytest.raises(
+    ValueError,
+    match=r"`weight` must be a finite number "
+    r">= 0 in float32",
+  ):
     tx.update(jnp.ones(2), state, weight=weight)
 
 
@@ -75,8 +86,11 @@ def test_integer_or_boolean_gradients_raise_naming_the_leaf(dtype):
   tx = optax_accum.accumulate(2)
   state = tx.init({"w": jnp.zeros(2), "n": jnp.zeros(3)})
   grads = {"w": jnp.ones(2), "n": jnp.ones(3, dtype)}
-  with pytest.raises(TypeError, match=r"\['n'\] has dtype .*floating-point "
-                     r"gradients only"):
+  with pytest.raises(
+    TypeError,
+    match=r"\['n'\] has dtype .*floating-point "
+    r"gradients only",
+  ):
     tx.update(grads, state)
 
 
@@ -117,7 +131,8 @@ def test_python_float_params_work():
 
 def test_inject_hyperparams_makes_k_a_traced_hyperparameter():
   tx = optax.inject_hyperparams(optax_accum.accumulate)(
-      every_k_schedule=2, inner=optax.sgd(1.0))
+    every_k_schedule=2, inner=optax.sgd(1.0)
+  )
   params = jnp.zeros(2)
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -132,14 +147,18 @@ def test_inject_hyperparams_makes_k_a_traced_hyperparameter():
 
 def test_inject_hyperparams_with_a_bad_k_raises_naming_it():
   with pytest.raises(ValueError, match=r"every_k_schedule.*got 0"):
-    optax.inject_hyperparams(optax_accum.accumulate)(
-        every_k_schedule=0).init(jnp.zeros(2))
+    optax.inject_hyperparams(optax_accum.accumulate)(every_k_schedule=0).init(
+      jnp.zeros(2)
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
 def test_float8_accumulator_dtype_is_rejected_at_construction(dtype):
-  with pytest.raises(ValueError, match=r"`accumulator_dtype` float8.*not "
-                     r"supported"):
+  with pytest.raises(
+    ValueError,
+    match=r"`accumulator_dtype` float8.*not "
+    r"supported",
+  ):
     optax_accum.accumulate(2, accumulator_dtype=getattr(jnp, dtype))
 
 
@@ -160,9 +179,13 @@ def test_multisteps_object_as_inner_says_gradient_transformation():
 
 def test_skip_function_returning_a_bare_bool_raises_naming_it():
   tx = optax_accum.accumulate(
-      2, should_skip_update_fn=lambda u, s, p: jnp.asarray(False))
-  with pytest.raises(ValueError, match=r"`should_skip_update_fn` must "
-                     r"return a pair"):
+    2, should_skip_update_fn=lambda u, s, p: jnp.asarray(False)
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"`should_skip_update_fn` must "
+    r"return a pair",
+  ):
     tx.init(jnp.zeros(2))
 
 
@@ -180,6 +203,9 @@ def test_state_restored_without_a_target_gets_a_clear_error():
   tx = optax_accum.accumulate(2)
   state = tx.init(jnp.zeros(2))
   as_dict = dict(state._asdict())  # what orbax returns without a target
-  with pytest.raises(TypeError, match=r"takes the AccumulateState.*"
-                     r"jax.eval_shape\(tx.init, params\)"):
+  with pytest.raises(
+    TypeError,
+    match=r"takes the AccumulateState.*"
+    r"jax.eval_shape\(tx.init, params\)",
+  ):
     tx.update(jnp.ones(2), as_dict)
