@@ -112,8 +112,8 @@ def vmap_systems():
     return optax_accum.apply_gradients(exact, grads, state, params)
 
   return {
-      "floor_vmap": (jax.vmap(floor_step), jax.vmap(optax.tree.zeros_like)),
-      "fused_vmap": (jax.vmap(fused), jax.vmap(exact.init)),
+    "floor_vmap": (jax.vmap(floor_step), jax.vmap(optax.tree.zeros_like)),
+    "fused_vmap": (jax.vmap(fused), jax.vmap(exact.init)),
   }
 
 

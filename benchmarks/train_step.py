@@ -7,6 +7,8 @@ global batch per gradient step; every jitted step donates params and
 optimizer state and returns `(params, opt_state)`.
 
   large        one step at batch 8
+  cross_floor_k  k steps at batch 8/k of grads + `acc += g` only (params
+               untouched, no optimizer): the floor of any cross-step form
   fused_k      k steps at batch 8/k through optax_accum.apply_gradients with
                optax_accum.chain(accumulate(k), adamw) (cross-step)
   in_step_k    one step: optax_accum.microbatched_value_and_grad over k
@@ -108,6 +110,18 @@ def systems(graphdef, ks):
 
     return tx, k, fused
 
+  def cross_floor_system(k):
+    # k calls of grads + `acc += g`, params untouched: the least any
+    # cross-step accumulation can cost (it never applies an update).
+    def cross_floor(params, acc, tokens):
+      grads = jax.grad(loss)(params, tokens)
+      return params, jax.tree.map(jnp.add, acc, grads)
+
+    floor_tx = optax.GradientTransformation(
+      optax.tree.zeros_like, lambda u, s, p=None: (u, s)
+    )
+    return floor_tx, k, cross_floor
+
   def in_step_system(k):
     tx = adamw()
     value_and_grad = optax_accum.microbatched_value_and_grad(
@@ -142,6 +156,7 @@ def systems(graphdef, ks):
   out = {"large": (large, 1, two_lines(large))}
   for k in ks:
     multisteps = optax.MultiSteps(adamw(), k).gradient_transformation()
+    out[f"cross_floor_{k}"] = cross_floor_system(k)
     out[f"fused_{k}"] = fused_system(k)
     out[f"in_step_{k}"] = in_step_system(k)
     out[f"scan_{k}"] = scan_system(k)

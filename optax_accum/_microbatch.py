@@ -39,6 +39,7 @@ def microbatched_value_and_grad(
   reduction: str = 'mean',
   batch_argnums: Union[int, Sequence[int]] = 1,
   key_argnum: Union[int, None] = None,
+  unroll: Union[int, bool] = 1,
 ) -> Callable[..., Any]:
   r"""Turns a loss into the token-weighted value and gradient of a window.
 
@@ -76,6 +77,10 @@ def microbatched_value_and_grad(
       0) of the arguments to split; the others are passed whole.
     key_argnum: the position of a ``jax.random`` key; micro-batch ``i`` gets
       ``jax.random.fold_in(key, i)``.
+    unroll: ``lax.scan``'s ``unroll``. ``True`` compiles the micro-batches
+      as straight-line code: faster where the backend handles an operation
+      poorly inside a loop (convolutions on XLA:CPU), at the cost of
+      compile time, and XLA may then keep more activations alive at once.
 
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
@@ -185,7 +190,7 @@ def microbatched_value_and_grad(
       return (g_sum, w_sum + weight, l_sum, a_sum), None
 
     (g_sum, w_sum, l_sum, a_sum), _ = lax.scan(
-      body, carry0, (jnp.arange(num_microbatches), split)
+      body, carry0, (jnp.arange(num_microbatches), split), unroll=unroll
     )
     denom = jnp.where(w_sum > 0, w_sum, 1.0)
     grads = jax.tree.map(

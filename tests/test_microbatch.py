@@ -42,11 +42,16 @@ def _masked_sum_loss(params, x, y, mask):
   return loss * n, n
 
 
+@pytest.mark.parametrize("unroll", [1, True])
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_gradient_is_the_global_token_mean_gradient(k):
+def test_gradient_is_the_global_token_mean_gradient(k, unroll):
   params, x, y, mask = _problem()
   f = optax_accum.microbatched_value_and_grad(
-    _masked_mean_loss, k, has_aux=True, batch_argnums=(1, 2, 3)
+    _masked_mean_loss,
+    k,
+    has_aux=True,
+    batch_argnums=(1, 2, 3),
+    unroll=unroll,
   )
   (loss, aux), grads, weight = jax.jit(f)(params, x, y, mask)
   (want_loss, (n, want_aux)), want_grads = jax.value_and_grad(
