@@ -188,3 +188,26 @@ def test_deferred_reduction_with_unequal_token_counts_is_the_global_mean():
     ):
       p, state = step(p, state, xm, ym, mm)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_window_rejected_on_every_device_takes_no_step():
+  mesh = _mesh((N_DEV,), ("data",), AxisType.Auto)
+  params, xs, ys = make_problem(steps=1, batch=2 * N_DEV * 2, dim=8, out=4)
+  tx = optax_accum.accumulate(
+    2,
+    optax.adamw(1e-2),
+    axis_name="data",
+    should_skip_update_fn=optax.skip_not_finite,
+  )
+  step = _shard_map_step(tx, mesh, weighted=False)
+  state = _per_device(tx.init(params))
+  p = params
+  ones = jnp.ones((2 * N_DEV,))
+  nan_x = jnp.full_like(xs[0], jnp.nan)
+  with jax.set_mesh(mesh):
+    for xm, ym in microbatches(nan_x, ys[0], 2):  # one window, all NaN
+      p, state = step(p, state, xm, ym, ones)
+  chex.assert_trees_all_equal(p, params)
+  assert int(state.gradient_step[0]) == 0
+  assert not bool(state.has_updated[0])
+  assert int(state.inner_opt_state[0].count[0]) == 0  # adamw not stepped

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -17,7 +19,10 @@ def test_quick_example_runs():
 def test_ci_runs_exactly_the_readme_test_command():
   text = README.read_text()
   command = re.search(r"The tests:\n\n```bash\n(.*?)\n```", text, re.S).group(1)
-  ci = (README.parent / ".ci" / "run").read_text()
+  ci_path = README.parent / ".ci" / "run"
+  if not ci_path.exists():
+    pytest.skip("no .ci/run outside a repository checkout (an sdist)")
+  ci = ci_path.read_text()
   assert command in ci.splitlines()
 
 
