@@ -297,3 +297,9 @@ def test_checkpoint_manager_step_directory_gets_a_hint(tmp_path):
     tmp_path / "ckpt" / "3" / "opt_state", tx, params
   )
   assert isinstance(restored, optax_accum.AccumulateState)
+
+
+def test_without_orbax_the_error_says_to_install_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
+  with pytest.raises(ImportError, match=r"optax_accum\[checkpoint\]"):
+    optax_accum.restore_checkpoint("/tmp", _tx(), {"w": jnp.zeros(2)})
