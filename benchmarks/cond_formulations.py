@@ -21,14 +21,17 @@ ops in the compiled step.
 import argparse
 import os
 import platform
-import re
 import statistics
+import sys
 import time
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 import optax
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hlo  # noqa: E402
 
 K = 5
 
@@ -130,12 +133,7 @@ def main():
   for f in fns:
     state = (jnp.zeros(n), jnp.zeros(n), jnp.zeros(n), jnp.zeros([], jnp.int32))
     c = jax.jit(f, donate_argnums=0).lower(state, g).compile()
-    copies = len(
-      re.findall(
-        rf"f32\[{n}\]\{{0\}} copy\(%(?!wrapped_broadcast|broadcast)",
-        c.as_text(),
-      )
-    )
+    copies = hlo.full_size_copies(c.as_text(), g)
     compiled[f.__name__], states[f.__name__] = (c, copies), state
     times[f.__name__] = ([], [])
   for _ in range(args.rounds + 1):

@@ -1,4 +1,4 @@
-"""Reading compiled HLO text: full-size copies and collectives.
+"""Reading compiled HLO text: full-size copies, collectives, their bytes.
 
 Shared by the benchmarks and the tests (tests/conftest.py puts this folder
 on the path): one definition of what counts.
@@ -8,10 +8,18 @@ import re
 
 import jax
 
+_BYTES = {"f32": 4, "s32": 4, "pred": 1, "bf16": 2, "f16": 2, "f64": 8}
+
 
 def _shapes(params) -> set[str]:
+  short = {
+    "float32": "f32",
+    "float64": "f64",
+    "bfloat16": "bf16",
+    "float16": "f16",
+  }
   return {
-    f"{jax.numpy.result_type(p).name.replace('float', 'f')}["
+    f"{short.get(jax.numpy.result_type(p).name, '?')}["
     + ",".join(map(str, p.shape))
     + "]"
     for p in jax.tree.leaves(params)
@@ -37,8 +45,9 @@ def full_size_copies(hlo_text: str, params) -> int:
 
 
 def entry_computation(hlo_text: str) -> str:
-  """The ENTRY computation of HLO text (what runs outside any branch)."""
-  return hlo_text[hlo_text.index("\nENTRY") :]
+  """The ENTRY computation of HLO text: what runs outside any branch."""
+  start = hlo_text.index("\nENTRY")
+  return hlo_text[start : hlo_text.index("\n}", start)]
 
 
 def collectives(hlo_text: str) -> list[tuple[str, str]]:
@@ -48,3 +57,20 @@ def collectives(hlo_text: str) -> list[tuple[str, str]]:
     r"reduce-scatter)\(",
     hlo_text,
   )
+
+
+def all_reduce_bytes(hlo_text: str) -> int:
+  """Bytes of the operands of every all-reduce in HLO text."""
+  n = 0
+  for line in hlo_text.splitlines():
+    m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+    if not m:
+      continue
+    for dtype, dims in re.findall(
+      r"(f32|s32|pred|bf16|f16|f64)\[([\d,]*)\]", m.group(1)
+    ):
+      size = 1
+      for d in dims.split(","):
+        size *= int(d) if d else 1
+      n += size * _BYTES[dtype]
+  return n

@@ -30,8 +30,8 @@ os.environ["XLA_FLAGS"] = (
 
 import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import platform
-import re
 import statistics
+import sys
 import time
 
 import jax
@@ -42,6 +42,9 @@ import numpy as np
 import optax
 
 import optax_accum
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hlo  # noqa: E402
 
 N_DEV = 8
 LOCAL_BATCH = 8
@@ -85,29 +88,10 @@ def make_step(tx, mesh, deferred):
   )
 
 
-_BYTES = {"f32": 4, "s32": 4, "pred": 1, "bf16": 2, "f16": 2}
-
-
-def all_reduce_bytes(hlo):
+def all_reduce_bytes(hlo_text):
   """(bytes per mini-step, bytes per emission) from the compiled HLO."""
-  entry_at = hlo.index("\nENTRY")
-  entry = hlo[entry_at : hlo.index("\n}", entry_at)]
-
-  def total(text):
-    n = 0
-    for line in text.splitlines():
-      m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
-      if not m:
-        continue
-      for dtype, dims in re.findall(
-        r"(f32|s32|pred|bf16|f16)\[([\d,]*)\]", m.group(1)
-      ):
-        size = int(np.prod([int(d) for d in dims.split(",") if d]))
-        n += size * _BYTES[dtype]
-    return n
-
-  per_step = total(entry)
-  return per_step, total(hlo) - per_step
+  per_step = hlo.all_reduce_bytes(hlo.entry_computation(hlo_text))
+  return per_step, hlo.all_reduce_bytes(hlo_text) - per_step
 
 
 def main():

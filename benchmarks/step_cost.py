@@ -27,8 +27,8 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
+import sys
 import time
 
 import jax
@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import optax
 
 import optax_accum
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hlo  # noqa: E402
 
 K = 5
 
@@ -84,26 +87,6 @@ def systems(inner_name):
   }
 
 
-def full_size_copies(hlo_text, params):
-  """Counts `copy` ops of param-shaped buffers in the compiled step.
-
-  Copies of a broadcast constant are left out: XLA shares one zeros buffer
-  between same-shaped leaves of the emitted updates and copies it, a write
-  the floor pays too. What is counted are copies of state or gradients.
-  """
-  shapes = {
-    "f32[" + ",".join(map(str, p.shape)) + "]"
-    for p in jax.tree.leaves(params)
-    if p.size > 1
-  }
-  n = 0
-  for line in hlo_text.splitlines():
-    m = re.search(r"= (f32\[[\d,]*\])\{[\d,]*\} copy\(%([\w.\-]+)", line)
-    if m and m.group(1) in shapes and "broadcast" not in m.group(2):
-      n += 1
-  return n
-
-
 def compile_step(tx, state, grads, params, device):
   def step(state, grads, params):
     updates, state = tx.update(grads, state, params)
@@ -131,7 +114,7 @@ def bench_one(n, inner_name, rounds, device):
       "inner": inner_name,
       "system": name,
       "compile_s": compile_s,
-      "copies": full_size_copies(c.as_text(), params),
+      "copies": hlo.full_size_copies(c.as_text(), params),
       **{
         f"{kind}_x": getattr(mem, f"{kind}_size_in_bytes") / param_bytes
         for kind in ("argument", "output", "alias", "temp")

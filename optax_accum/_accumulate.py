@@ -342,7 +342,7 @@ class Accumulator:
     args = (updates, state, params, weight, flush, extra_args)
     if is_eager(self, args):
       # One compilation per input signature, shared by all calls.
-      return _jitted_update(self, *args, apply)
+      return jitted(self, '_update', apply)(*args)
     return self._update(*args, apply)
 
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
@@ -502,7 +502,13 @@ class Accumulator:
     return out, new_state
 
 
-_jitted_update = jax.jit(Accumulator._update, static_argnums=(0, 7))  # pylint: disable=protected-access
+@functools.lru_cache(maxsize=64)
+def jitted(config, method: str, apply: bool):
+  """``jax.jit`` of ``config.<method>`` with ``apply`` bound, cached per
+  configuration. The cache is bounded: code that builds a new configuration
+  on every eager call (``optax.inject_hyperparams`` around the exact form)
+  compiles each time but does not grow memory; jit the step instead."""
+  return jax.jit(functools.partial(getattr(config, method), apply=apply))
 
 
 def accumulator_of(tx: Any) -> Optional[Accumulator]:

@@ -53,7 +53,11 @@ def apply_gradients(
     the new state.
 
   Raises:
-    The errors of ``tx.update`` (see :func:`optax_accum.accumulate`).
+    TypeError: ``tx`` is not a transformation (a factory such as
+      ``optax.adamw``).
+    ValueError: ``weight`` or ``flush`` given to a ``tx`` without an
+      accumulator, where they would be ignored; and the errors of
+      ``tx.update`` (see :func:`optax_accum.accumulate`).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
@@ -74,12 +78,28 @@ def apply_gradients(
     gradient accumulation, which steps the optimizer once per window and
     leaves params alone in between.
   """
+  if not isinstance(tx, optax.GradientTransformation):
+    raise TypeError(
+      '`tx` must be an optax.GradientTransformation such as '
+      f'optax_accum.chain(optax_accum.accumulate(k), optax.adamw(1e-3)), but '
+      f'got {tx!r} of type {type(tx).__name__}. If it is a factory, call it.'
+    )
   acc = _accumulate.accumulator_of(tx)
   if acc is not None:
     return acc.apply(grads, opt_state, params, **extra_args)  # type: ignore[arg-type,return-value]
   gated = _chain.chain_of(tx)
   if gated is not None:
     return gated.apply(grads, opt_state, params, **extra_args)
+  given = sorted(
+    {'weight', 'flush'} & {k for k, v in extra_args.items() if v is not None}
+  )
+  if given and not _accumulate.accumulate_states(opt_state):
+    raise ValueError(
+      f'{", ".join(f"`{k}`" for k in given)} is read by '
+      'optax_accum.accumulate, but `tx` holds no accumulator, so it would '
+      'be ignored. Build tx with optax_accum.chain(optax_accum.accumulate(k),'
+      ' opt), or drop the argument.'
+    )
   updates, opt_state = optax.with_extra_args_support(tx).update(
     grads, opt_state, params, **extra_args
   )

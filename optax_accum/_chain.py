@@ -181,7 +181,9 @@ class Chain:
       extra_args['flush'] = _validate.check_flush(extra_args['flush'])
     if _accumulate.is_eager(self, (updates, state, params, extra_args)):
       # One compilation per input signature, shared by all calls.
-      return _jitted_run(self, updates, state, params, extra_args, apply)
+      return _accumulate.jitted(self, '_run', apply)(
+        updates, state, params, extra_args
+      )
     return self._run(updates, state, params, extra_args, apply)
 
   def _run(self, updates, state, params, extra_args, apply):
@@ -243,9 +245,6 @@ class Chain:
       params,
     )
     return out, tuple(new_state[: j + 1]) + tuple(rest_states)
-
-
-_jitted_run = jax.jit(Chain._run, static_argnums=(0, 5))  # pylint: disable=protected-access
 
 
 def chain_of(tx: Any) -> Optional[Chain]:

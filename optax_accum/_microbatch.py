@@ -19,10 +19,12 @@ def _split(batch, num_microbatches: int, argnum: int):
     x = jnp.asarray(x)
     if x.ndim == 0 or x.shape[0] % num_microbatches:
       raise ValueError(
-        f'microbatched_value_and_grad splits argument {argnum} along its '
-        f'leading axis into num_microbatches={num_microbatches}, but the '
-        f'leaf at {jax.tree_util.keystr(path)} has shape {x.shape}. Give '
-        'every batch leaf a leading axis divisible by num_microbatches.'
+        f'microbatched_value_and_grad splits argument {argnum} '
+        '(`batch_argnums`) along its leading axis into '
+        f'num_microbatches={num_microbatches}, but the leaf at '
+        f'{jax.tree_util.keystr(path) or "(the root)"} has shape '
+        f'{x.shape}. Give every batch leaf a leading axis divisible by '
+        'num_microbatches, or leave the argument out of batch_argnums.'
       )
     return x.reshape(
       num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]
@@ -89,8 +91,11 @@ def microbatched_value_and_grad(
 
   Raises:
     ValueError: ``num_microbatches`` is not a positive int, ``reduction``
-      is unknown, an argnum points at params, or (when called) a batch leaf
-      has no leading axis divisible by ``num_microbatches``.
+      is unknown, an argnum points at params; when called, an argnum beyond
+      the arguments, a batch leaf with no leading axis divisible by
+      ``num_microbatches``, or ``loss_fn`` not returning ``(loss, weight)``
+      (``(loss, (weight, aux))``) with scalars. A traced negative or
+      non-finite weight makes the result NaN.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_accum
@@ -138,20 +143,48 @@ def microbatched_value_and_grad(
         f'but got {nums!r}.'
       )
 
+  form = '(loss, (weight, aux))' if has_aux else '(loss, weight)'
+
   def weighted_loss(params, args):
     out = loss_fn(params, *args)
+    if not (isinstance(out, tuple) and len(out) == 2) or (
+      has_aux and not (isinstance(out[1], tuple) and len(out[1]) == 2)
+    ):
+      raise ValueError(
+        f'`loss_fn` must return {form} (has_aux={has_aux}), but it returned '
+        f'{jax.tree.structure(out)}.'
+      )
     loss, rest = out
     weight, aux = rest if has_aux else (rest, None)
+    scalar = lambda x: (
+      not isinstance(x, (tuple, list, dict)) and (jnp.shape(x) == ())
+    )
+    if not (scalar(loss) and scalar(weight)):
+      raise ValueError(
+        f'`loss_fn` must return {form} with a scalar loss and a scalar '
+        "weight (the micro-batch's number of items), but it returned "
+        f'{jax.tree.structure(out)} (has_aux={has_aux}).'
+      )
+    # A traced negative or non-finite weight poisons the result with NaN.
     weight = jnp.asarray(weight, jnp.float32)
-    scale = weight if reduction == 'mean' else jnp.ones([], jnp.float32)
-    # d(scale * L_i) is w_i * dL_i (mean) or dL_i (sum): summed over the
-    # window and divided once by the total weight.
-    return (scale * loss).astype(jnp.float32), (weight, loss, aux)
+    weight = jnp.where((weight >= 0) & jnp.isfinite(weight), weight, jnp.nan)
+    # The unweighted loss is differentiated; the weight multiplies the
+    # float32 gradient afterwards, so a large token count never overflows a
+    # low-precision loss's cotangent.
+    return loss, (weight, loss, aux)
 
   grad_fn = jax.grad(weighted_loss, has_aux=True)
 
   def value_and_grad(params, *args):
     args = list(args)
+    for name, n in [('batch_argnums', n) for n in batch_argnums] + (
+      [] if key_argnum is None else [('key_argnum', key_argnum)]
+    ):
+      if n > len(args):
+        raise ValueError(
+          f'`{name}` points at argument {n}, but the function was called '
+          f'with {len(args) + 1} arguments (params first).'
+        )
     split = {n: _split(args[n - 1], num_microbatches, n) for n in batch_argnums}
     key = None if key_argnum is None else args[key_argnum - 1]
 
@@ -176,23 +209,27 @@ def microbatched_value_and_grad(
         call_args[key_argnum - 1] = jax.random.fold_in(key, i)
       grads, (weight, loss, aux) = grad_fn(params, call_args)
       g_sum, w_sum, l_sum, a_sum = carry
+      # sum_i w_i dL_i (mean) or sum_i dL_i (sum), divided once at the end.
       # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
+      scale = weight if reduction == 'mean' else jnp.ones([], jnp.float32)
+      zero = weight == 0
       g_sum = jax.tree.map(
-        lambda a, g: a + jnp.where(weight > 0, g.astype(a.dtype), 0),
+        lambda a, g: (
+          a + jnp.where(zero, 0, g.astype(a.dtype) * scale.astype(a.dtype))
+        ),
         g_sum,
         grads,
       )
-      scale = weight if reduction == 'mean' else jnp.ones([], jnp.float32)
-      l_sum = l_sum + jnp.where(weight > 0, scale * loss, 0.0)
+      l_sum = l_sum + jnp.where(zero, 0.0, scale * loss.astype(jnp.float32))
       a_sum = jax.tree.map(
-        lambda a, x: a + jnp.where(weight > 0, weight * x, 0.0), a_sum, aux
+        lambda a, x: a + jnp.where(zero, 0.0, weight * x), a_sum, aux
       )
       return (g_sum, w_sum + weight, l_sum, a_sum), None
 
     (g_sum, w_sum, l_sum, a_sum), _ = lax.scan(
       body, carry0, (jnp.arange(num_microbatches), split), unroll=unroll
     )
-    denom = jnp.where(w_sum > 0, w_sum, 1.0)
+    denom = jnp.where(w_sum == 0, 1.0, w_sum)  # NaN stays NaN
     grads = jax.tree.map(
       lambda g, p: (g / denom.astype(g.dtype)).astype(jnp.result_type(p)),
       g_sum,

@@ -136,3 +136,16 @@ def test_donated_step_copies_no_full_size_buffer(name):
   # Documented: JAX pairs donated inputs with outputs of the same shape in
   # order, so returning them in another order than they came in copies.
   assert _full_size_copies(reversed_order, params, tx.init(params), params)
+
+
+def test_a_factory_as_tx_raises_naming_tx():
+  with pytest.raises(TypeError, match=r"`tx` must be.*call it"):
+    optax_accum.apply_gradients(optax.adam, jnp.ones(2), (), jnp.zeros(2))
+
+
+def test_weight_or_flush_without_an_accumulator_raises():
+  tx = optax.adamw(1e-2)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"`weight` is read by .*accumulate"):
+    optax_accum.apply_gradients(tx, jnp.ones(2), state, params, weight=0.0)

@@ -203,3 +203,54 @@ def test_batch_not_divisible_raises_naming_the_leaf():
     ValueError, match=r"num_microbatches=3.*shape \(8, 6, 3\)"
   ):
     f(params, x, y, mask)
+
+
+def test_float16_loss_with_a_large_token_count_stays_finite():
+  params = {"w": jnp.ones(3, jnp.float16)}
+  x = jnp.full((4, 3), 0.1, jnp.float16)
+  loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
+  f = optax_accum.microbatched_value_and_grad(
+    lambda p, x: (loss(p, x), 70000.0), 2
+  )
+  _, grads, weight = f(params, x)
+  want = jax.grad(loss)(params, x)
+  chex.assert_trees_all_close(grads, want, rtol=2e-3)
+  assert float(weight) == 140000.0
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, -1.0])
+def test_negative_or_nan_weight_poisons_the_result(bad):
+  def loss_fn(w, x, n):
+    return jnp.mean((x * w) ** 2), n[0]
+
+  x = jnp.arange(1.0, 5.0)
+  n = jnp.array([1.0, bad, 1.0, 1.0])
+  loss, g, weight = optax_accum.microbatched_value_and_grad(
+    loss_fn, 4, batch_argnums=(1, 2)
+  )(jnp.float32(1.0), x, n)
+  assert np.isnan(float(g)) and np.isnan(float(loss))
+  assert np.isnan(float(weight))
+
+
+@pytest.mark.parametrize(
+  "returns, has_aux",
+  [
+    (lambda v: v, False),  # no weight
+    (lambda v: (v, 1.0), True),  # has_aux but no (weight, aux) pair
+    (lambda v: (v, (1.0, {})), False),  # aux without has_aux
+  ],
+)
+def test_loss_fn_of_another_form_raises_naming_the_form(returns, has_aux):
+  f = optax_accum.microbatched_value_and_grad(
+    lambda w, x: returns(jnp.mean(x * w)), 2, has_aux=has_aux
+  )
+  with pytest.raises((ValueError, TypeError), match=r"`loss_fn` must return"):
+    f(jnp.float32(1.0), jnp.ones(4))
+
+
+def test_argnum_beyond_the_arguments_raises():
+  f = optax_accum.microbatched_value_and_grad(
+    lambda w, x: (jnp.mean(x * w), 1.0), 2, batch_argnums=(1, 2)
+  )
+  with pytest.raises(ValueError, match=r"`batch_argnums` points at argument 2"):
+    f(jnp.float32(1.0), jnp.ones(4))
