@@ -54,7 +54,7 @@ def collectives(hlo_text: str) -> list[tuple[str, str]]:
   """`(shape, op)` of every collective op in HLO text."""
   return re.findall(
     r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce|"
-    r"reduce-scatter)\(",
+    r"reduce-scatter)(?:-start)?\(",
     hlo_text,
   )
 

@@ -7,6 +7,7 @@ from helpers import grad_fn
 from helpers import make_problem
 from helpers import microbatches
 from helpers import train_large_batch
+import hlo as hlo_lib
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -44,11 +45,7 @@ def _sharded_problem(layout, axis_type, steps=3):
 
 
 def _collectives(hlo_text):
-  return re.findall(
-    r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)"
-    r"(?:-start)?\(",
-    hlo_text,
-  )
+  return hlo_lib.collectives(hlo_text)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
@@ -158,8 +155,7 @@ def test_deferred_reduction_matches_large_batch_and_reduces_once():
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
   # The one all-reduce of a gradient step lives in the emitting branch of
   # the conditional: the entry computation (every mini-step) has none.
-  entry = hlo[hlo.index("\nENTRY") :]
-  entry = entry[: entry.index("\n}")]
+  entry = hlo_lib.entry_computation(hlo)
   assert "all-reduce" not in entry
   assert "all-reduce" in hlo
 
