@@ -530,65 +530,52 @@ def accumulate(
   Each ``update`` is one mini-step: it adds the micro-batch gradient
   :math:`g_i`, weighted by :math:`w_i` (default 1), into ``acc_grads``. The
   k-th mini-step of a window emits
-  :math:`\bar g = \sum_{i=1}^{k} w_i g_i / \sum_{i=1}^{k} w_i`: with a
-  mean-reduced loss on k equal micro-batches of B/k samples, the gradient
-  of the batch of B.
+  :math:`\bar g = \sum_{i=1}^{k} w_i g_i / \sum_{i=1}^{k} w_i`, the gradient
+  of the large batch for a mean-reduced loss.
 
   * Exact form, ``accumulate(k, opt)``: the k-th mini-step emits
-    ``opt.update(g_bar, ...)``; mid-steps emit zeros and never run ``opt``
-    (a ``lax.cond``). :func:`optax_accum.chain` builds it from a chain.
+    ``opt.update(g_bar, ...)``; mid-steps emit zeros and never run ``opt``.
   * Chainable form, ``accumulate(k)``: emits zeros, then :math:`\bar g`.
 
   .. warning::
     ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mid-step's
-    zeros: Adam's moments, count and weight decay drift from large-batch
-    training (the ``optax.apply_every`` trap). Use the exact form.
+    zeros, so a stateful ``opt`` (Adam, weight decay) drifts from
+    large-batch training, as with ``optax.apply_every``. Use the exact form.
 
   Args:
-    every_k_schedule: micro-batches per window: an int in [1, 2**31 - 1], or
-      a callable ``gradient_step -> k`` (int32 scalar in, real scalar out,
-      traceable). A window takes k when it starts and keeps it
-      (``AccumulateState.every_k``). Callable values are rounded; below 1
-      or NaN means 1, beyond int32 means 2**31 - 1.
-    inner: an ``optax.GradientTransformation`` run once per window on
-      :math:`\bar g`, or None for the chainable form.
-    accumulator_dtype: dtype of ``acc_grads``. None: per leaf, float32
-      (complex64 for complex params) or the param dtype when wider. Else
-      float32, float64 (x64), bfloat16, ``"kahan_bfloat16"`` (bfloat16 sum
-      and Kahan error term), or a complex dtype; float16 and float8 are
-      rejected (their sums overflow).
+    every_k_schedule: micro-batches per window, an int in [1, 2**31 - 1] or
+      a traceable ``gradient_step -> k`` (rounded; below 1 or NaN means 1,
+      beyond int32 means 2**31 - 1). A window keeps the k it started with
+      (``AccumulateState.every_k``).
+    inner: an ``optax.GradientTransformation`` run once per window, or None.
+    accumulator_dtype: None (per leaf: float32, complex64 for complex
+      params, or the param dtype when wider), float32, float64, bfloat16,
+      ``"kahan_bfloat16"`` or a complex dtype. float16 and float8 are
+      rejected: their sums overflow.
     should_skip_update_fn: ``fn(updates, gradient_step, params) -> (skip,
-      skip_state)`` as in ``optax.MultiSteps``. A skipped micro-batch adds
-      no gradient, weight or mini-step. When given, a window whose sum is
-      not finite is discarded; without it, it is applied.
-    axis_name: inside ``jax.shard_map``/``jax.pmap``, the data-parallel
-      axis of ``jax.lax.psum``: pass each device's unreduced gradient; the
-      window's sum is reduced once, when it ends. Every micro-batch counts
-      as a mini-step there, so devices end windows together.
+      skip_state)``, as in ``optax.MultiSteps``: a skipped micro-batch adds
+      nothing. When given, a window whose sum is not finite is discarded.
+    axis_name: inside ``jax.shard_map``/``jax.pmap``, the data-parallel axis:
+      pass unreduced gradients; the sum is reduced once, when a window ends.
 
   Keyword arguments of ``update``:
     weight: a scalar >= 0, the items (tokens) the micro-batch's loss
-      averages over. A weight-0 micro-batch adds nothing (even NaN); a
-      window of total weight 0 takes no gradient step; a traced negative or
-      non-finite weight makes the update NaN.
+      averages over; weight 0 adds nothing (even NaN). A window of total
+      weight 0 takes no step; a bad traced weight makes the update NaN.
     flush: a bool scalar; true ends the window after this micro-batch.
-    value: the loss, for an ``inner`` that reads it
-      (``reduce_on_plateau``): ``inner`` gets the window's weighted mean.
-      Other keyword arguments reach ``inner`` from the last micro-batch.
+    value: the loss, for an ``inner`` that reads it: ``inner`` gets the
+      window's weighted mean. Other keywords reach ``inner`` as last passed.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with an
-    :class:`AccumulateState`. Outside ``jax.jit``, ``update`` compiles once
-    per input signature. ``update`` writes zero updates on mid-steps;
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`AccumulateState`. ``update`` writes zero updates on mid-steps;
     :func:`optax_accum.apply_gradients` does not.
 
   Raises:
-    TypeError: a bad ``every_k_schedule``, ``inner`` (a factory),
-      ``accumulator_dtype``, ``axis_name``, ``flush`` or ``weight`` type; a
-      non-float param or gradient leaf, or complex meeting real.
-    ValueError: ``every_k_schedule`` out of range; a nested accumulator;
-      updates of another structure or shape; a concrete ``weight`` < 0,
-      not finite in float32, or not a scalar.
+    TypeError: an argument of the wrong type (``inner=optax.adamw``, a
+      non-bool ``flush``), or a non-float param or gradient leaf.
+    ValueError: a value out of range (k, ``weight``, ``accumulator_dtype``),
+      a nested accumulator, or updates of another structure or shape.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
@@ -599,12 +586,11 @@ def accumulate(
     >>> u['w']  # mid-step: zeros, adamw not run
     Array([0., 0.], dtype=float32)
     >>> u, state = tx.update({'w': jnp.array([3.0, -1.0])}, state, params)
-    >>> bool(optax_accum.has_updated(state)), int(state.gradient_step)
-    (True, 1)
+    >>> int(state.gradient_step)
+    1
 
   References:
-    ``optax.MultiSteps``, ``optax.apply_every``; token-weighted mean:
-    Hugging Face transformers PR #34191.
+    ``optax.MultiSteps``; token-weighted mean: transformers PR #34191.
   """
   return Accumulator(
     every_k_schedule=every_k_schedule,
