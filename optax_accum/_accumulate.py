@@ -347,6 +347,8 @@ class Accumulator:
 
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
     inner_tx = self._inner_tx
+    if self.axis_name is not None:
+      _check_unchecked_shard_map(self.axis_name, updates)
     gradient_step = state.gradient_step
     # The k of the window in flight is held in the state; a window that has
     # not started takes the schedule's k now.
@@ -500,6 +502,47 @@ class Accumulator:
       inner_opt_state=inner_state,
     )
     return out, new_state
+
+
+def _varying_axes(x) -> frozenset:
+  """The mesh axes over which `x`'s type says it varies (check_vma)."""
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(getattr(manual, 'varying', ()) or ())
+
+
+def _check_unchecked_shard_map(axis_name, updates) -> None:
+  """Raises under shard_map(check_vma=True), which is not supported yet.
+
+  There, the gradient of an invariant (replicated) param is already summed
+  over the axis by shard_map's autodiff, so a second psum would multiply it
+  by the axis size, and per-device state makes the conditional's branches
+  disagree on types.
+  """
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  try:
+    checked = all(n in _varying_axes(lax.axis_index(n)) for n in names)
+  except NameError:  # no such mapped axis: psum will say so
+    return
+  if not checked:
+    return
+  invariant = [
+    jax.tree_util.keystr(path) or '(the root)'
+    for path, g in jax.tree.leaves_with_path(updates)
+    if not set(names) <= _varying_axes(g)
+  ]
+  detail = (
+    f' Here the gradients at {invariant[:3]} are invariant over {names}: '
+    'shard_map already summed them.'
+    if invariant
+    else ''
+  )
+  raise ValueError(
+    f'accumulate(..., axis_name={axis_name!r}) runs inside '
+    'jax.shard_map(check_vma=True), which it does not support yet.'
+    f'{detail} Write jax.shard_map(..., check_vma=False) with the state '
+    'stacked per device (in_specs/out_specs P(axis)), and pass each '
+    "device's local gradient, as tests/test_distributed.py does."
+  )
 
 
 @functools.lru_cache(maxsize=64)

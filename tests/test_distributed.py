@@ -207,3 +207,26 @@ def test_deferred_window_rejected_on_every_device_takes_no_step():
   assert int(state.gradient_step[0]) == 0
   assert not bool(state.has_updated[0])
   assert int(state.inner_opt_state[0].count[0]) == 0  # adamw not stepped
+
+
+@pytest.mark.parametrize("pcast", [False, True])
+def test_checked_shard_map_raises_instead_of_summing_twice(pcast):
+  mesh = _mesh((N_DEV,), ("data",), AxisType.Auto)
+  params, xs, ys = make_problem(steps=1, batch=N_DEV * 2, dim=8, out=4)
+  tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="data")
+
+  def local(params, state, x, y):
+    p = jax.lax.pcast(params, "data", to="varying") if pcast else params
+    return tx.update(grad_fn(p, x, y), state, params)
+
+  step = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P(), P(), P("data"), P("data")),
+    out_specs=(P(), P()),
+  )
+  match = r"check_vma=True.*not support" + (
+    "" if pcast else r".*invariant over \('data',\)"
+  )
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match=match):
+    jax.jit(step).lower(params, tx.init(params), xs[0], ys[0])
