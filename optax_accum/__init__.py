@@ -7,6 +7,7 @@ from optax_accum._apply import apply_gradients
 from optax_accum._chain import chain
 from optax_accum._checkpoint import restore_checkpoint
 from optax_accum._microbatch import microbatched_value_and_grad
+from optax_accum._vmap import share_counters
 
 __version__ = "0.2.0"
 
@@ -18,4 +19,5 @@ __all__ = (
   "has_updated",
   "microbatched_value_and_grad",
   "restore_checkpoint",
+  "share_counters",
 )
