@@ -50,15 +50,14 @@ def test_shared_counters_train_each_member_as_alone():
         params, state, x[:, m * n : (m + 1) * n], y[:, m * n : (m + 1) * n]
       )
   assert int(state.gradient_step) == 2
-  for i, (p, x_i, y_i) in enumerate(problems):
+  for i, (p0, x_i, y_i) in enumerate(problems):
     alone_tx = _tx()
-    s = alone_tx.init(p)
+    p, s = p0, alone_tx.init(p0)
     for x, y in zip(x_i, y_i):
       for xm, ym in microbatches(x, y, K):
         p, s = _step(alone_tx)(p, s, xm, ym)
-    chex.assert_trees_all_close(
-      jax.tree.map(lambda a: a[i], params), p, rtol=1e-5, atol=1e-6
-    )
+    member = jax.tree.map(lambda a, i=i: a[i], params)
+    chex.assert_trees_all_close(member, p, rtol=1e-5, atol=1e-6)
 
 
 def test_shared_counters_keep_the_conditional_under_vmap():
