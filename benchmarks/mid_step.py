@@ -16,7 +16,8 @@ Systems (AdamW, k=5, float32):
 Then the same inside one jitted `lax.scan` over a window of k micro-batch
 gradients (the scan of `acc += g` against the scan of `apply_gradients`),
 and under `jax.vmap` over an ensemble of 4 members (the vmapped `acc += g`
-against the vmapped `apply_gradients`).
+against the vmapped `apply_gradients`, with every counter batched and with
+`optax_accum.share_counters`).
 
   python benchmarks/mid_step.py [--sizes 2e7 5e7] [--rounds 7] [--device gpu]
 """
@@ -104,16 +105,22 @@ def scan_systems():
   }
 
 
-def vmap_systems():
+def vmap_systems(members):
   """An ensemble: every system vmapped over a leading member axis."""
   exact = optax_accum.chain(optax_accum.accumulate(K), optax.adamw(1e-3))
 
   def fused(params, state, grads):
     return optax_accum.apply_gradients(exact, grads, state, params)
 
+  def shared_init(members):
+    return optax_accum.share_counters(jax.vmap(exact.init)(members))[0]
+
+  _, axes = optax_accum.share_counters(jax.vmap(exact.init)(members))
+  shared = jax.vmap(fused, in_axes=(0, axes, 0), out_axes=(0, axes))
   return {
     "floor_vmap": (jax.vmap(floor_step), jax.vmap(optax.tree.zeros_like)),
     "fused_vmap": (jax.vmap(fused), jax.vmap(exact.init)),
+    "shared_vmap": (shared, shared_init),
   }
 
 
@@ -165,6 +172,12 @@ def main():
   parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
   parser.add_argument("--sizes", nargs="+", type=float, default=[2e7, 5e7])
   parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument(
+    "--parts",
+    nargs="+",
+    default=["step", "scan", "vmap"],
+    choices=["step", "scan", "vmap"],
+  )
   parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
   args = parser.parse_args()
   device = jax.devices(args.device)[0]
@@ -174,18 +187,23 @@ def main():
   for n in args.sizes:
     params = make_params(int(n))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
-    for row in bench(systems(), params, grads, args.rounds, K):
-      results.append({"params": int(n), **row})
+    if "step" in args.parts:
+      for row in bench(systems(), params, grads, args.rounds, K):
+        results.append({"params": int(n), **row})
     grads_k = jax.tree.map(lambda g: jnp.stack([g] * K), grads)
-    for row in bench(scan_systems(), params, grads_k, args.rounds, 1):
-      results.append({"params": int(n), **row})
+    if "scan" in args.parts:
+      for row in bench(scan_systems(), params, grads_k, args.rounds, 1):
+        results.append({"params": int(n), **row})
     # An ensemble of 4 members of n/4 params each.
     members = jax.tree.map(
       lambda p: jnp.stack([p] * 4), make_params(int(n) // 4)
     )
     member_grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), members)
-    for row in bench(vmap_systems(), members, member_grads, args.rounds, K):
-      results.append({"params": int(n), **row})
+    if "vmap" in args.parts:
+      for row in bench(
+        vmap_systems(members), members, member_grads, args.rounds, K
+      ):
+        results.append({"params": int(n), **row})
     print(f"done: {int(n):,} params", flush=True)
 
   print(
@@ -222,7 +240,8 @@ def main():
     "the vmapped acc += g)"
   )
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"mid_step_{args.device}.json")
+  suffix = "" if len(args.parts) == 3 else "_" + "_".join(args.parts)
+  path = os.path.join(args.out, f"mid_step_{args.device}{suffix}.json")
   with open(path, "w") as f:
     json.dump(
       {
