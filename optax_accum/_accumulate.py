@@ -521,8 +521,11 @@ def _check_unchecked_shard_map(axis_name, updates) -> None:
   names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
   try:
     checked = all(n in _varying_axes(lax.axis_index(n)) for n in names)
-  except NameError:  # no such mapped axis: psum will say so
-    return
+  except NameError as e:
+    raise NameError(
+      f'accumulate(..., axis_name={axis_name!r}): no mapped axis of that '
+      'name here. Call update inside jax.shard_map (or jax.pmap) over it.'
+    ) from e
   if not checked:
     return
   invariant = [

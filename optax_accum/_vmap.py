@@ -3,7 +3,6 @@
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from optax_accum import _accumulate
@@ -17,35 +16,37 @@ _SHARED = (
   'every_k',
   'has_updated',
   'acc_weight',
-  'acc_value',
 )
 
 
-def share_counters(opt_state: Any, axis: int = 0) -> tuple[Any, Any]:
+def share_counters(opt_state: Any) -> tuple[Any, Any]:
   """Splits an ensemble's optimizer state for ``jax.vmap``: shared counters.
 
   ``jax.vmap(tx.init)(members)`` stacks every field of the
-  :class:`optax_accum.AccumulateState` along ``axis``, so under
-  ``jax.vmap`` the window's end is a batched predicate and ``lax.cond``
-  becomes a select: the inner optimizer runs on every mini-step. When all
-  members see the same micro-batch schedule (no per-member ``weight``,
-  ``flush`` or skipped micro-batches), the counters are equal; this takes
-  them from member 0 and returns the ``in_axes``/``out_axes`` that keep
-  them unbatched, so the conditional stays a conditional.
+  :class:`optax_accum.AccumulateState` along axis 0, so under ``jax.vmap``
+  the window's end is a batched predicate and ``lax.cond`` becomes a
+  select: the inner optimizer runs on every mini-step. When all members
+  follow the same schedule, the counters are equal; this takes them from
+  member 0 and returns the ``in_axes``/``out_axes`` that keep them
+  unbatched, so the conditional stays a conditional. Pass ``weight`` and
+  ``flush`` unbatched (``in_axes=None``, one value for all members);
+  per-member ``value`` is fine.
 
   Args:
-    opt_state: a state stacked along ``axis`` (``jax.vmap(tx.init)``),
-      holding :class:`optax_accum.AccumulateState` nodes anywhere.
-    axis: the members' axis.
+    opt_state: a state stacked along axis 0 (``jax.vmap(tx.init)``), with
+      :class:`optax_accum.AccumulateState` nodes anywhere (for Flax NNX,
+      ``nnx.as_pure(optimizer.opt_state)``).
 
   Returns:
     ``(opt_state, axes)``: the state with the counters of every
-    ``AccumulateState`` unstacked, and a pytree prefix of ``axis`` and
-    ``None`` for ``jax.vmap``'s ``in_axes`` and ``out_axes``.
+    ``AccumulateState`` unstacked, and a pytree prefix of 0 and ``None``
+    for ``jax.vmap``'s ``in_axes`` and ``out_axes``.
 
   Raises:
-    ValueError: concrete counters that differ between members (they would
-      not stay shared), or a state with no ``AccumulateState``.
+    ValueError: concrete counters that differ between members; an
+      accumulator with ``should_skip_update_fn`` (each member decides its
+      own skips, so windows cannot end together: vmap without this); or a
+      state with no ``AccumulateState``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
@@ -73,12 +74,19 @@ def share_counters(opt_state: Any, axis: int = 0) -> tuple[Any, Any]:
   def unstack(node):
     if not is_acc(node):
       return node
+    if jax.tree.leaves(node.skip_state):
+      raise ValueError(
+        'share_counters: this accumulator has a should_skip_update_fn, '
+        'whose decision is per member, so the members\' windows cannot end '
+        'together. vmap the state as jax.vmap(tx.init) made it, without '
+        'share_counters.'
+      )
     shared = {}
     for name in _SHARED:
       value = getattr(node, name)
-      first = jnp.take(value, 0, axis=axis)
+      first = value[0]
       if not isinstance(value, _validate.Tracer) and not np.all(
-        np.asarray(value) == np.asarray(first)[None]
+        np.asarray(value) == np.asarray(first)
       ):
         raise ValueError(
           f'share_counters: the members disagree on `{name}` '
@@ -89,9 +97,9 @@ def share_counters(opt_state: Any, axis: int = 0) -> tuple[Any, Any]:
     return node._replace(**shared)
 
   def axes_of(node):
+    axes = jax.tree.map(lambda _: 0, node)
     if not is_acc(node):
-      return jax.tree.map(lambda _: axis, node)
-    axes = jax.tree.map(lambda _: axis, node)
+      return axes
     return axes._replace(**{name: None for name in _SHARED})
 
   state = jax.tree.map(unstack, opt_state, is_leaf=is_acc)

@@ -230,3 +230,24 @@ def test_checked_shard_map_raises_instead_of_summing_twice(pcast):
   )
   with jax.set_mesh(mesh), pytest.raises(ValueError, match=match):
     jax.jit(step).lower(params, tx.init(params), xs[0], ys[0])
+
+
+def test_an_axis_name_that_is_not_mapped_raises_naming_it():
+  mesh = _mesh((N_DEV,), ("data",), AxisType.Auto)
+  tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="model")
+  params = jnp.ones(2)
+  step = jax.shard_map(
+    lambda p, s: tx.update(p, s, p),
+    mesh=mesh,
+    in_specs=(P(), P()),
+    out_specs=(P(), P()),
+  )
+  with (
+    jax.set_mesh(mesh),
+    pytest.raises(
+      NameError,
+      match=r"'model'.*no "
+      r"mapped axis",
+    ),
+  ):
+    jax.jit(step).lower(params, tx.init(params))

@@ -89,3 +89,43 @@ def test_members_that_disagree_raise_naming_the_counter():
 def test_a_state_without_an_accumulator_raises():
   with pytest.raises(ValueError, match="no AccumulateState"):
     optax_accum.share_counters(optax.adam(1e-3).init(jnp.zeros(2)))
+
+
+def test_a_skip_function_is_refused_with_the_way_out():
+  tx = optax_accum.accumulate(
+    2, optax.sgd(0.1), should_skip_update_fn=optax.skip_not_finite
+  )
+  state = jax.vmap(tx.init)(jnp.zeros((2, 3)))
+  with pytest.raises(
+    ValueError,
+    match=r"should_skip_update_fn.*without "
+    r"share_counters",
+  ):
+    optax_accum.share_counters(state)
+
+
+def test_per_member_value_is_not_shared():
+  tx = optax_accum.chain(optax_accum.accumulate(2), optax.sgd(0.1))
+  members = jnp.zeros((3, 2))
+  state, axes = optax_accum.share_counters(jax.vmap(tx.init)(members))
+  step = jax.vmap(
+    lambda p, s, g, v: optax_accum.apply_gradients(tx, g, s, p, value=v),
+    in_axes=(0, axes, 0, 0),
+    out_axes=(0, axes),
+  )
+  values = jnp.array([1.0, 2.0, 3.0])
+  _, state = step(members, state, jnp.ones((3, 2)), values)
+  _, state = step(members, state, jnp.ones((3, 2)), 3 * values)
+  chex.assert_trees_all_close(state.acc_value, 2 * values)  # window means
+
+
+def test_chain_without_an_accumulator_refuses_weight_and_flush():
+  tx = optax_accum.chain(optax.clip(10.0), optax.sgd(1.0))
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"`flush`, `weight` is read by"):
+    optax_accum.apply_gradients(
+      tx, params, state, params, weight=5.0, flush=True
+    )
+  with pytest.raises(ValueError, match=r"`weight` is read by"):
+    tx.update(params, state, params, weight=0.0)
