@@ -37,21 +37,11 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import hlo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from step_cost import make_params  # noqa: E402
 
 import optax_accum  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 K = 5
-
-
-def make_params(n, key=0):
-  """A dict of float32 leaves, about n elements: 4 d^2 + d."""
-  d = max(8, int(round((n / 4) ** 0.5)))
-  keys = jax.random.split(jax.random.key(key), 4)
-  shapes = {"w1": (d, d), "w2": (d, d), "w3": (d, 2 * d), "b": (d,)}
-  return {
-    name: 0.01 * jax.random.normal(k, shape, jnp.float32)
-    for k, (name, shape) in zip(keys, shapes.items())
-  }
 
 
 def floor_step(params, acc, grads):

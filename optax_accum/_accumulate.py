@@ -151,6 +151,25 @@ def accumulate_states(tree) -> list[AccumulateState]:
   return [s for s in jax.tree.leaves(tree, is_leaf=is_acc) if is_acc(s)]
 
 
+def check_accumulator_args(extra_args, opt_state) -> None:
+  """Raises where ``weight``/``flush`` would be ignored: no accumulator.
+
+  Raises:
+    ValueError: ``weight`` or ``flush`` given (not None) while ``opt_state``
+      holds no :class:`AccumulateState`.
+  """
+  given = sorted(
+    k for k in ('weight', 'flush') if extra_args.get(k) is not None
+  )
+  if given and not accumulate_states(opt_state):
+    raise ValueError(
+      f'{", ".join(f"`{k}`" for k in given)} is read by '
+      'optax_accum.accumulate, but the optimizer holds no accumulator, so '
+      'it would be ignored. Build it as optax_accum.chain('
+      'optax_accum.accumulate(k), opt), or drop the argument.'
+    )
+
+
 def _is_plain_leaf(x) -> bool:
   return x is None or isinstance(
     x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
@@ -381,16 +400,17 @@ class Accumulator:
     if flush is not None:
       end = end | (flush & (mini_step > 0))
 
-    def inner_update(mean, inner_state, params, window_extra=None):
-      return inner_tx.update(
-        mean, inner_state, params, **(window_extra or extra_args)
-      )
+    def inner_update(mean, inner_state, params, window_extra):
+      return inner_tx.update(mean, inner_state, params, **window_extra)
 
     if apply:
       out_shape = None
     else:
       out_shape, _ = jax.eval_shape(
-        inner_update, updates, state.inner_opt_state, params
+        functools.partial(inner_update, window_extra=extra_args),
+        updates,
+        state.inner_opt_state,
+        params,
       )
 
     # The sum is formed outside the conditional, in one fused pass that XLA
@@ -529,7 +549,7 @@ def _check_unchecked_shard_map(axis_name, updates) -> None:
   if not checked:
     return
   invariant = [
-    jax.tree_util.keystr(path) or '(the root)'
+    _validate.leaf_name(path)
     for path, g in jax.tree.leaves_with_path(updates)
     if not set(names) <= _varying_axes(g)
   ]

@@ -12,6 +12,8 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
+from optax_accum import _validate
+
 KAHAN_BFLOAT16 = "kahan_bfloat16"
 
 AccumulatorDtype = Union[None, str, jax.typing.DTypeLike]
@@ -68,11 +70,6 @@ def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
   return jax.dtypes.canonicalize_dtype(dtype)
 
 
-def _where(path) -> str:
-  """A leaf's path for error messages; the root is named as such."""
-  return jax.tree_util.keystr(path) or '(the root: params is one array)'
-
-
 def default_accumulator_dtype(param_dtype: jnp.dtype) -> jnp.dtype:
   """float32, or the param dtype when it is wider (float64 under x64)."""
   param_dtype = jnp.dtype(param_dtype)
@@ -99,7 +96,7 @@ def init(params, accumulator_dtype):
     dtype = jnp.result_type(p)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-        f'The param at {_where(path)} has dtype {dtype}; '
+        f'The param at {_validate.leaf_name(path)} has dtype {dtype}; '
         'accumulate only takes floating-point params, because integer and '
         'boolean leaves have no gradient to accumulate. Filter them out of '
         'the params (for example with optax.masked or nnx.Param).'
@@ -113,7 +110,7 @@ def init(params, accumulator_dtype):
       acc_dtype = jnp.dtype(accumulator_dtype)
     if complex_param != jnp.issubdtype(acc_dtype, jnp.complexfloating):
       raise TypeError(
-        f'The param at {_where(path)} has dtype {dtype} but '
+        f'The param at {_validate.leaf_name(path)} has dtype {dtype} but '
         f'`accumulator_dtype` is {accumulator_dtype!r}: a real accumulator '
         'drops the imaginary part of a complex gradient, and a complex one '
         'is wasted on a real gradient. Leave accumulator_dtype=None (a '

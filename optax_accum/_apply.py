@@ -90,16 +90,7 @@ def apply_gradients(
   gated = _chain.chain_of(tx)
   if gated is not None:
     return gated.apply(grads, opt_state, params, **extra_args)
-  given = sorted(
-    {'weight', 'flush'} & {k for k, v in extra_args.items() if v is not None}
-  )
-  if given and not _accumulate.accumulate_states(opt_state):
-    raise ValueError(
-      f'{", ".join(f"`{k}`" for k in given)} is read by '
-      'optax_accum.accumulate, but `tx` holds no accumulator, so it would '
-      'be ignored. Build tx with optax_accum.chain(optax_accum.accumulate(k),'
-      ' opt), or drop the argument.'
-    )
+  _accumulate.check_accumulator_args(extra_args, opt_state)
   updates, opt_state = optax.with_extra_args_support(tx).update(
     grads, opt_state, params, **extra_args
   )

@@ -175,16 +175,7 @@ class Chain:
   def _dispatch(self, updates, state, params, extra_args, apply):
     # Concrete weights and flushes are checked here, where they can raise.
     extra_args = dict(extra_args)
-    given = sorted(
-      k for k in ('weight', 'flush') if extra_args.get(k) is not None
-    )
-    if given and not _accumulate.accumulate_states(state):
-      raise ValueError(
-        f'{", ".join(f"`{k}`" for k in given)} is read by '
-        'optax_accum.accumulate, but this chain holds no accumulator, so it '
-        'would be ignored. Add optax_accum.accumulate(k) to the chain, or '
-        'drop the argument.'
-      )
+    _accumulate.check_accumulator_args(extra_args, state)
     if extra_args.get('weight') is not None:
       extra_args['weight'] = _validate.check_weight(extra_args['weight'])
     if extra_args.get('flush') is not None:

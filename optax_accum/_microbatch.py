@@ -8,6 +8,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from optax_accum import _accumulator
+from optax_accum import _validate
 
 _REDUCTIONS = ('mean', 'sum')
 
@@ -22,7 +23,7 @@ def _split(batch, num_microbatches: int, argnum: int):
         f'microbatched_value_and_grad splits argument {argnum} '
         '(`batch_argnums`) along its leading axis into '
         f'num_microbatches={num_microbatches}, but the leaf at '
-        f'{jax.tree_util.keystr(path) or "(the root)"} has shape '
+        f'{_validate.leaf_name(path)} has shape '
         f'{x.shape}. Give every batch leaf a leading axis divisible by '
         'num_microbatches, or leave the argument out of batch_argnums.'
       )

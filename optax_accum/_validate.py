@@ -23,6 +23,11 @@ _F32_BELOW_2_31 = float(np.float32(2**31 - 128))
 ScheduleLike = Union[int, jax.Array, Callable[[jax.Array], Any]]
 
 
+def leaf_name(path) -> str:
+  """A leaf's path for error messages; a bare array is named the root."""
+  return jax.tree_util.keystr(path) or '(the root)'
+
+
 def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
@@ -160,7 +165,7 @@ def check_updates(updates, acc_grads) -> None:
   for (path, u), a in zip(
     jax.tree.leaves_with_path(updates), jax.tree.leaves(acc_grads)
   ):
-    where = jax.tree_util.keystr(path) or '(the root)'
+    where = leaf_name(path)
     if jnp.shape(u) != jnp.shape(a):
       raise ValueError(
         f'The update at {where} has shape {jnp.shape(u)}, but the '

@@ -3,6 +3,8 @@
 Import them with `from helpers import ...`; tests/conftest.py holds fixtures.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,3 +63,32 @@ def max_abs_diff(a, b):
     float(jnp.max(jnp.abs(x - y)))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
   )
+
+
+def counting_inner(calls):
+  """An identity transformation that appends to `calls` each time it runs
+  (a host callback, so it counts runs of compiled code too)."""
+
+  def update(updates, state, params=None):
+    del params
+    jax.debug.callback(lambda: calls.append(1))
+    return updates, state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Yields a list that grows by one per XLA backend compilation."""
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)

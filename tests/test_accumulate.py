@@ -4,6 +4,8 @@ import dataclasses
 import pickle
 
 import chex
+from helpers import count_compiles
+from helpers import counting_inner
 from helpers import grad_fn
 from helpers import make_problem
 from helpers import max_abs_diff
@@ -80,16 +82,7 @@ def test_chain_keeps_elements_before_the_accumulator_per_microbatch(problem):
 
 def test_mid_steps_do_not_run_the_inner_update():
   calls = []
-
-  def counting_update(updates, state, params=None):
-    del params
-    jax.debug.callback(lambda: calls.append(1))
-    return updates, state
-
-  inner = optax.GradientTransformation(
-    lambda p: optax.EmptyState(), counting_update
-  )
-  tx = optax_accum.accumulate(K, inner)
+  tx = optax_accum.accumulate(K, counting_inner(calls))
   params = jnp.zeros(3)
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -412,21 +405,11 @@ def test_eager_update_compiles_once_per_input_signature():
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
   grads = jax.tree.map(jnp.ones_like, params)
   state = tx.init(params)
-  compiles = []
-
-  def listen(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
+  with count_compiles() as compiles:
     counts = []
     for i in range(10):
       _, state = tx.update(grads, state, params, weight=float(i + 1))
       counts.append(len(compiles))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
   assert counts[0] <= 1
   assert counts[-1] == counts[0]  # no compilation after the first call
   assert int(state.gradient_step) == 3

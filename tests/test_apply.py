@@ -1,6 +1,7 @@
 """apply_gradients: the fused update-and-apply (issue 9)."""
 
 import chex
+from helpers import counting_inner
 from helpers import grad_fn
 from helpers import microbatches
 from helpers import train_large_batch
@@ -93,16 +94,7 @@ def test_weight_and_flush_reach_the_accumulator():
 
 def test_inner_update_runs_once_per_window():
   calls = []
-
-  def counting_update(updates, state, params=None):
-    del params
-    jax.debug.callback(lambda: calls.append(1))
-    return updates, state
-
-  inner = optax.GradientTransformation(
-    lambda p: optax.EmptyState(), counting_update
-  )
-  tx = optax_accum.accumulate(K, inner)
+  tx = optax_accum.accumulate(K, counting_inner(calls))
   params = jnp.zeros(3)
   state = tx.init(params)
   step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p))

@@ -1,6 +1,7 @@
 """Tests for optax_accum.chain."""
 
 import chex
+from helpers import count_compiles
 from helpers import train_accumulated
 from helpers import train_large_batch
 import jax
@@ -260,19 +261,9 @@ def test_eager_wrapped_chain_compiles_once(wrap):
   grads = {"w": jnp.ones((5, 4))}
   state = tx.init(params)
   _, state = tx.update(grads, state, params)  # compiles
-  compiles = []
-
-  def listen(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
+  with count_compiles() as compiles:
     for _ in range(6):
       _, state = tx.update(grads, state, params)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
   assert not compiles
   is_acc = lambda x: isinstance(x, optax_accum.AccumulateState)
   (acc_state,) = [

@@ -251,3 +251,35 @@ def test_an_axis_name_that_is_not_mapped_raises_naming_it():
     ),
   ):
     jax.jit(step).lower(params, tx.init(params))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_apply_gradients_on_a_mesh_keeps_shardings_and_numbers(axis_type):
+  mesh = _mesh((4, 2), ("data", "model"), axis_type)
+  with jax.set_mesh(mesh):
+    params = {
+      "w": jax.device_put(
+        jnp.ones((8, 6)), NamedSharding(mesh, P("data", "model"))
+      ),
+      "b": jax.device_put(jnp.ones(6), NamedSharding(mesh, P("model"))),
+    }
+    tx = optax_accum.chain(
+      optax.clip_by_global_norm(1.0),
+      optax_accum.accumulate(3),
+      optax.adamw(1e-2),
+    )
+
+    def two_lines(p, s, g):
+      updates, s = tx.update(g, s, p)
+      return optax.apply_updates(p, updates), s
+
+    fused = jax.jit(lambda p, s, g: optax_accum.apply_gradients(tx, g, s, p))
+    want_p, want_s = params, tx.init(params)
+    got_p, got_s = params, tx.init(params)
+    for i in range(6):
+      g = jax.tree.map(lambda p, i=i: p * (i + 1) * 0.1, params)
+      want_p, want_s = jax.jit(two_lines)(want_p, want_s, g)
+      got_p, got_s = fused(got_p, got_s, g)
+  chex.assert_trees_all_close(got_p, want_p, rtol=1e-6, atol=1e-7)
+  assert got_p["w"].sharding.spec == P("data", "model")
+  assert got_s[1].acc_grads["w"].sharding.spec == P("data", "model")
