@@ -151,6 +151,12 @@ def accumulate_states(tree) -> list[AccumulateState]:
   return [s for s in jax.tree.leaves(tree, is_leaf=is_acc) if is_acc(s)]
 
 
+def value_dtype(value) -> jnp.dtype:
+  """The dtype a window's mean `value` reaches inner in: the value's, or
+  float32 when that is narrower or an integer (a mean is not truncated)."""
+  return jnp.promote_types(jnp.result_type(value), jnp.float32)
+
+
 def check_accumulator_args(extra_args, opt_state) -> None:
   """Raises where ``weight``/``flush`` would be ignored: no accumulator.
 
@@ -477,7 +483,7 @@ class Accumulator:
       window_extra = dict(extra_args)
       if 'value' in extra_args:
         window_extra['value'] = (total_value / scale).astype(
-          jnp.result_type(extra_args['value'])
+          value_dtype(extra_args['value'])
         )
       out, new_inner = lax.cond(
         stepped,

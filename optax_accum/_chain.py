@@ -216,7 +216,7 @@ class Chain:
     rest_extra = dict(extra_args)
     if 'value' in extra_args:  # the window's weighted mean, as for inner
       rest_extra['value'] = acc_state.acc_value.astype(
-        jax.numpy.result_type(extra_args['value'])
+        _accumulate.value_dtype(extra_args['value'])
       )
 
     def run_rest(updates, rest_states, params):
@@ -270,6 +270,12 @@ def chain(
   at ``init`` from its state; the elements after it run under a
   ``lax.cond`` on its ``has_updated`` flag (zeros otherwise), which is
   exact too. Without an accumulator it is ``optax.chain(*transforms)``.
+
+  Schedules injected with ``optax.inject_hyperparams`` count the calls of
+  what they wrap: wrap the optimizer after the accumulator
+  (``chain(accumulate(k), optax.inject_hyperparams(optax.adamw)(...))``),
+  whose calls are gradient steps, not the whole chain, whose calls are
+  micro-batches.
 
   Args:
     *transforms: ``optax.GradientTransformation`` instances, at most one

@@ -71,8 +71,9 @@ def microbatched_value_and_grad(
     loss_fn: ``loss_fn(params, *args) -> (loss, weight)``, or with
       ``has_aux`` ``(loss, (weight, aux))``: ``loss`` a float scalar,
       ``weight`` a non-negative scalar, ``aux`` a pytree of float arrays
-      (metrics), averaged over the window with the same weights. Differentiated
-      with respect to its first argument.
+      (metrics), each a mean over its micro-batch: combined as
+      :math:`\sum_i w_i a_i / \sum_i w_i` under either ``reduction``.
+      Differentiated with respect to its first argument.
     num_microbatches: the number of micro-batches, a positive int.
     has_aux: whether ``loss_fn`` returns ``aux``.
     reduction: ``"mean"`` or ``"sum"``, how ``loss`` reduces over items.

@@ -336,3 +336,23 @@ def test_reduce_on_plateau_sees_the_window_loss():
   plateau = state.inner_opt_state
   np.testing.assert_allclose(plateau.best_value, 2.0)
   np.testing.assert_allclose(plateau.scale, 0.5)  # 3.0 did not improve
+
+
+@pytest.mark.parametrize("form", ["exact", "wrapped"])
+def test_an_integer_value_reaches_inner_as_an_untruncated_mean(form):
+  plateau = optax.contrib.reduce_on_plateau(patience=0, atol=1e-6, rtol=0.0)
+  acc = optax_accum.accumulate(2)
+  if form == "wrapped":
+    acc = optax.chain(optax.identity(), acc)
+  tx = optax_accum.chain(acc, optax.sgd(1.0), plateau)
+  params = jnp.ones(3)
+  state = tx.init(params)
+  for v in (3, 4):
+    params, state = optax_accum.apply_gradients(
+      tx, jnp.ones(3), state, params, value=v
+    )
+  is_plateau = lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
+  (plateau_state,) = [
+    s for s in jax.tree.leaves(state, is_leaf=is_plateau) if is_plateau(s)
+  ]
+  np.testing.assert_allclose(plateau_state.best_value, 3.5)

@@ -254,3 +254,18 @@ def test_argnum_beyond_the_arguments_raises():
   )
   with pytest.raises(ValueError, match=r"`batch_argnums` points at argument 2"):
     f(jnp.float32(1.0), jnp.ones(4))
+
+
+def test_sum_reduction_combines_aux_as_per_microbatch_means():
+  def loss_fn(w, x):
+    sq = (x * w) ** 2
+    return jnp.sum(sq), (x.shape[0], {"mean_sq": jnp.mean(sq)})
+
+  x = jnp.array([1.0, 1.0, 1.0, 3.0])
+  f = optax_accum.microbatched_value_and_grad(
+    loss_fn, 2, has_aux=True, reduction="sum"
+  )
+  (loss, aux), _, n = f(jnp.float32(1.0), x)
+  np.testing.assert_allclose(loss, 3.0)  # sum over items / items
+  np.testing.assert_allclose(aux["mean_sq"], 3.0)  # (2 * 1 + 2 * 5) / 4
+  assert float(n) == 4.0
