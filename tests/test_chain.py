@@ -279,3 +279,18 @@ def test_eager_chain_still_checks_a_concrete_weight():
   state = tx.init(jnp.zeros(2))
   with pytest.raises(ValueError, match=r"`weight` must be a finite number"):
     tx.update(jnp.ones(2), state, weight=-1.0)
+
+
+def test_schedule_injected_after_the_accumulator_counts_gradient_steps(
+  problem,
+):
+  params, xs, ys = problem
+  schedule = optax.linear_schedule(1e-2, 1e-3, len(xs))
+  opt = lambda: optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
+  tx = optax_accum.chain(optax_accum.accumulate(K), opt())
+  got, state = train_accumulated(tx, params, xs, ys, lambda i: K)
+  want, want_state = train_large_batch(opt(), params, xs, ys)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+    state.inner_opt_state.hyperparams, want_state.hyperparams
+  )
