@@ -7,9 +7,10 @@ from optax_accum._apply import apply_gradients
 from optax_accum._chain import chain
 from optax_accum._checkpoint import restore_checkpoint
 from optax_accum._microbatch import microbatched_value_and_grad
+from optax_accum._unreduced import unreduced_value_and_grad
 from optax_accum._vmap import share_counters
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = (
   "AccumulateState",
@@ -20,4 +21,5 @@ __all__ = (
   "microbatched_value_and_grad",
   "restore_checkpoint",
   "share_counters",
+  "unreduced_value_and_grad",
 )

@@ -8,10 +8,12 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
 from optax_accum import _accumulator
+from optax_accum import _deferral
 from optax_accum import _validate
 from optax_accum._validate import ScheduleLike
 from optax_accum._validate import Tracer
@@ -292,6 +294,27 @@ class Accumulator:
     acc_grads, acc_compensation = _accumulator.init(
       params, self.accumulator_dtype
     )
+    scalar_sharding = None
+    names = _deferral.layout_names(self.axis_name)
+    if names is not None:  # per-device sums, typed unreduced over the axis
+      if acc_compensation is not None:
+        raise ValueError(
+          f'accumulator_dtype={self.accumulator_dtype!r} with '
+          f'axis_name={self.axis_name!r} on a mesh is not supported: the '
+          'compensated sum needs operations an unreduced (per-device) sum '
+          'does not allow. Use jnp.bfloat16 or None (float32).'
+        )
+      acc_grads = jax.tree.map_with_path(
+        lambda path, p, a: _deferral.unreduced_zeros(
+          p, a.dtype, names, _validate.leaf_name(path)
+        ),
+        params,
+        acc_grads,
+      )
+      scalar_sharding = P(unreduced=frozenset(names))
+    sum_scalar = lambda: jnp.zeros(
+      [], jnp.float32, out_sharding=scalar_sharding
+    )
     gradient_step = jnp.zeros([], jnp.int32)
     _, skip_state = self._skip(
       optax.tree.zeros_like(params), gradient_step, params
@@ -309,8 +332,8 @@ class Accumulator:
       every_k=self._schedule(gradient_step),
       acc_grads=acc_grads,
       acc_compensation=acc_compensation,
-      acc_weight=jnp.zeros([], jnp.float32),
-      acc_value=jnp.zeros([], jnp.float32),
+      acc_weight=sum_scalar(),
+      acc_value=sum_scalar(),
       has_updated=jnp.zeros([], jnp.bool_),
       num_rejected=jnp.zeros([], jnp.int32),
       grad_norm=jnp.zeros([], jnp.float32),
@@ -372,8 +395,17 @@ class Accumulator:
 
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
     inner_tx = self._inner_tx
+    deferral = None
     if self.axis_name is not None:
-      _check_unchecked_shard_map(self.axis_name, updates)
+      deferral = _deferral.Deferral(
+        _deferral.axis_names(self.axis_name),
+        _deferral.mode_of(self.axis_name),
+      )
+      deferral.check(updates, state, weight, flush, extra_args.get('value'))
+    # With a typed (unreduced) accumulator a micro-batch's gradient is known
+    # only as a per-device part until the window's one reduction, so
+    # should_skip_update_fn judges the window's mean, once, at its end.
+    typed = deferral is not None and deferral.typed
     gradient_step = state.gradient_step
     # The k of the window in flight is held in the state; a window that has
     # not started takes the schedule's k now.
@@ -381,7 +413,10 @@ class Accumulator:
       state.mini_step == 0, self._schedule(gradient_step), state.every_k
     )
 
-    skip, skip_state = self._skip(updates, gradient_step, params)
+    if typed:
+      skip, skip_state = jnp.zeros([], jnp.bool_), state.skip_state
+    else:
+      skip, skip_state = self._skip(updates, gradient_step, params)
     skip = jnp.asarray(skip)
     if skip.shape != () or skip.dtype != jnp.bool_:
       raise ValueError(
@@ -390,13 +425,20 @@ class Accumulator:
       )
     accept = jnp.logical_not(skip)
     step_weight = jnp.ones([], jnp.float32) if weight is None else weight
-    acc_weight = state.acc_weight + jnp.where(accept, step_weight, 0.0)
+    # A scalar term added to the running sums: masked where rejected, and
+    # in a typed accumulator this device's part of the total.
+    term = lambda x: (
+      deferral.scalar_term(x) if typed else jnp.where(accept, x, 0.0)
+    )
+    acc_weight = state.acc_weight + term(step_weight)
     # Holds the last window's mean value until the next window starts.
-    acc_value = jnp.where(state.mini_step == 0, 0.0, state.acc_value)
+    acc_value = jnp.where(
+      state.mini_step == 0, jnp.zeros_like(state.acc_value), state.acc_value
+    )
     if 'value' in extra_args:  # the window's weighted mean reaches inner
       value = jnp.asarray(extra_args['value'], jnp.float32)
-      acc_value = acc_value + jnp.where(
-        accept & (step_weight > 0), step_weight * value, 0.0
+      acc_value = acc_value + term(
+        jnp.where(step_weight > 0, step_weight * value, 0.0)
       )
     if self.axis_name is None:
       mini_step = state.mini_step + accept.astype(jnp.int32)
@@ -413,11 +455,25 @@ class Accumulator:
       out_shape = None
     else:
       out_shape, _ = jax.eval_shape(
-        functools.partial(inner_update, window_extra=extra_args),
+        lambda u, s, p: inner_update(
+          u if deferral is None else jax.tree.map(deferral.reduce_like, u),
+          s,
+          p,
+          extra_args,
+        ),
         updates,
         state.inner_opt_state,
         params,
       )
+
+    def zeros_out():
+      if typed:
+        return jax.tree.map(
+          lambda o, g: deferral.zeros_like_reduced(o.shape, o.dtype, g),
+          out_shape,
+          updates,
+        )
+      return _zeros_like_output(out_shape, updates)
 
     # The sum is formed outside the conditional, in one fused pass that XLA
     # writes in place into the donated accumulator, and the conditional does
@@ -425,14 +481,21 @@ class Accumulator:
     # a full-size copy. A new window starts from its first accepted
     # micro-batch: the previous window's sum is overwritten in that same pass
     # (`fresh`) rather than zeroed on emission.
-    acc_grads, acc_compensation = _accumulator.add(
-      state.acc_grads,
-      state.acc_compensation,
-      updates,
-      weight,
-      accept,
-      fresh=state.mini_step == 0,
-    )
+    fresh = state.mini_step == 0
+    if typed:
+      acc_grads = _accumulator.add_unreduced(
+        state.acc_grads, updates, weight, fresh, deferral
+      )
+      acc_compensation = None
+    else:
+      acc_grads, acc_compensation = _accumulator.add(
+        state.acc_grads,
+        state.acc_compensation,
+        updates,
+        weight,
+        accept,
+        fresh=fresh,
+      )
 
     # With `apply`, the branches return the params instead of the updates:
     # updated in the stepping branch, passed through untouched otherwise, so
@@ -444,16 +507,18 @@ class Accumulator:
       del acc_sum, scale, window_extra
       if apply:
         return params, inner_state
-      return _zeros_like_output(out_shape, updates), inner_state
+      return zeros_out(), inner_state
 
-    def step(acc_sum, scale, inner_state, params, window_extra):
+    def mean_of(acc_sum, scale):
       # A multiply, which XLA duplicates into each consumer fusion; a divide
       # it would compute once into a full-size temporary.
       inv = 1.0 / scale
       mean = jax.tree.map(lambda a: a * inv.astype(a.dtype), acc_sum)
-      mean = optax.tree.cast_like(mean, updates)
+      return optax.tree.cast_like(mean, updates)
+
+    def step(acc_sum, scale, inner_state, params, window_extra):
       new_updates, new_inner = inner_update(
-        mean, inner_state, params, window_extra
+        mean_of(acc_sum, scale), inner_state, params, window_extra
       )
       new_inner = jax.tree.map(
         lambda new, old: jnp.asarray(new, dtype=jnp.asarray(old).dtype),
@@ -464,13 +529,13 @@ class Accumulator:
         return optax.apply_updates(params, new_updates), new_inner
       return new_updates, new_inner
 
-    def end_branch(acc, inner_state, params, grad_norm):
+    def end_branch(acc, inner_state, params, grad_norm, skip_state):
       del grad_norm
       acc_sum = _accumulator.total(*acc)
       total_weight, total_value = acc_weight, acc_value
-      if self.axis_name is not None:  # the one reduction of the window
-        acc_sum, total_weight, total_value = lax.psum(
-          (acc_sum, acc_weight, acc_value), self.axis_name
+      if deferral is not None:  # the one reduction of the window
+        acc_sum, total_weight, total_value = deferral.reduce(
+          (acc_sum, acc_weight, acc_value)
         )
       # A window of total weight 0 (every micro-batch weighted 0, or with
       # axis_name, rejected everywhere) takes no gradient step.
@@ -478,7 +543,15 @@ class Accumulator:
       scale = jnp.where(stepped, total_weight, 1.0)
       # |mean| = |sum| / weight: one read of the sum, no temporary.
       grad_norm = _float32_norm(acc_sum) / scale
-      if self.should_skip_update_fn is not None:
+      rejected = jnp.zeros([], jnp.bool_)
+      if typed and self.should_skip_update_fn is not None:
+        rejected, skip_state = self._skip(
+          mean_of(acc_sum, scale), gradient_step, params
+        )
+        rejected = jnp.asarray(rejected) & stepped
+        skip_state = _strong_types(skip_state)
+        stepped = stepped & ~rejected
+      elif self.should_skip_update_fn is not None:
         stepped = stepped & _all_finite(acc_sum)
       window_extra = dict(extra_args)
       if 'value' in extra_args:
@@ -494,84 +567,65 @@ class Accumulator:
         inner_state,
         params,
       )
-      return out, new_inner, grad_norm, stepped, total_value / scale
+      mean_value = total_value / scale
+      if typed:  # stored in the unreduced slot, logical value kept
+        mean_value = deferral.global_scalar(mean_value)
+      return (
+        out,
+        new_inner,
+        grad_norm,
+        stepped,
+        mean_value,
+        skip_state,
+        rejected,
+      )
 
-    def mid_branch(acc, inner_state, params, grad_norm):
+    def mid_branch(acc, inner_state, params, grad_norm, skip_state):
       del acc
-      out = params if apply else _zeros_like_output(out_shape, updates)
-      return (out, inner_state, grad_norm, jnp.zeros([], jnp.bool_), acc_value)
+      out = params if apply else zeros_out()
+      return (
+        out,
+        inner_state,
+        grad_norm,
+        jnp.zeros([], jnp.bool_),
+        acc_value,
+        skip_state,
+        jnp.zeros([], jnp.bool_),
+      )
 
-    out, inner_state, grad_norm, stepped, acc_value = lax.cond(
-      end,
-      end_branch,
-      mid_branch,
-      (acc_grads, acc_compensation),
-      state.inner_opt_state,
-      params,
-      state.grad_norm,
+    out, inner_state, grad_norm, stepped, acc_value, skip_state, rejected = (
+      lax.cond(
+        end,
+        end_branch,
+        mid_branch,
+        (acc_grads, acc_compensation),
+        state.inner_opt_state,
+        params,
+        state.grad_norm,
+        _strong_types(skip_state),
+      )
     )
     gradient_step = jnp.where(
       stepped, optax.safe_increment(gradient_step), gradient_step
     )
+    num_rejected = state.num_rejected + skip.astype(jnp.int32)
+    if typed:  # a rejected window rejects all its micro-batches
+      num_rejected = num_rejected + jnp.where(rejected, mini_step, 0)
     new_state = AccumulateState(
       mini_step=jnp.where(end, 0, mini_step),
       gradient_step=gradient_step,
       every_k=jnp.where(end, self._schedule(gradient_step), k),
       acc_grads=acc_grads,
       acc_compensation=acc_compensation,
-      acc_weight=jnp.where(end, 0.0, acc_weight),
+      acc_weight=jnp.where(end, jnp.zeros_like(acc_weight), acc_weight),
       acc_value=acc_value,
       has_updated=stepped,
-      num_rejected=state.num_rejected + skip.astype(jnp.int32),
+      num_rejected=num_rejected,
       grad_norm=grad_norm,
-      skip_state=_strong_types(skip_state),
+      skip_state=skip_state,
       inner_opt_state=inner_state,
     )
     return out, new_state
-
-
-def _varying_axes(x) -> frozenset:
-  """The mesh axes over which `x`'s type says it varies (check_vma)."""
-  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
-  return frozenset(getattr(manual, 'varying', ()) or ())
-
-
-def _check_unchecked_shard_map(axis_name, updates) -> None:
-  """Raises under shard_map(check_vma=True), which is not supported yet.
-
-  There, the gradient of an invariant (replicated) param is already summed
-  over the axis by shard_map's autodiff, so a second psum would multiply it
-  by the axis size, and per-device state makes the conditional's branches
-  disagree on types.
-  """
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  try:
-    checked = all(n in _varying_axes(lax.axis_index(n)) for n in names)
-  except NameError as e:
-    raise NameError(
-      f'accumulate(..., axis_name={axis_name!r}): no mapped axis of that '
-      'name here. Call update inside jax.shard_map (or jax.pmap) over it.'
-    ) from e
-  if not checked:
-    return
-  invariant = [
-    _validate.leaf_name(path)
-    for path, g in jax.tree.leaves_with_path(updates)
-    if not set(names) <= _varying_axes(g)
-  ]
-  detail = (
-    f' Here the gradients at {invariant[:3]} are invariant over {names}: '
-    'shard_map already summed them.'
-    if invariant
-    else ''
-  )
-  raise ValueError(
-    f'accumulate(..., axis_name={axis_name!r}) runs inside '
-    'jax.shard_map(check_vma=True), which it does not support yet.'
-    f'{detail} Write jax.shard_map(..., check_vma=False) with the state '
-    'stacked per device (in_specs/out_specs P(axis)), and pass each '
-    "device's local gradient, as tests/test_distributed.py does."
-  )
 
 
 @functools.lru_cache(maxsize=64)

@@ -198,3 +198,22 @@ def total(acc_grads, acc_compensation):
     acc_grads,
     acc_compensation,
   )
+
+
+def add_unreduced(acc_grads, updates, weight, fresh, deferral):
+  """`add` for an accumulator typed unreduced (see `_deferral`).
+
+  Every micro-batch is accepted (rejection is per window there); the
+  weighted gradient becomes this device's partial sum and is added with the
+  linear operations an unreduced array allows.
+  """
+
+  def one(acc, g):
+    g = g.astype(acc.dtype)
+    if weight is not None:
+      w = deferral.reduced_scale(weight).astype(acc.dtype)
+      g = jnp.where(weight > 0, g * w, jnp.zeros_like(g))
+    g = deferral.contribution(g)
+    return jnp.where(fresh, g, acc + g)
+
+  return jax.tree.map(one, acc_grads, updates)

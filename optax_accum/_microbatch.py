@@ -145,6 +145,49 @@ def microbatched_value_and_grad(
         f'but got {nums!r}.'
       )
 
+  sums = window_sums(
+    loss_fn,
+    num_microbatches,
+    has_aux=has_aux,
+    reduction=reduction,
+    batch_argnums=batch_argnums,
+    key_argnum=key_argnum,
+    unroll=unroll,
+  )
+
+  def value_and_grad(params, *args):
+    g_sum, w_sum, l_sum, a_sum = sums(params, *args)
+    denom = jnp.where(w_sum == 0, 1.0, w_sum)  # NaN stays NaN
+    grads = jax.tree.map(
+      lambda g, p: (g / denom.astype(g.dtype)).astype(jnp.result_type(p)),
+      g_sum,
+      params,
+    )
+    loss = l_sum / denom
+    if has_aux:
+      aux = jax.tree.map(lambda a: a / denom, a_sum)
+      return (loss, aux), grads, w_sum
+    return loss, grads, w_sum
+
+  return value_and_grad
+
+
+def window_sums(
+  loss_fn,
+  num_microbatches,
+  *,
+  has_aux,
+  reduction,
+  batch_argnums,
+  key_argnum,
+  unroll,
+):
+  """The checked arguments of `microbatched_value_and_grad` to a function
+  returning the window's sums ``(sum_i w_i g_i, sum_i w_i, sum_i w_i L_i,
+  sum_i w_i aux_i)`` (``g_i``, ``L_i`` unweighted with ``reduction="sum"``),
+  the gradient sum in float32 or the param dtype when wider. Inside
+  ``shard_map(check_vma=True)`` the sums are typed varying where the
+  per-micro-batch terms are."""
   form = '(loss, (weight, aux))' if has_aux else '(loss, weight)'
 
   def weighted_loss(params, args):
@@ -177,7 +220,7 @@ def microbatched_value_and_grad(
 
   grad_fn = jax.grad(weighted_loss, has_aux=True)
 
-  def value_and_grad(params, *args):
+  def sums(params, *args):
     args = list(args)
     for name, n in [('batch_argnums', n) for n in batch_argnums] + (
       [] if key_argnum is None else [('key_argnum', key_argnum)]
@@ -228,22 +271,29 @@ def microbatched_value_and_grad(
       )
       return (g_sum, w_sum + weight, l_sum, a_sum), None
 
+    # Inside shard_map(check_vma=True) a sum varies across devices where its
+    # terms do: the initial carry takes the types of one step's output.
+    first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
+    out = jax.eval_shape(lambda c, x: body(c, x)[0], carry0, first)
+    carry0 = jax.tree.map(_vary_like, carry0, out)
     (g_sum, w_sum, l_sum, a_sum), _ = lax.scan(
       body, carry0, (jnp.arange(num_microbatches), split), unroll=unroll
     )
-    denom = jnp.where(w_sum == 0, 1.0, w_sum)  # NaN stays NaN
-    grads = jax.tree.map(
-      lambda g, p: (g / denom.astype(g.dtype)).astype(jnp.result_type(p)),
-      g_sum,
-      params,
-    )
-    loss = l_sum / denom
-    if has_aux:
-      aux = jax.tree.map(lambda a: a / denom, a_sum)
-      return (loss, aux), grads, w_sum
-    return loss, grads, w_sum
+    return g_sum, w_sum, l_sum, a_sum
 
-  return value_and_grad
+  return sums
+
+
+def _vary_like(x, like):
+  """`x` cast to varying over the mesh axes `like`'s type varies over."""
+  manual = getattr(like, 'manual_axis_type', None)
+  want = frozenset(getattr(manual, 'varying', ()) or ())
+  have = frozenset(
+    getattr(getattr(jax.typeof(x), 'manual_axis_type', None), 'varying', ())
+    or ()
+  )
+  missing = tuple(sorted(want - have))
+  return lax.pcast(x, missing, to='varying') if missing else x
 
 
 def _first_outputs(weighted_loss, params, args, split, key, key_argnum):

@@ -1,0 +1,306 @@
+"""Deferred reduction over ``axis_name``: the accumulator's layout and the
+window's one reduction, in each of the places JAX runs SPMD code.
+
+With ``axis_name``, every device adds its own gradient to its own
+accumulator and the sums meet in one reduction when the window ends (the
+pattern of PyTorch's ``no_sync`` and MaxText's ``unreduced`` gradient
+accumulation, MaxText PR #5099). JAX 0.10 gives the per-device sums a type:
+an array *unreduced* over an axis holds, on each device, a partial sum whose
+logical value is the sum over the axis. Three modes, chosen at trace time
+from where ``update`` runs:
+
+- ``CHECKED``: inside ``jax.shard_map`` with ``check_vma=True`` (JAX's
+  default) over a mesh whose ``axis_name`` axes are Explicit. Gradients
+  arrive *varying* (each device's own; the params were ``pcast`` to
+  varying). ``acc_grads``, ``acc_weight`` and ``acc_value`` are unreduced;
+  the counters and ``inner_opt_state`` are invariant (the same on every
+  device); ``lax.psum`` in the emitting branch is the reduction.
+- ``MESH``: plain ``jax.jit`` under ``jax.set_mesh`` with Explicit axes.
+  Gradients arrive as global arrays typed unreduced over ``axis_name`` (from
+  :func:`optax_accum.unreduced_value_and_grad`), and ``weight`` and
+  ``value`` are global. ``jax.reshard`` to the param's partitioning in the
+  emitting branch is the reduction.
+- ``UNCHECKED``: inside ``jax.shard_map(check_vma=False)`` or ``jax.pmap``,
+  where JAX does not type per-device values: the state is stacked per
+  device by the caller and ``lax.psum`` in the emitting branch reduces.
+
+``CHECKED`` and ``MESH`` share one state layout, made by ``init`` under
+``jax.set_mesh``: a state made for one runs in the other.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from optax_accum import _validate
+
+CHECKED = 'checked'
+MESH = 'mesh'
+UNCHECKED = 'unchecked'
+
+
+def axis_names(axis_name) -> tuple[str, ...]:
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _spec(x) -> Optional[P]:
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  return getattr(sharding, 'spec', None)
+
+
+def unreduced_axes(x) -> frozenset:
+  """The axes over which `x` is typed unreduced (global or in shard_map)."""
+  out = set()
+  spec = _spec(x)
+  if spec is not None:
+    out |= set(spec.unreduced)
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  out |= set(getattr(manual, 'unreduced', ()) or ())
+  return frozenset(out)
+
+
+def varying_axes(x) -> frozenset:
+  """The mesh axes over which `x`'s type says it varies (check_vma)."""
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(getattr(manual, 'varying', ()) or ())
+
+
+def layout_names(axis_name) -> Optional[tuple[str, ...]]:
+  """The axes of an unreduced layout for ``init``, or None.
+
+  ``init`` under ``jax.set_mesh`` (outside ``shard_map``) with every name of
+  ``axis_name`` an Explicit axis of the mesh makes ``acc_grads``,
+  ``acc_weight`` and ``acc_value`` unreduced over them.
+  """
+  if axis_name is None:
+    return None
+  names = axis_names(axis_name)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(n in mesh.manual_axes for n in names):
+    return None
+  if all(n in mesh.explicit_axes for n in names):
+    return names
+  return None
+
+
+def unreduced_zeros(p, dtype, names, where: str):
+  """Zeros shaped and partitioned like `p`, typed unreduced over `names`."""
+  spec = _spec(p) or P()
+  used = set()
+  for entry in spec:
+    used |= set(entry if isinstance(entry, tuple) else (entry,))
+  clash = used & set(names)
+  if clash:
+    raise ValueError(
+      f'The param at {where} is sharded over {sorted(clash)} (its '
+      f'sharding is {spec}), an axis of `axis_name`={names!r}. The '
+      'reduction over an axis a param is sharded on (FSDP) runs every '
+      'micro-batch, as a reduce-scatter, and cannot be deferred: defer only '
+      'the replica axis of an (replica, fsdp) mesh (HSDP), or drop '
+      '`axis_name`.'
+    )
+  return jnp.zeros(
+    jnp.shape(p), dtype, out_sharding=spec.update(unreduced=frozenset(names))
+  )
+
+
+def mode_of(axis_name) -> str:
+  """Which of CHECKED, MESH, UNCHECKED ``update`` runs in.
+
+  Raises:
+    NameError: no axis of that name in the current mesh, shard_map or pmap.
+    ValueError: the axis is an Auto axis of the mesh in plain jit, or a
+      shard_map over only some of the axes of ``axis_name``.
+  """
+  names = axis_names(axis_name)
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = [n in mesh.manual_axes for n in names]
+  if any(manual) and not all(manual):
+    raise ValueError(
+      f'accumulate(..., axis_name={axis_name!r}) runs in a shard_map over '
+      f'only some of those axes (manual here: {sorted(mesh.manual_axes)}). '
+      'Map over all of them, or name only the mapped ones.'
+    )
+  if not any(manual):
+    if not mesh.empty and all(n in mesh.axis_names for n in names):
+      auto = [n for n in names if n not in mesh.explicit_axes]
+      if auto:
+        raise ValueError(
+          f'accumulate(..., axis_name={axis_name!r}) runs under jax.jit on '
+          f'a mesh where {auto} are not Explicit axes; JAX types unreduced '
+          'gradients only over Explicit axes. Make the mesh with '
+          "jax.make_mesh(..., axis_types=(AxisType.Explicit, ...)) (the "
+          'default), or call update inside jax.shard_map over the axis.'
+        )
+      return MESH
+    try:  # jax.pmap's axes are not in the abstract mesh
+      for n in names:
+        lax.axis_index(n)
+    except NameError as e:
+      raise NameError(
+        f'accumulate(..., axis_name={axis_name!r}): no axis of that name '
+        'here. Call update inside jax.shard_map (or jax.pmap) over it, or '
+        'under jax.jit inside `with jax.set_mesh(mesh)` where it is an '
+        'Explicit mesh axis.'
+      ) from e
+    return UNCHECKED
+  checked = all(n in varying_axes(lax.axis_index(n)) for n in names)
+  return CHECKED if checked else UNCHECKED
+
+
+@dataclasses.dataclass(frozen=True)
+class Deferral:
+  """How one ``update`` types, adds and reduces its per-device sums."""
+
+  names: tuple[str, ...]
+  mode: str
+
+  @property
+  def typed(self) -> bool:
+    """Whether the accumulator is typed unreduced (CHECKED or MESH)."""
+    return self.mode != UNCHECKED
+
+  def check(self, updates, state, weight, flush, value) -> None:
+    """Raises where the inputs do not fit the mode, naming what to write.
+
+    Raises:
+      ValueError: a gradient of the wrong type (invariant in CHECKED, not
+        unreduced in MESH), a state whose accumulator is not unreduced, a
+        ``flush`` that varies across the axis, a ``weight`` or ``value``
+        typed unreduced.
+    """
+    if not self.typed:
+      return
+    names = set(self.names)
+    leaves = jax.tree.leaves_with_path(updates)
+    if self.mode == CHECKED:
+      bad = [
+        _validate.leaf_name(path)
+        for path, g in leaves
+        if not names <= varying_axes(g)
+      ]
+      if bad:
+        raise ValueError(
+          f'accumulate(..., axis_name={self.names!r}) inside '
+          'jax.shard_map(check_vma=True) takes each device\'s own '
+          f'gradient, but the gradients at {bad[:3]} are invariant over '
+          f'{self.names}: shard_map already summed them across devices, '
+          'which is the reduction that accumulation defers. Differentiate '
+          f'with respect to jax.lax.pcast(params, {self.names!r}, '
+          "to='varying') inside the shard_map."
+        )
+      if flush is not None and varying_axes(flush) & names:
+        raise ValueError(
+          f'`flush` varies across {sorted(varying_axes(flush) & names)}: '
+          'every device must end the window together, or the one '
+          'reduction waits forever. Compute flush from values that are '
+          'the same on every device (a step count), or lax.pmax it.'
+        )
+    else:
+      bad = [
+        _validate.leaf_name(path)
+        for path, g in leaves
+        if not names <= unreduced_axes(g)
+      ]
+      if bad:
+        raise ValueError(
+          f'accumulate(..., axis_name={self.names!r}) under jax.jit on a '
+          'mesh takes gradients typed unreduced over the axis (each '
+          'device holds its own partial sum), but the gradients at '
+          f'{bad[:3]} are {jax.typeof(_first(updates, bad))}: already '
+          'reduced. Compute them with optax_accum.unreduced_value_and_grad'
+          f'(loss_fn, axis_name={self.names!r}), or drop axis_name to '
+          'reduce every micro-batch.'
+        )
+      for name, x in (('weight', weight), ('value', value)):
+        if x is not None and unreduced_axes(x):
+          raise ValueError(
+            f'`{name}` is typed {jax.typeof(x)}; under jax.jit on a mesh it '
+            'is the global total of the micro-batch (a replicated scalar), '
+            'as optax_accum.unreduced_value_and_grad returns it.'
+          )
+    acc_leaves = jax.tree.leaves_with_path(state.acc_grads)
+    bad = [
+      _validate.leaf_name(path)
+      for path, a in acc_leaves
+      if not names <= unreduced_axes(a)
+    ]
+    if bad or not names <= unreduced_axes(state.acc_weight):
+      raise ValueError(
+        f'The accumulator state passed to update is not unreduced over '
+        f'{self.names} (at {bad[:3] or "acc_weight"}). Make it with '
+        'tx.init(params) inside `with jax.set_mesh(mesh)` (the mesh with '
+        f'Explicit axes {self.names}), and inside jax.shard_map pass it '
+        'with the specs of its types: in_specs/out_specs '
+        'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, opt_state).'
+      )
+
+  def contribution(self, x):
+    """A weighted per-device term, typed to add to an unreduced sum.
+
+    CHECKED: each device's own (varying) term becomes its partial sum
+    (``pcast`` to unreduced; no communication). MESH: already unreduced.
+    """
+    if self.mode != CHECKED:
+      return x
+    missing = tuple(n for n in self.names if n not in varying_axes(x))
+    if missing:  # the same on every device: each device's own term
+      x = lax.pcast(x, missing, to='varying')
+    return lax.pcast(x, self.names, to='unreduced')
+
+  def global_scalar(self, x):
+    """A replicated scalar as an unreduced one with the same logical value."""
+    if self.mode == MESH:
+      return jax.reshard(x, P(unreduced=frozenset(self.names)))
+    first = lax.axis_index(self.names) == 0
+    x = jnp.where(first, x, jnp.zeros_like(x))  # varying: one holds it
+    return lax.pcast(x, self.names, to='unreduced')
+
+  def scalar_term(self, x):
+    """A scalar term (weight, weight * value) to add to an unreduced sum:
+    each device's own in CHECKED, the global one in MESH."""
+    if self.mode == MESH:
+      return self.global_scalar(x)
+    return self.contribution(x)
+
+  def reduced_scale(self, w):
+    """A replicated scalar that may multiply an unreduced (MESH) array."""
+    if self.mode != MESH:
+      return w
+    return jax.reshard(w, P(reduced=frozenset(self.names)))
+
+  def reduce(self, tree):
+    """The window's one reduction: per-device sums to their total."""
+    if self.mode == MESH:
+      return jax.tree.map(
+        lambda x: jax.reshard(x, _spec(x).update(unreduced=frozenset())),
+        tree,
+      )
+    return lax.psum(tree, self.names)
+
+  def zeros_like_reduced(self, shape, dtype, g):
+    """Zeros typed like the emitted (reduced, invariant) update for `g`."""
+    if self.mode == MESH and jnp.shape(g) == tuple(shape):
+      spec = _spec(g).update(unreduced=frozenset())
+      return jnp.zeros(shape, dtype, out_sharding=spec)
+    return jnp.zeros(shape, dtype)
+
+  def reduce_like(self, g):
+    """`g` with the type the reduced sum of such values has (for shapes)."""
+    if self.mode == MESH:
+      return jax.reshard(g, _spec(g).update(unreduced=frozenset()))
+    if self.mode == CHECKED:
+      return lax.psum(g, self.names)
+    return g
+
+
+def _first(tree, names) -> Any:
+  for path, x in jax.tree.leaves_with_path(tree):
+    if _validate.leaf_name(path) == names[0]:
+      return x
+  return None
