@@ -99,7 +99,10 @@ def test_sharded_training_matches_unsharded_large_batch(layout):
   assert p["w"].sharding.is_equivalent_to(shardings["w"], 2)
 
 
-# Deferred reduction inside shard_map.
+# Deferred reduction inside shard_map(check_vma=False) (or jax.pmap), where
+# JAX does not type per-device values: the state is stacked per device. The
+# typed modes (JAX's default check_vma=True, plain jit) are in
+# tests/test_deferral.py.
 
 
 def _per_device(state):
@@ -209,29 +212,6 @@ def test_deferred_window_rejected_on_every_device_takes_no_step():
   assert int(state.inner_opt_state[0].count[0]) == 0  # adamw not stepped
 
 
-@pytest.mark.parametrize("pcast", [False, True])
-def test_checked_shard_map_raises_instead_of_summing_twice(pcast):
-  mesh = _mesh((N_DEV,), ("data",), AxisType.Auto)
-  params, xs, ys = make_problem(steps=1, batch=N_DEV * 2, dim=8, out=4)
-  tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="data")
-
-  def local(params, state, x, y):
-    p = jax.lax.pcast(params, "data", to="varying") if pcast else params
-    return tx.update(grad_fn(p, x, y), state, params)
-
-  step = jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=(P(), P(), P("data"), P("data")),
-    out_specs=(P(), P()),
-  )
-  match = r"check_vma=True.*not support" + (
-    "" if pcast else r".*invariant over \('data',\)"
-  )
-  with jax.set_mesh(mesh), pytest.raises(ValueError, match=match):
-    jax.jit(step).lower(params, tx.init(params), xs[0], ys[0])
-
-
 def test_an_axis_name_that_is_not_mapped_raises_naming_it():
   mesh = _mesh((N_DEV,), ("data",), AxisType.Auto)
   tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="model")
@@ -246,8 +226,7 @@ def test_an_axis_name_that_is_not_mapped_raises_naming_it():
     jax.set_mesh(mesh),
     pytest.raises(
       NameError,
-      match=r"'model'.*no "
-      r"mapped axis",
+      match=r"'model'.*no axis of that name",
     ),
   ):
     jax.jit(step).lower(params, tx.init(params))

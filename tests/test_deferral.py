@@ -1,0 +1,411 @@
+"""Deferred reduction with typed (unreduced) accumulators (issue 10):
+shard_map with JAX's default check_vma=True, plain jit on an Explicit mesh,
+HSDP. The check_vma=False mode with stacked state is in
+tests/test_distributed.py."""
+
+import chex
+from helpers import make_problem
+import hlo as hlo_lib
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_accum
+
+K = 4
+N_DEV = 8
+
+
+def masked_loss(p, x, y, m):
+  """A token-masked mean and its token count, the micro-batch's weight."""
+  err = jnp.sum((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2, -1)
+  n = jnp.sum(m)
+  return jnp.sum(err * m) / jnp.maximum(n, 1.0), n
+
+
+def _masked_problem(steps=2, batch=K * 16, seed=0):
+  params, xs, ys = make_problem(seed=seed, steps=steps, batch=batch, dim=8)
+  rng = np.random.default_rng(seed + 1)
+  ms = jnp.asarray(rng.random(xs.shape[:2]) < 0.6, jnp.float32)
+  return params, xs, ys, ms
+
+
+def _large_batch(opt, params, xs, ys, ms):
+  state = opt.init(params)
+  for x, y, m in zip(xs, ys, ms):
+    g = jax.grad(lambda p: masked_loss(p, x, y, m)[0])(params)
+    updates, state = opt.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def _specs(tree):
+  """Each leaf's PartitionSpec, read from its type (shard_map specs)."""
+  return jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+
+
+def _checked_step(tx, mesh, state, fused=True):
+  """A whole step in shard_map (check_vma=True), per-device weights."""
+
+  def local(p, s, x, y, m):
+    loss, n = masked_loss(p, x, y, m)
+    del loss
+    g = jax.grad(lambda q: masked_loss(q, x, y, m)[0])(
+      lax.pcast(p, "data", to="varying")
+    )
+    if fused:
+      return optax_accum.apply_gradients(tx, g, s, p, weight=n)
+    updates, s = tx.update(g, s, p, weight=n)
+    return optax.apply_updates(p, updates), s
+
+  specs = _specs(state)
+  return jax.jit(
+    jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(), specs, P("data"), P("data"), P("data")),
+      out_specs=(P(), specs),
+    ),
+    donate_argnums=1,
+  )
+
+
+def _run(step, params, state, xs, ys, ms, k=K, spec=P("data")):
+  p = params
+  for x, y, m in zip(xs, ys, ms):
+    for xm, ym, mm in zip(
+      jnp.split(x, k), jnp.split(y, k), jnp.split(m, k), strict=True
+    ):
+      args = [jax.device_put(a, spec) for a in (xm, ym, mm)]
+      p, state = step(p, state, *args)
+  return p, state, args
+
+
+def _entry_all_reduces(step, *args):
+  hlo = step.lower(*args).compile().as_text()
+  entry = hlo_lib.entry_computation(hlo)
+  return [line for line in entry.splitlines() if "all-reduce(" in line], hlo
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(
+  "make_tx",
+  [
+    lambda: optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data"),
+    lambda: optax_accum.chain(
+      optax_accum.accumulate(K, axis_name="data"), optax.adamw(1e-2)
+    ),
+  ],
+  ids=["exact", "chain"],
+)
+def test_checked_shard_map_is_exact_and_reduces_once_per_window(make_tx, fused):
+  params, xs, ys, ms = _masked_problem()
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = make_tx()
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    step = _checked_step(tx, mesh, state, fused)
+    p, state, args = _run(step, p, state, xs, ys, ms)
+    entry, hlo = _entry_all_reduces(step, p, state, *args)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  # Every mini-step runs the entry computation: no all-reduce there; the
+  # window's one all-reduce lives in the emitting branch.
+  assert entry == []
+  assert "all-reduce(" in hlo
+
+
+def test_checked_shard_map_raises_for_gradients_already_reduced():
+  params, xs, ys, ms = _masked_problem(steps=1)
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="data")
+
+  def local(p, s, x, y, m):  # no pcast: shard_map sums the gradient
+    g = jax.grad(lambda q: masked_loss(q, x, y, m)[0])(p)
+    return tx.update(g, s, p)
+
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    specs = _specs(state)
+    step = jax.shard_map(
+      local,
+      in_specs=(P(), specs, P("data"), P("data"), P("data")),
+      out_specs=(P(), specs),
+    )
+    x, y, m = (jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms))
+    with pytest.raises(
+      ValueError, match=r"invariant over.*jax\.lax\.pcast\(params"
+    ):
+      jax.jit(step).lower(params, state, x, y, m)
+
+
+def test_checked_shard_map_raises_for_a_state_made_without_the_mesh():
+  params, xs, ys, ms = _masked_problem(steps=1)
+  tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="data")
+  state = tx.init(params)  # no mesh set: a plain accumulator
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+
+  def local(p, s, x, y, m):
+    g = jax.grad(lambda q: masked_loss(q, x, y, m)[0])(
+      lax.pcast(p, "data", to="varying")
+    )
+    return tx.update(g, s, p)
+
+  with jax.set_mesh(mesh):
+    step = jax.shard_map(
+      local,
+      in_specs=(P(), P(), P("data"), P("data"), P("data")),
+      out_specs=(P(), P()),
+    )
+    x, y, m = (jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms))
+    with pytest.raises(ValueError, match=r"not unreduced.*jax\.set_mesh"):
+      jax.jit(step).lower(params, state, x, y, m)
+
+
+def test_checked_shard_map_flush_that_varies_raises_naming_flush():
+  params, xs, ys, ms = _masked_problem(steps=1)
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(4, optax.sgd(0.1), axis_name="data")
+
+  def local(p, s, x, y, m):
+    g = jax.grad(lambda q: masked_loss(q, x, y, m)[0])(
+      lax.pcast(p, "data", to="varying")
+    )
+    return tx.update(g, s, p, flush=jnp.sum(m) > 1)  # differs per device
+
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    specs = _specs(state)
+    step = jax.shard_map(
+      local,
+      in_specs=(P(), specs, P("data"), P("data"), P("data")),
+      out_specs=(P(), specs),
+    )
+    x, y, m = (jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms))
+    with pytest.raises(ValueError, match=r"`flush` varies across \['data'\]"):
+      jax.jit(step).lower(params, state, x, y, m)
+
+
+def test_checked_shard_map_flush_ends_a_partial_window_exactly():
+  params, xs, ys, ms = _masked_problem(steps=1, batch=2 * 16)
+  want = _large_batch(optax.sgd(0.1), params, xs, ys, ms)
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(4, optax.sgd(0.1), axis_name="data")
+
+  def local(p, s, x, y, m, flush):
+    _, n = masked_loss(p, x, y, m)
+    g = jax.grad(lambda q: masked_loss(q, x, y, m)[0])(
+      lax.pcast(p, "data", to="varying")
+    )
+    return optax_accum.apply_gradients(tx, g, s, p, weight=n, flush=flush)
+
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    specs = _specs(state)
+    step = jax.jit(
+      jax.shard_map(
+        local,
+        in_specs=(P(), specs, P("data"), P("data"), P("data"), P()),
+        out_specs=(P(), specs),
+      )
+    )
+    for i, (xm, ym, mm) in enumerate(
+      zip(jnp.split(xs[0], 2), jnp.split(ys[0], 2), jnp.split(ms[0], 2))
+    ):
+      args = [jax.device_put(a, P("data")) for a in (xm, ym, mm)]
+      p, state = step(p, state, *args, jnp.asarray(i == 1))
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  assert int(state.gradient_step) == 1 and int(state.mini_step) == 0
+
+
+def test_checked_shard_map_window_rejected_takes_no_step():
+  params, xs, ys, ms = _masked_problem(steps=1, batch=2 * 16)
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(
+    2,
+    optax.adamw(1e-2),
+    axis_name="data",
+    should_skip_update_fn=optax.skip_not_finite,
+  )
+  nan_x = xs.at[0, 5].set(jnp.nan)  # one device, one micro-batch
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    step = _checked_step(tx, mesh, state)
+    p, state, _ = _run(step, p, state, nan_x, ys, ms, k=2)
+  chex.assert_trees_all_equal(p, params)
+  assert int(state.gradient_step) == 0 and not bool(state.has_updated)
+  assert int(state.inner_opt_state[0].count) == 0  # adamw not stepped
+  assert int(state.num_rejected) == 2  # the window's two micro-batches
+
+
+def test_checked_shard_map_window_of_weight_zero_takes_no_step():
+  params, xs, ys, ms = _masked_problem(steps=1, batch=2 * 16)
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(2, optax.adamw(1e-2), axis_name="data")
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    step = _checked_step(tx, mesh, state)
+    p, state, _ = _run(step, p, state, xs, ys, 0 * ms, k=2)
+  chex.assert_trees_all_equal(p, params)
+  assert int(state.gradient_step) == 0
+  assert int(state.inner_opt_state[0].count) == 0
+
+
+# Plain jit on an Explicit mesh.
+
+
+def _mesh_step(tx, vg, fused=True):
+  @jax.jit
+  def step(p, s, x, y, m):
+    _, g, n = vg(p, x, y, m)
+    if fused:
+      return optax_accum.apply_gradients(tx, g, s, p, weight=n)
+    updates, s = tx.update(g, s, p, weight=n)
+    return optax.apply_updates(p, updates), s
+
+  return step
+
+
+LAYOUTS = {
+  # name: (mesh shape, axis names, axis_name, spec of w, spec of the batch)
+  "data_parallel": ((8,), ("data",), "data", P(), P("data")),
+  "hsdp": (
+    (2, 4),
+    ("replica", "fsdp"),
+    "replica",
+    P("fsdp"),
+    P(("replica", "fsdp")),
+  ),
+  "hsdp_replicated": (
+    (2, 4),
+    ("replica", "fsdp"),
+    "replica",
+    P(),
+    P(("replica", "fsdp")),
+  ),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_jit_on_a_mesh_is_exact_and_defers_the_axis_reduction(
+  layout, num_microbatches, fused
+):
+  shape, names, axis, w_spec, batch_spec = LAYOUTS[layout]
+  params, xs, ys, ms = _masked_problem()
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name=axis)
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, axis, num_microbatches, batch_argnums=(1, 2, 3)
+  )
+  mesh = jax.make_mesh(shape, names)
+  with jax.set_mesh(mesh):
+    p = {
+      "w": jax.device_put(params["w"], w_spec),
+      "b": jax.device_put(params["b"], P()),
+    }
+    state = tx.init(p)
+    step = _mesh_step(tx, vg, fused)
+    p, state, args = _run(step, p, state, xs, ys, ms, spec=batch_spec)
+    entry, _ = _entry_all_reduces(step, p, state, *args)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  assert p["w"].sharding.is_equivalent_to(NamedSharding(mesh, w_spec), 2)
+  assert state.acc_grads["w"].sharding.spec.unreduced == {axis}
+  # Every call: the scalar weights/losses over all devices and, on the
+  # (replica, fsdp) mesh, the bias over fsdp; nothing over the replica
+  # axis alone, which waits for the window's end.
+  n_axis = dict(zip(names, shape))[axis]
+  for line in entry:
+    groups = line[line.index("replica_groups=") :].split("}")[0]
+    first_group = groups.split("{")[-1].split(",")
+    assert len(first_group) != n_axis or n_axis == N_DEV, line
+    if len(first_group) == N_DEV:  # over every device: scalars only
+      assert " f32[] all-reduce(" in line, line
+
+
+def test_jit_on_a_mesh_with_unequal_tokens_per_device_is_the_global_mean():
+  params, xs, ys, _ = _masked_problem(steps=1)
+  # Device d of micro-batch i keeps a different share of its tokens.
+  rows = jnp.arange(xs.shape[1])
+  ms = ((rows % 16) < (rows // 16 + 1) * 3).astype(jnp.float32)[None]
+  want = _large_batch(optax.sgd(0.1), params, xs, ys, ms)
+  tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    p, state, _ = _run(_mesh_step(tx, vg), p, state, xs, ys, ms)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_jit_on_a_mesh_raises_for_reduced_gradients():
+  params, xs, ys, ms = _masked_problem(steps=1)
+  tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    g = jax.grad(lambda q: masked_loss(q, xs[0], ys[0], ms[0])[0])(p)
+    with pytest.raises(
+      ValueError, match=r"unreduced.*optax_accum\.unreduced_value_and_grad"
+    ):
+      jax.jit(tx.update)(g, state, p)
+
+
+def test_jit_on_an_auto_mesh_raises_saying_explicit():
+  params = {"w": jnp.ones(3)}
+  tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
+  mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"not Explicit axes.*AxisType"):
+      jax.jit(tx.update)(params, state, params)
+
+
+def test_init_raises_for_a_param_sharded_over_the_axis():
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
+  with jax.set_mesh(mesh):
+    params = {"w": jax.device_put(jnp.ones((8, 2)), P("data"))}
+    with pytest.raises(ValueError, match=r"\['w'\] is sharded over \['data'\]"):
+      tx.init(params)
+
+
+def test_init_raises_for_kahan_on_a_mesh():
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(
+    K, optax.sgd(0.1), axis_name="data", accumulator_dtype="kahan_bfloat16"
+  )
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="kahan_bfloat16"):
+    tx.init({"w": jnp.ones(3)})
+
+
+def test_one_state_runs_in_checked_shard_map_and_in_jit():
+  """The layout is shared: windows may alternate between the two modes."""
+  params, xs, ys, ms = _masked_problem()
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    checked = _checked_step(tx, mesh, state)
+    jitted = _mesh_step(tx, vg)
+    p, state, _ = _run(checked, p, state, xs[:1], ys[:1], ms[:1])
+    p, state, _ = _run(jitted, p, state, xs[1:], ys[1:], ms[1:])
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
