@@ -395,17 +395,12 @@ class Accumulator:
 
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
     inner_tx = self._inner_tx
-    deferral = None
-    if self.axis_name is not None:
-      deferral = _deferral.Deferral(
-        _deferral.axis_names(self.axis_name),
-        _deferral.mode_of(self.axis_name),
-      )
-      deferral.check(updates, state, weight, flush, extra_args.get('value'))
+    deferral = _deferral.of(self.axis_name)
+    deferral.check(updates, state, weight, flush, extra_args.get('value'))
     # With a typed (unreduced) accumulator a micro-batch's gradient is known
     # only as a per-device part until the window's one reduction, so
     # should_skip_update_fn judges the window's mean, once, at its end.
-    typed = deferral is not None and deferral.typed
+    typed = deferral.typed
     gradient_step = state.gradient_step
     # The k of the window in flight is held in the state; a window that has
     # not started takes the schedule's k now.
@@ -456,7 +451,7 @@ class Accumulator:
     else:
       out_shape, _ = jax.eval_shape(
         lambda u, s, p: inner_update(
-          u if deferral is None else jax.tree.map(deferral.reduce_like, u),
+          jax.tree.map(deferral.reduce_like, u),
           s,
           p,
           extra_args,
@@ -532,11 +527,10 @@ class Accumulator:
     def end_branch(acc, inner_state, params, grad_norm, skip_state):
       del grad_norm
       acc_sum = _accumulator.total(*acc)
-      total_weight, total_value = acc_weight, acc_value
-      if deferral is not None:  # the one reduction of the window
-        acc_sum, total_weight, total_value = deferral.reduce(
-          (acc_sum, acc_weight, acc_value)
-        )
+      # With axis_name, the one reduction of the window.
+      acc_sum, total_weight, total_value = deferral.reduce(
+        (acc_sum, acc_weight, acc_value)
+      )
       # A window of total weight 0 (every micro-batch weighted 0, or with
       # axis_name, rejected everywhere) takes no gradient step.
       stepped = total_weight != 0

@@ -34,7 +34,6 @@ from typing import Any, Optional
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from optax_accum import _validate
@@ -42,23 +41,23 @@ from optax_accum import _validate
 CHECKED = 'checked'
 MESH = 'mesh'
 UNCHECKED = 'unchecked'
+NONE = 'none'  # no axis_name: nothing to reduce
 
 
 def axis_names(axis_name) -> tuple[str, ...]:
   return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def _spec(x) -> Optional[P]:
+def _spec(x) -> P:
   sharding = getattr(jax.typeof(x), 'sharding', None)
-  return getattr(sharding, 'spec', None)
+  spec = getattr(sharding, 'spec', None)
+  return P() if spec is None else spec
 
 
 def unreduced_axes(x) -> frozenset:
   """The axes over which `x` is typed unreduced (global or in shard_map)."""
   out = set()
-  spec = _spec(x)
-  if spec is not None:
-    out |= set(spec.unreduced)
+  out |= set(_spec(x).unreduced)
   manual = getattr(jax.typeof(x), 'manual_axis_type', None)
   out |= set(getattr(manual, 'unreduced', ()) or ())
   return frozenset(out)
@@ -90,7 +89,7 @@ def layout_names(axis_name) -> Optional[tuple[str, ...]]:
 
 def unreduced_zeros(p, dtype, names, where: str):
   """Zeros shaped and partitioned like `p`, typed unreduced over `names`."""
-  spec = _spec(p) or P()
+  spec = _spec(p)
   used = set()
   for entry in spec:
     used |= set(entry if isinstance(entry, tuple) else (entry,))
@@ -161,9 +160,14 @@ class Deferral:
   mode: str
 
   @property
+  def shown(self):
+    """`axis_name` as the user wrote it, for messages."""
+    return self.names[0] if len(self.names) == 1 else self.names
+
+  @property
   def typed(self) -> bool:
     """Whether the accumulator is typed unreduced (CHECKED or MESH)."""
-    return self.mode != UNCHECKED
+    return self.mode in (CHECKED, MESH)
 
   def check(self, updates, state, weight, flush, value) -> None:
     """Raises where the inputs do not fit the mode, naming what to write.
@@ -186,12 +190,12 @@ class Deferral:
       ]
       if bad:
         raise ValueError(
-          f'accumulate(..., axis_name={self.names!r}) inside '
-          'jax.shard_map(check_vma=True) takes each device\'s own '
-          f'gradient, but the gradients at {bad[:3]} are invariant over '
-          f'{self.names}: shard_map already summed them across devices, '
-          'which is the reduction that accumulation defers. Differentiate '
-          f'with respect to jax.lax.pcast(params, {self.names!r}, '
+          f'accumulate(..., axis_name={self.shown!r}) inside '
+          "jax.shard_map(check_vma=True) takes each device's own "
+          f'gradient, but the gradients at {", ".join(bad[:3])} are '
+          f'invariant over {self.shown!r}: shard_map already summed them '
+          'across devices, which is the reduction that accumulation defers. Differentiate '
+          f'with respect to jax.lax.pcast(params, {self.shown!r}, '
           "to='varying') inside the shard_map."
         )
       if flush is not None and varying_axes(flush) & names:
@@ -209,12 +213,13 @@ class Deferral:
       ]
       if bad:
         raise ValueError(
-          f'accumulate(..., axis_name={self.names!r}) under jax.jit on a '
+          f'accumulate(..., axis_name={self.shown!r}) under jax.jit on a '
           'mesh takes gradients typed unreduced over the axis (each '
           'device holds its own partial sum), but the gradients at '
-          f'{bad[:3]} are {jax.typeof(_first(updates, bad))}: already '
-          'reduced. Compute them with optax_accum.unreduced_value_and_grad'
-          f'(loss_fn, axis_name={self.names!r}), or drop axis_name to '
+          f'{", ".join(bad[:3])} are typed '
+          f'{jax.typeof(_first(updates, bad))}: already reduced. Compute '
+          'them with optax_accum.unreduced_value_and_grad'
+          f'(loss_fn, axis_name={self.shown!r}), or drop axis_name to '
           'reduce every micro-batch.'
         )
       for name, x in (('weight', weight), ('value', value)):
@@ -233,9 +238,9 @@ class Deferral:
     if bad or not names <= unreduced_axes(state.acc_weight):
       raise ValueError(
         f'The accumulator state passed to update is not unreduced over '
-        f'{self.names} (at {bad[:3] or "acc_weight"}). Make it with '
-        'tx.init(params) inside `with jax.set_mesh(mesh)` (the mesh with '
-        f'Explicit axes {self.names}), and inside jax.shard_map pass it '
+        f'{self.shown!r} (at {", ".join(bad[:3]) or "acc_weight"}). Make '
+        'it with tx.init(params) inside `with jax.set_mesh(mesh)` (the '
+        f'mesh with Explicit axes {self.shown!r}), and inside jax.shard_map pass it '
         'with the specs of its types: in_specs/out_specs '
         'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, opt_state).'
       )
@@ -276,6 +281,8 @@ class Deferral:
 
   def reduce(self, tree):
     """The window's one reduction: per-device sums to their total."""
+    if self.mode == NONE:
+      return tree
     if self.mode == MESH:
       return jax.tree.map(
         lambda x: jax.reshard(x, _spec(x).update(unreduced=frozenset())),
@@ -297,6 +304,13 @@ class Deferral:
     if self.mode == CHECKED:
       return lax.psum(g, self.names)
     return g
+
+
+def of(axis_name) -> Deferral:
+  """The deferral of an ``update`` with this ``axis_name`` here."""
+  if axis_name is None:
+    return Deferral((), NONE)
+  return Deferral(axis_names(axis_name), mode_of(axis_name))
 
 
 def _first(tree, names) -> Any:

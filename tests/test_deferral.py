@@ -39,7 +39,7 @@ def _masked_problem(steps=2, batch=K * 16, seed=0):
 def _large_batch(opt, params, xs, ys, ms):
   state = opt.init(params)
   for x, y, m in zip(xs, ys, ms):
-    g = jax.grad(lambda p: masked_loss(p, x, y, m)[0])(params)
+    g = jax.grad(masked_loss, has_aux=True)(params, x, y, m)[0]
     updates, state = opt.update(g, state, params)
     params = optax.apply_updates(params, updates)
   return params
@@ -76,7 +76,8 @@ def _checked_step(tx, mesh, state, fused=True):
   )
 
 
-def _run(step, params, state, xs, ys, ms, k=K, spec=P("data")):
+def _run(step, params, state, xs, ys, ms, k=K, spec=None):
+  spec = P("data") if spec is None else spec
   p = params
   for x, y, m in zip(xs, ys, ms):
     for xm, ym, mm in zip(
