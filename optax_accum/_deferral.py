@@ -194,8 +194,8 @@ class Deferral:
           "jax.shard_map(check_vma=True) takes each device's own "
           f'gradient, but the gradients at {", ".join(bad[:3])} are '
           f'invariant over {self.shown!r}: shard_map already summed them '
-          'across devices, which is the reduction that accumulation defers. Differentiate '
-          f'with respect to jax.lax.pcast(params, {self.shown!r}, '
+          'across devices, which is the reduction that accumulation '
+          'defers. Differentiate with respect to jax.lax.pcast(params, {self.shown!r}, '
           "to='varying') inside the shard_map."
         )
       if flush is not None and varying_axes(flush) & names:
@@ -240,8 +240,8 @@ class Deferral:
         f'The accumulator state passed to update is not unreduced over '
         f'{self.shown!r} (at {", ".join(bad[:3]) or "acc_weight"}). Make '
         'it with tx.init(params) inside `with jax.set_mesh(mesh)` (the '
-        f'mesh with Explicit axes {self.shown!r}), and inside jax.shard_map pass it '
-        'with the specs of its types: in_specs/out_specs '
+        f'mesh with Explicit axes {self.shown!r}), and inside '
+        'jax.shard_map pass it with the specs of its types: in_specs/out_specs '
         'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, opt_state).'
       )
 
