@@ -195,8 +195,9 @@ class Deferral:
           f'gradient, but the gradients at {", ".join(bad[:3])} are '
           f'invariant over {self.shown!r}: shard_map already summed them '
           'across devices, which is the reduction that accumulation '
-          'defers. Differentiate with respect to jax.lax.pcast(params, {self.shown!r}, '
-          "to='varying') inside the shard_map."
+          'defers. Differentiate with respect to '
+          f"jax.lax.pcast(params, {self.shown!r}, to='varying') inside the "
+          'shard_map.'
         )
       if flush is not None and varying_axes(flush) & names:
         raise ValueError(
