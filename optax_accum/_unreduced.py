@@ -167,7 +167,11 @@ def unreduced_value_and_grad(
     ``unreduced``); MaxText PR #5099 (deferred data-parallel reduction);
     PyTorch FSDP2 ``set_requires_all_reduce`` (HSDP).
   """
-  names = _deferral.axis_names(axis_name)
+  names = (
+    _deferral.axis_names(axis_name)
+    if isinstance(axis_name, (str, tuple))
+    else ()
+  )
   if not (names and all(isinstance(n, str) and n for n in names)):
     raise TypeError(
       '`axis_name` must be a mesh axis name (str) or a tuple of them, but '
@@ -249,6 +253,19 @@ def unreduced_value_and_grad(
           )
         batch_axes = tuple(dict.fromkeys(batch_axes + lead))
 
+    for path, spec in jax.tree.leaves_with_path(
+      param_specs, is_leaf=lambda s: isinstance(s, P)
+    ):
+      other = {a for e in spec for a in _entry_axes(e)} - set(batch_axes)
+      if other:
+        raise ValueError(
+          f'The param at {_validate.leaf_name(path)} is sharded {spec}, over '
+          f'{sorted(other)}, which do not shard the batch: '
+          'unreduced_value_and_grad gathers params over the batch axes '
+          '(FSDP) only, and does not run tensor-parallel layers. Replicate '
+          'it over those axes, or compute the gradient in your own '
+          "jax.shard_map and pcast it to='unreduced'."
+        )
     sums = _microbatch.window_sums(
       sum_form,
       num_microbatches,

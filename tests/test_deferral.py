@@ -142,7 +142,8 @@ def test_checked_shard_map_raises_for_gradients_already_reduced():
     )
     x, y, m = (jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms))
     with pytest.raises(
-      ValueError, match=r"invariant over.*jax\.lax\.pcast\(params"
+      ValueError,
+      match=r"invariant over 'data'.*jax\.lax\.pcast\(params, 'data'",
     ):
       jax.jit(step).lower(params, state, x, y, m)
 

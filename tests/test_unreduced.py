@@ -1,0 +1,154 @@
+"""unreduced_value_and_grad: gradients unreduced over a mesh axis."""
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+import optax_accum
+
+N_DEV = 8
+
+
+def _problem(seed=0, batch=32):
+  rng = np.random.default_rng(seed)
+  params = {
+    "w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+  }
+  x = jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(batch, 4)), jnp.float32)
+  m = jnp.asarray(rng.random(batch) < 0.5, jnp.float32)
+  return params, x, y, m
+
+
+def mean_loss(p, x, y, m):
+  err = jnp.sum((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2, -1)
+  n = jnp.sum(m)
+  return jnp.sum(err * m) / jnp.maximum(n, 1.0), (n, {"err": jnp.mean(err)})
+
+
+def sum_loss(p, x, y, m):
+  err = jnp.sum((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2, -1)
+  return jnp.sum(err * m), (jnp.sum(m), {"err": jnp.mean(err)})
+
+
+MESHES = {
+  # name: (mesh shape, axis names, axis_name, spec of w, spec of the batch)
+  "data": ((8,), ("data",), "data", P(), P("data")),
+  "hsdp": (
+    (2, 4),
+    ("replica", "fsdp"),
+    "replica",
+    P("fsdp"),
+    P(("replica", "fsdp")),
+  ),
+}
+
+
+def _reduced(tree):
+  return jax.tree.map(
+    lambda g: jax.reshard(
+      g, jax.typeof(g).sharding.spec.update(unreduced=frozenset())
+    ),
+    tree,
+  )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_value_and_grad_is_the_global_token_weighted_mean(
+  mesh_name, num_microbatches, reduction
+):
+  shape, names, axis, w_spec, batch_spec = MESHES[mesh_name]
+  params, x, y, m = _problem()
+  loss_fn = mean_loss if reduction == "mean" else sum_loss
+  n = jnp.sum(m)
+
+  def global_loss(p):
+    err = jnp.sum((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2, -1)
+    return jnp.sum(err * m) / n
+
+  want_loss, want_g = jax.value_and_grad(global_loss)(params)
+  # aux: each device's micro-batch mean, weighted by its tokens.
+  err = jnp.sum((jnp.tanh(x @ params["w"] + params["b"]) - y) ** 2, -1)
+  parts = N_DEV * num_microbatches
+  means = jnp.mean(err.reshape(parts, -1), 1)
+  counts = jnp.sum(m.reshape(parts, -1), 1)
+  want_aux = jnp.sum(means * counts) / n
+
+  vg = optax_accum.unreduced_value_and_grad(
+    loss_fn,
+    axis,
+    num_microbatches,
+    has_aux=True,
+    reduction=reduction,
+    batch_argnums=(1, 2, 3),
+  )
+  with jax.set_mesh(jax.make_mesh(shape, names)):
+    p = {"w": jax.device_put(params["w"], w_spec), "b": params["b"]}
+    batch = [jax.device_put(a, batch_spec) for a in (x, y, m)]
+    (loss, aux), raw, weight = jax.jit(vg)(p, *batch)
+    g = jax.jit(_reduced)(raw)
+  for leaf in jax.tree.leaves(raw):
+    assert jax.typeof(leaf).sharding.spec.unreduced == {axis}
+  chex.assert_trees_all_close(g, want_g, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(aux["err"], want_aux, rtol=1e-5)
+  assert float(weight) == float(n)
+
+
+def test_a_batch_not_sharded_over_the_axis_raises_naming_it():
+  params, x, y, m = _problem()
+  vg = optax_accum.unreduced_value_and_grad(
+    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    with pytest.raises(
+      ValueError,
+      match=r"Argument 1 .*leading \(batch\) axis sharded over "
+      r"`axis_name`='data'",
+    ):
+      jax.jit(vg)(params, x, jax.device_put(y, P("data")), m)
+
+
+def test_without_a_mesh_raises_saying_how_to_call_it():
+  params, x, y, m = _problem()
+  vg = optax_accum.unreduced_value_and_grad(
+    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  )
+  with pytest.raises(ValueError, match=r"jax\.set_mesh.*Explicit"):
+    jax.jit(vg)(params, x, y, m)
+
+
+def test_a_param_sharded_over_the_axis_raises():
+  params, x, y, m = _problem()
+  vg = optax_accum.unreduced_value_and_grad(
+    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = {"w": jax.device_put(params["w"], P("data")), "b": params["b"]}
+    batch = [jax.device_put(a, P("data")) for a in (x, y, m)]
+    with pytest.raises(ValueError, match=r"\['w'\] is sharded .*'data'"):
+      jax.jit(vg)(p, *batch)
+
+
+@pytest.mark.parametrize("axis_name", [None, 3, ("data", 1), ""])
+def test_a_bad_axis_name_raises_naming_it(axis_name):
+  with pytest.raises(TypeError, match="`axis_name` must be"):
+    optax_accum.unreduced_value_and_grad(mean_loss, axis_name)
+
+
+def test_a_tensor_parallel_param_raises_saying_what_to_do():
+  params, x, y, m = _problem()
+  vg = optax_accum.unreduced_value_and_grad(
+    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((4, 2), ("data", "model"))):
+    p = {"w": jax.device_put(params["w"], P(None, "model")), "b": params["b"]}
+    batch = [jax.device_put(a, P("data")) for a in (x, y, m)]
+    with pytest.raises(ValueError, match=r"\['w'\].*\['model'\].*pcast"):
+      jax.jit(vg)(p, *batch)
