@@ -3,8 +3,10 @@
   python tests/multiprocess_worker.py PROCESS_ID PORT OUT.npz
 
 Trains the conftest regression problem with optax_accum's deferred
-reduction (axis_name='data') in a shard_map across both processes' 8
-devices, and saves the final params as this process sees them.
+reduction (axis_name='data') across both processes' 8 devices, once in a
+shard_map(check_vma=False) with stacked state and once under plain jit on
+an Explicit mesh with unreduced gradients, and saves the final params of
+both as this process sees them.
 """
 
 import os
@@ -88,8 +90,53 @@ def main():
         global_array(xm[lo * per_dev : hi * per_dev], P("data")),
         global_array(ym[lo * per_dev : hi * per_dev], P("data")),
       )
-  np.savez(out, **{k: np.asarray(v.addressable_data(0)) for k, v in p.items()})
+  saved = {k: np.asarray(v.addressable_data(0)) for k, v in p.items()}
+  saved.update({f"jit_{k}": v for k, v in train_under_jit(process_id).items()})
+  np.savez(out, **saved)
   jax.distributed.shutdown()
+
+
+def train_under_jit(process_id):
+  """The same training under plain jit on an Explicit mesh: gradients from
+  unreduced_value_and_grad, reduced once per window across processes."""
+  mesh = jax.make_mesh((8,), ("data",))  # Explicit axes
+  params, xs, ys = make_problem(steps=STEPS, batch=BATCH, dim=8, out=4)
+  tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
+
+  def loss(p, x, y):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2), x.shape[0]
+
+  vg = optax_accum.unreduced_value_and_grad(loss, "data", batch_argnums=(1, 2))
+
+  def global_array(local_data, spec):
+    return jax.make_array_from_process_local_data(
+      NamedSharding(mesh, spec), np.asarray(local_data)
+    )
+
+  with jax.set_mesh(mesh):
+    p = jax.tree.map(lambda a: global_array(a, P()), params)
+    state = tx.init(p)
+
+    @jax.jit
+    def step(p, state, x, y):
+      _, g, n = vg(p, x, y)
+      return optax_accum.apply_gradients(tx, g, state, p, weight=n)
+
+    micro = BATCH // K
+    per_proc = micro // 2
+    for x, y in zip(xs, ys):
+      for i in range(K):
+        rows = slice(
+          i * micro + process_id * per_proc,
+          i * micro + (process_id + 1) * per_proc,
+        )
+        p, state = step(
+          p,
+          state,
+          global_array(x[rows], P("data")),
+          global_array(y[rows], P("data")),
+        )
+  return {k: np.asarray(v.addressable_data(0)) for k, v in p.items()}
 
 
 if __name__ == "__main__":

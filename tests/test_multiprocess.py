@@ -65,6 +65,10 @@ def test_two_processes_train_like_one_large_batch(tmp_path):
   chex.assert_trees_all_equal(got[0], got[1])
   params, xs, ys = make_problem(steps=3, batch=64, dim=8, out=4)
   want, _ = train_large_batch(optax.adamw(1e-2), params, xs, ys)
-  chex.assert_trees_all_close(
-    got[0], {k: np.asarray(v) for k, v in want.items()}, rtol=1e-5, atol=1e-6
-  )
+  for prefix in ("", "jit_"):  # shard_map, then plain jit on the mesh
+    chex.assert_trees_all_close(
+      {k: got[0][prefix + k] for k in want},
+      {k: np.asarray(v) for k, v in want.items()},
+      rtol=1e-5,
+      atol=1e-6,
+    )
