@@ -1,19 +1,30 @@
 """Data-parallel accumulation on 8 devices: reduce every micro-batch or once.
 
-Runs a jitted `shard_map` train step on 8 host CPU devices (a stand-in for 8
-GPUs or hosts; the program is the same SPMD program) for a model of a few
-dict leaves, per-device micro-batches of 8 samples, AdamW, k in {1, 4, 16}:
+Runs a jitted train step (`optax_accum.apply_gradients`, AdamW, state
+donated) on 8 host CPU devices (a stand-in for 8 GPUs or hosts; the program
+is the same SPMD program) for a two-layer MLP, per-device micro-batches of 8
+samples, k in {1, 4, 16}:
 
-  per-micro-batch  psum the gradient on every micro-batch (what a train step
-                   that averages gradients across devices does), then
-                   optax_accum.accumulate(k, adamw) on the reduced gradient;
-  deferred         optax_accum.accumulate(k, adamw, axis_name='data') on the
-                   local gradient: one psum per window, in the emitting
-                   branch (PyTorch's no_sync).
+  per micro-batch     plain jit on a ("data",) mesh, `jax.grad` of the global
+                      loss (XLA all-reduces the gradient on every call),
+                      `accumulate(k, adamw)`;
+  shard_map deferral  `jax.shard_map` (check_vma=True, JAX's default), the
+                      gradient w.r.t. `pcast(params, 'data', to='varying')`,
+                      `accumulate(k, adamw, axis_name='data')`;
+  jit deferral        plain jit, `unreduced_value_and_grad(loss, 'data')`,
+                      `accumulate(k, adamw, axis_name='data')`;
+  HSDP per micro-batch / HSDP deferral
+                      a (replica=2, fsdp=4) mesh with the weight matrices
+                      sharded over fsdp: `jax.grad` of the global loss, or
+                      `unreduced_value_and_grad(loss, 'replica')` with
+                      `axis_name='replica'` (the fsdp reduce-scatter runs
+                      every micro-batch, the replica all-reduce once).
 
-Reports the median time per mini-step and the bytes all-reduced per window,
-read from the compiled HLO (all-reduce operands in the entry computation run
-every mini-step; those inside the conditional run once per window).
+Reports the median time per mini-step and the bytes all-reduced and
+reduce-scattered per window, read from the compiled HLO: collectives inside
+a conditional's branches run once per window (the emitting branch), all
+others on every mini-step. The scalar all-reduces of weights and losses are
+counted too.
 
   python benchmarks/scaling.py [--params 4e6]
 
@@ -29,14 +40,16 @@ os.environ["XLA_FLAGS"] = (
 )
 
 import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import functools
 import platform
+import re
 import statistics
 import sys
 import time
 
 import jax
+from jax import lax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
@@ -51,7 +64,7 @@ LOCAL_BATCH = 8
 
 
 def make_params(n):
-  d = max(8, int(round((n / 2) ** 0.5)))
+  d = max(8, 4 * int(round((n / 2) ** 0.5 / 4)))
   key1, key2 = jax.random.split(jax.random.key(0))
   return {
     "w1": 0.01 * jax.random.normal(key1, (d, d)),
@@ -65,33 +78,115 @@ def loss_fn(params, x, y):
   return jnp.mean((h @ params["w2"] - y) ** 2)
 
 
-def make_step(tx, mesh, deferred):
-  def local(params, state, x, y):
-    state = jax.tree.map(lambda a: a[0], state)
-    grads = jax.grad(loss_fn)(params, x, y)
-    if not deferred:
-      grads = jax.lax.pmean(grads, "data")
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), jax.tree.map(
-      lambda a: a[None], state
-    )
+def counted_loss(params, x, y):
+  return loss_fn(params, x, y), x.shape[0]
 
+
+def step_per_micro_batch(tx):
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    return optax_accum.apply_gradients(tx, grads, state, params)
+
+  return step
+
+
+def step_jit_deferral(tx, axis):
+  vg = optax_accum.unreduced_value_and_grad(
+    counted_loss, axis, batch_argnums=(1, 2)
+  )
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, x, y):
+    _, grads, n = vg(params, x, y)
+    return optax_accum.apply_gradients(tx, grads, state, params, weight=n)
+
+  return step
+
+
+def step_shard_map_deferral(tx, state):
+  def local(params, state, x, y):
+    grads = jax.grad(loss_fn)(lax.pcast(params, "data", to="varying"), x, y)
+    return optax_accum.apply_gradients(tx, grads, state, params)
+
+  specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, state)
   return jax.jit(
     jax.shard_map(
       local,
-      mesh=mesh,
-      in_specs=(P(), P("data"), P("data"), P("data")),
-      out_specs=(P(), P("data")),
-      check_vma=False,
+      in_specs=(P(), specs, P("data"), P("data")),
+      out_specs=(P(), specs),
     ),
-    donate_argnums=1,
+    donate_argnums=(0, 1),
   )
 
 
-def all_reduce_bytes(hlo_text):
-  """(bytes per mini-step, bytes per emission) from the compiled HLO."""
-  per_step = hlo.all_reduce_bytes(hlo.entry_computation(hlo_text))
-  return per_step, hlo.all_reduce_bytes(hlo_text) - per_step
+def _computations(hlo_text):
+  """{name: body} of every computation in HLO text."""
+  out = {}
+  for m in re.finditer(
+    r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S
+  ):
+    out[m.group(1)] = m.group(2)
+  return out
+
+
+def _branch_computations(comps):
+  """Names of the computations run only inside a conditional's branches."""
+  called = {
+    name: set(re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", b))
+    | set(re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", b))
+    | {
+      c.strip().lstrip("%")
+      for group in re.findall(r"branch_computations=\{([^}]*)\}", b)
+      for c in group.split(",")
+    }
+    for name, b in comps.items()
+  }
+  roots = set()
+  for b in comps.values():
+    roots |= set(
+      re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", b)
+    )
+    for group in re.findall(r"branch_computations=\{([^}]*)\}", b):
+      roots |= {c.strip().lstrip("%") for c in group.split(",")}
+  seen, todo = set(), list(roots)
+  while todo:
+    c = todo.pop()
+    if c in seen or c not in comps:
+      continue
+    seen.add(c)
+    todo.extend(called.get(c, ()))
+  return seen
+
+
+def _bytes(text, op):
+  n = 0
+  for line in text.splitlines():
+    m = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
+    if not m:
+      continue
+    for dtype, dims in re.findall(
+      r"(f32|s32|pred|bf16|f16|f64)\[([\d,]*)\]", m.group(1)
+    ):
+      size = 1
+      for d in dims.split(","):
+        size *= int(d) if d else 1
+      n += size * hlo._BYTES[dtype]  # pylint: disable=protected-access
+  return n
+
+
+def window_bytes(hlo_text, k):
+  """(all-reduce, reduce-scatter) bytes per window of k mini-steps."""
+  comps = _computations(hlo_text)
+  branches = _branch_computations(comps)
+  out = []
+  for op in ("all-reduce", "reduce-scatter"):
+    per_window = sum(_bytes(comps[c], op) for c in branches if c in comps)
+    per_step = sum(
+      _bytes(body, op) for c, body in comps.items() if c not in branches
+    )
+    out.append(k * per_step + per_window)
+  return out
 
 
 def main():
@@ -99,20 +194,12 @@ def main():
   parser.add_argument("--params", type=float, default=4e6)
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
-  mesh = jax.make_mesh(
-    (N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-  )
   params = make_params(int(args.params))
   n_params = sum(p.size for p in jax.tree.leaves(params))
   d = params["w1"].shape[0]
   rng = np.random.default_rng(0)
-  data = NamedSharding(mesh, P("data"))
-  x = jax.device_put(
-    rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(np.float32), data
-  )
-  y = jax.device_put(
-    rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(np.float32), data
-  )
+  x_host = rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(np.float32)
+  y_host = rng.normal(size=(N_DEV * LOCAL_BATCH, d)).astype(np.float32)
   print(
     f"jax {jax.__version__}, optax {optax.__version__}, {N_DEV} host CPU "
     f"devices on {os.cpu_count()} cores ({platform.machine()}); "
@@ -120,26 +207,40 @@ def main():
     f"{LOCAL_BATCH} samples per device per micro-batch, medians\n"
   )
   print(
-    "| k | reduction | ms per mini-step | MiB all-reduced per window "
-    "| all-reduces per window |"
+    "| k | system | ms per mini-step | MiB all-reduced per window "
+    "| MiB reduce-scattered per window |"
   )
   print("|---|---|---|---|---|")
-  with jax.set_mesh(mesh):
-    for k in (1, 4, 16):
-      for deferred in (False, True):
-        axis = "data" if deferred else None
-        tx = optax_accum.accumulate(k, optax.adamw(1e-3), axis_name=axis)
-        state = jax.device_put(
-          jax.tree.map(
-            lambda a: jnp.broadcast_to(a, (N_DEV,) + jnp.shape(a)),
-            tx.init(params),
-          ),
-          NamedSharding(mesh, P("data")),
-        )
-        step = make_step(tx, mesh, deferred)
-        p = jax.device_put(params, NamedSharding(mesh, P()))
+  dp = jax.make_mesh((N_DEV,), ("data",))
+  hsdp = jax.make_mesh((2, N_DEV // 2), ("replica", "fsdp"))
+  systems = [
+    ("per micro-batch", dp, None, P()),
+    ("shard_map deferral", dp, "data", P()),
+    ("jit deferral", dp, "data", P()),
+    ("HSDP per micro-batch", hsdp, None, P("fsdp")),
+    ("HSDP deferral", hsdp, "replica", P("fsdp")),
+  ]
+  for k in (1, 4, 16):
+    for name, mesh, axis, w_spec in systems:
+      tx = optax_accum.accumulate(k, optax.adamw(1e-3), axis_name=axis)
+      with jax.set_mesh(mesh):
+        batch_spec = P(mesh.axis_names)
+        p = {
+          "w1": jax.device_put(jnp.copy(params["w1"]), w_spec),
+          "w2": jax.device_put(jnp.copy(params["w2"]), w_spec),
+          "b": jax.device_put(jnp.copy(params["b"]), P()),
+        }
+        x = jax.device_put(x_host, batch_spec)
+        y = jax.device_put(y_host, batch_spec)
+        state = tx.init(p)
+        if name.startswith("shard_map"):
+          step = step_shard_map_deferral(tx, state)
+        elif axis is None:
+          step = step_per_micro_batch(tx)
+        else:
+          step = step_jit_deferral(tx, axis)
         compiled = step.lower(p, state, x, y).compile()
-        per_step, per_emit = all_reduce_bytes(compiled.as_text())
+        reduced, scattered = window_bytes(compiled.as_text(), k)
         for _ in range(k):  # warm-up window
           p, state = compiled(p, state, x, y)
         times = []
@@ -149,14 +250,10 @@ def main():
             p, state = compiled(p, state, x, y)
             jax.block_until_ready(p)
             times.append(time.perf_counter() - t0)
-        window_bytes = k * per_step + per_emit
-        n_reduce = (k if per_step else 0) + (1 if per_emit else 0)
-        print(
-          f"| {k} "
-          f"| {'deferred (axis_name)' if deferred else 'per micro-batch'} "
-          f"| {1e3 * statistics.median(times):.2f} "
-          f"| {window_bytes / 2**20:.2f} | {n_reduce} |"
-        )
+      print(
+        f"| {k} | {name} | {1e3 * statistics.median(times):.2f} "
+        f"| {reduced / 2**20:.2f} | {scattered / 2**20:.2f} |"
+      )
 
 
 if __name__ == "__main__":

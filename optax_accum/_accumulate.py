@@ -57,14 +57,23 @@ class AccumulateState(NamedTuple):
     has_updated: bool scalar, true when the last mini-step took a gradient
       step (ran the inner optimizer on a window's mean).
     num_rejected: int32 scalar, micro-batches rejected by
-      ``should_skip_update_fn`` since ``init``.
+      ``should_skip_update_fn`` since ``init`` (with an unreduced
+      accumulator, all the micro-batches of each rejected window).
     grad_norm: float32 scalar, the global L2 norm (computed in float32) of
       the mean of the last window that ended, before the inner optimizer; 0
       before the first.
     skip_state: the pytree returned by ``should_skip_update_fn`` for the last
-      micro-batch (``()`` without one), as in :class:`optax.MultiStepsState`.
+      micro-batch (``()`` without one), as in :class:`optax.MultiStepsState`;
+      with an unreduced accumulator, for the last window's mean.
     inner_opt_state: the state of the inner optimizer (``optax.EmptyState()``
       in the chainable form, ``inner=None``).
+
+  With ``axis_name`` and ``init`` under ``jax.set_mesh`` (see
+  :func:`optax_accum.accumulate`), ``acc_grads``, ``acc_weight`` and
+  ``acc_value`` are typed unreduced over the axis: each device holds its own
+  part of the sum. Read them inside ``jax.jit`` with ``jax.reshard(x,
+  P())`` (which reduces them); the other fields are the same on every
+  device.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -675,8 +684,20 @@ def accumulate(
     should_skip_update_fn: ``fn(updates, gradient_step, params) -> (skip,
       skip_state)``, as in ``optax.MultiSteps``: a skipped micro-batch adds
       nothing. When given, a window whose sum is not finite is discarded.
-    axis_name: inside ``jax.shard_map``/``jax.pmap``, the data-parallel axis:
-      pass unreduced gradients; the sum is reduced once, when a window ends.
+    axis_name: the data-parallel mesh axis (or a tuple of them) whose
+      reduction is deferred: each device adds its own gradient and the
+      sums are reduced once, when a window ends. Where ``update`` runs:
+      inside ``jax.shard_map`` (JAX's default ``check_vma=True``), with
+      gradients taken with respect to ``jax.lax.pcast(params, axis_name,
+      to='varying')`` and ``weight`` this device's own; under plain
+      ``jax.jit`` on an Explicit mesh, with gradients unreduced over the
+      axis (:func:`optax_accum.unreduced_value_and_grad`) and ``weight``
+      the micro-batch's global total; or in ``shard_map(check_vma=False)``
+      or ``jax.pmap`` with the state stacked per device. In the first two,
+      ``init`` under ``jax.set_mesh`` makes ``acc_grads``, ``acc_weight``
+      and ``acc_value`` unreduced over the axis (the same state serves
+      both; pass it to ``shard_map`` with the specs of its types), and
+      ``should_skip_update_fn`` judges each window's reduced mean.
 
   Keyword arguments of ``update``:
     weight: a scalar >= 0, the items (tokens) the micro-batch's loss
@@ -695,7 +716,11 @@ def accumulate(
     TypeError: an argument of the wrong type (``inner=optax.adamw``, a
       non-bool ``flush``), or a non-float param or gradient leaf.
     ValueError: a value out of range (k, ``weight``, ``accumulator_dtype``),
-      a nested accumulator, or updates of another structure or shape.
+      a nested accumulator, or updates of another structure or shape. With
+      ``axis_name``: gradients already reduced over it, a state not made
+      under the mesh, a ``flush`` that varies across it, an Auto mesh axis
+      under plain jit, a param sharded over it, or ``"kahan_bfloat16"``.
+    NameError: ``axis_name`` is not an axis where ``update`` runs.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
@@ -710,7 +735,8 @@ def accumulate(
     1
 
   References:
-    ``optax.MultiSteps``; token-weighted mean: transformers PR #34191.
+    ``optax.MultiSteps``; token-weighted mean: transformers PR #34191;
+    deferred reduction: PyTorch DDP ``no_sync``, MaxText PR #5099.
   """
   return Accumulator(
     every_k_schedule=every_k_schedule,
