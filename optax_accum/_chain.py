@@ -8,6 +8,7 @@ from jax import lax
 import optax
 
 from optax_accum import _accumulate
+from optax_accum import _deferral
 from optax_accum import _validate
 
 # Wrapper states through which an accumulator's `has_updated` flag tells
@@ -193,6 +194,18 @@ class Chain:
     j = _hidden_accumulator_index(self.transforms, state)
     new_state = list(state)
     head = txs if j < 0 else txs[:j]
+    unreduced = set().union(
+      *(_deferral.unreduced_axes(g) for g in jax.tree.leaves(updates))
+    )
+    if head and unreduced:
+      raise ValueError(
+        f'The gradients are typed unreduced over {sorted(unreduced)} (each '
+        "device's part of the sum, for accumulate(..., axis_name=...)), "
+        f'but {len(head)} chain element(s) run before the accumulator, on '
+        'every micro-batch, and need the whole gradient (a norm, a '
+        'nonlinearity). Put them after the accumulator, where they act on '
+        "the window's reduced mean: chain(accumulate(k), clip, opt)."
+      )
     for i, t in enumerate(head):
       updates, new_state[i] = t.update(updates, state[i], params, **extra_args)
     if j < 0:
@@ -215,7 +228,13 @@ class Chain:
     rest = txs[j + 1 :]
     rest_extra = dict(extra_args)
     if 'value' in extra_args:  # the window's weighted mean, as for inner
-      rest_extra['value'] = acc_state.acc_value.astype(
+      value = acc_state.acc_value
+      names = tuple(sorted(_deferral.unreduced_axes(value)))
+      if names:  # an unreduced accumulator's slot: one scalar reduction
+        value = _deferral.Deferral(names, _deferral.mode_of(names)).reduce(
+          value
+        )
+      rest_extra['value'] = value.astype(
         _accumulate.value_dtype(extra_args['value'])
       )
 

@@ -411,3 +411,98 @@ def test_one_state_runs_in_checked_shard_map_and_in_jit():
     p, state, _ = _run(checked, p, state, xs[:1], ys[:1], ms[:1])
     p, state, _ = _run(jitted, p, state, xs[1:], ys[1:], ms[1:])
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+# Wrappers and front ends on the jit path.
+
+
+def _wrapped(name):
+  acc = optax_accum.accumulate
+  if name == "optax.chain":  # an accumulator hidden in an element
+    return optax_accum.chain(
+      optax.chain(acc(K, axis_name="data")), optax.adamw(1e-2)
+    )
+  if name == "inject_hyperparams":
+    return optax.inject_hyperparams(acc)(
+      every_k_schedule=K, inner=optax.adamw(1e-2), axis_name="data"
+    )
+  return optax_accum.chain(acc(K, axis_name="data"), optax.adamw(1e-2))
+
+
+@pytest.mark.parametrize(
+  "name", ["optax_accum.chain", "optax.chain", "inject_hyperparams"]
+)
+def test_jit_on_a_mesh_through_wrappers_is_exact(name):
+  params, xs, ys, ms = _masked_problem()
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  tx = _wrapped(name)
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    p, state, _ = _run(_mesh_step(tx, vg), p, state, xs, ys, ms)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_jit_on_a_mesh_with_elements_before_the_accumulator_raises():
+  params, xs, ys, ms = _masked_problem(steps=1)
+  tx = optax_accum.chain(
+    optax.clip_by_global_norm(1.0),
+    optax_accum.accumulate(K, axis_name="data"),
+    optax.adamw(1e-2),
+  )
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    args = [jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms)]
+    with pytest.raises(ValueError, match=r"before the accumulator.*after"):
+      _mesh_step(tx, vg)(p, state, *args)
+
+
+def test_nnx_optimizer_on_a_mesh_is_exact_and_counts_gradient_steps():
+  nnx = pytest.importorskip("flax.nnx")
+  from optax_accum.flax import Optimizer  # pylint: disable=g-import-not-at-top
+
+  _, xs, ys, ms = _masked_problem()
+
+  def loss_of(model, x, y, m):
+    err = jnp.sum((jnp.tanh(model(x)) - y) ** 2, -1)
+    return jnp.sum(err * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+  reference = nnx.Linear(8, 3, rngs=nnx.Rngs(0))
+  ref_opt = nnx.Optimizer(reference, optax.adamw(1e-2), wrt=nnx.Param)
+  for x, y, m in zip(xs, ys, ms):
+    ref_opt.update(reference, nnx.grad(loss_of)(reference, x, y, m))
+
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    model = nnx.Linear(8, 3, rngs=nnx.Rngs(0))
+    tx = optax_accum.chain(
+      optax_accum.accumulate(K, axis_name="data"), optax.adamw(1e-2)
+    )
+    opt = Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, x, y, m):
+      return loss_of(nnx.merge(graphdef, p, rest), x, y, m), jnp.sum(m)
+
+    vg = optax_accum.unreduced_value_and_grad(
+      loss, "data", batch_argnums=(1, 2, 3)
+    )
+
+    @nnx.jit
+    def step(model, opt, x, y, m):
+      _, g, n = vg(nnx.state(model, nnx.Param), x, y, m)
+      opt.update(model, g, weight=n)
+
+    for x, y, m in zip(xs, ys, ms):
+      for xm, ym, mm in zip(jnp.split(x, K), jnp.split(y, K), jnp.split(m, K)):
+        step(model, opt, *[jax.device_put(a, P("data")) for a in (xm, ym, mm)])
+  chex.assert_trees_all_close(
+    nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param), atol=1e-6
+  )
+  assert int(opt.step[...]) == len(xs)
