@@ -6,6 +6,8 @@ from optax_accum._accumulate import has_updated
 from optax_accum._apply import apply_gradients
 from optax_accum._chain import chain
 from optax_accum._checkpoint import restore_checkpoint
+from optax_accum._deferral import reduced_state
+from optax_accum._deferral import unreduced_state
 from optax_accum._microbatch import microbatched_value_and_grad
 from optax_accum._unreduced import unreduced_value_and_grad
 from optax_accum._vmap import share_counters
@@ -19,7 +21,9 @@ __all__ = (
   "chain",
   "has_updated",
   "microbatched_value_and_grad",
+  "reduced_state",
   "restore_checkpoint",
   "share_counters",
+  "unreduced_state",
   "unreduced_value_and_grad",
 )

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import optax
 
+from optax_accum import _deferral
+
 
 def _path_name(entry) -> str:
   for attr in ("name", "key", "idx"):
@@ -89,6 +91,10 @@ def restore_checkpoint(
   windows after it take ``tx``'s. Training continued from the restored
   state is bit for bit the uninterrupted run.
 
+  With ``accumulate(..., axis_name=...)`` on a mesh, save
+  ``optax_accum.reduced_state(opt_state)``: this function restores it and
+  reshards it back to the unreduced types of ``tx.init(params)``.
+
   Plain orbax restores (``CheckpointManager`` with ``ocp.args.Composite``,
   Flax NNX's ``nnx.state(optimizer)``) work as well: pass
   ``jax.eval_shape(tx.init, params)`` (or the NNX abstract state) as the
@@ -151,5 +157,9 @@ def restore_checkpoint(
   saved_tree = getattr(
     getattr(metadata, "item_metadata", metadata), "tree", metadata
   )
-  _check_against_metadata(saved_tree, abstract_state, path)
-  return checkpointer.restore(path, abstract_state)
+  # A state with unreduced leaves is saved reduced (orbax cannot write
+  # unreduced arrays): restored so, then resharded to its unreduced types.
+  saved_state = _deferral.reduced_state(abstract_state)
+  _check_against_metadata(saved_tree, saved_state, path)
+  restored = checkpointer.restore(path, saved_state)
+  return _deferral.unreduced_state(restored, abstract_state)

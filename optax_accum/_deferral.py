@@ -319,3 +319,105 @@ def _first(tree, names) -> Any:
     if _validate.leaf_name(path) == names[0]:
       return x
   return None
+
+
+def _reduced_leaf(x):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+      return x
+    mesh = sharding.mesh
+    if isinstance(mesh, jax.sharding.AbstractMesh):  # from jax.eval_shape
+      mesh = jax.sharding.get_mesh()
+      if mesh.empty:
+        return x
+    spec = sharding.spec.update(unreduced=frozenset())
+    return jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
+    )
+  spec = _spec(x)
+  if not spec.unreduced:
+    return x
+  return jax.reshard(x, spec.update(unreduced=frozenset()))
+
+
+def reduced_state(opt_state: Any) -> Any:
+  """The optimizer state with every leaf typed unreduced reduced.
+
+  With ``accumulate(..., axis_name=AXIS)`` and ``init`` under
+  ``jax.set_mesh``, ``acc_grads``, ``acc_weight`` and ``acc_value`` are
+  typed unreduced over AXIS: each device holds its part of the sum, which
+  orbax cannot save and ``numpy`` cannot read. This returns the same
+  logical values resharded to the leaves' partitioning without AXIS
+  (``jax.reshard``: one all-reduce per unreduced leaf); other leaves are
+  returned as they are. On ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape
+  (tx.init, params)`` under ``jax.set_mesh``) it gives the matching target
+  for an orbax restore, on the concrete mesh that is set (orbax cannot
+  place arrays on the abstract mesh ``eval_shape`` records).
+  :func:`unreduced_state` is its inverse.
+
+  Args:
+    opt_state: an optimizer state (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    The state, structured as ``opt_state``, with no unreduced leaf.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name='data')
+    >>> with jax.set_mesh(jax.make_mesh((1,), ('data',))):
+    ...   state = tx.init({'w': jnp.zeros(3)})
+    ...   saved = optax_accum.reduced_state(state)  # what orbax saves
+    ...   state = optax_accum.unreduced_state(saved, state)
+    >>> jax.typeof(state.acc_grads['w'])
+    ShapedArray(float32[3]{U:data})
+
+  References:
+    JAX's ``unreduced`` sharding type and ``jax.reshard``.
+  """
+  leaves = jax.tree.leaves(opt_state)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return jax.tree.map(_reduced_leaf, opt_state)
+  if not any(unreduced_axes(x) for x in leaves):
+    return opt_state
+  return jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))(opt_state)
+
+
+def unreduced_state(opt_state: Any, like: Any) -> Any:
+  """The inverse of :func:`reduced_state`: leaves unreduced where ``like``'s
+  are.
+
+  Args:
+    opt_state: a state from :func:`reduced_state` (a restored checkpoint).
+    like: the state, or ``jax.eval_shape(tx.init, params)`` under the same
+      ``jax.set_mesh``, whose leaves give the types.
+
+  Returns:
+    ``opt_state`` with each leaf resharded to the unreduced type of the
+    matching leaf of ``like`` (``jax.reshard``: the logical value is kept,
+    held by one device of each group; no communication). Restored at a
+    window boundary, training continues bit for bit; mid-window, the
+    window's later terms meet the saved total in another order than the
+    per-device parts they would have met (equal to float32 rounding).
+
+  Raises:
+    ValueError: ``opt_state`` and ``like`` have different structures.
+
+  Examples:
+    See :func:`reduced_state`.
+  """
+  if jax.tree.structure(opt_state) != jax.tree.structure(like):
+    raise ValueError(
+      'unreduced_state takes a state structured as `like` (the optimizer '
+      "state, or jax.eval_shape(tx.init, params)), but got:\n"
+      f'opt_state: {jax.tree.structure(opt_state)}\n'
+      f'like:      {jax.tree.structure(like)}'
+    )
+
+  def leaf(x, t):
+    spec = _spec(t)
+    return jax.reshard(x, spec) if spec.unreduced else x
+
+  if not any(unreduced_axes(t) for t in jax.tree.leaves(like)):
+    return opt_state
+  return jax.jit(lambda s: jax.tree.map(leaf, s, like))(opt_state)

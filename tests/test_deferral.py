@@ -506,3 +506,69 @@ def test_nnx_optimizer_on_a_mesh_is_exact_and_counts_gradient_steps():
     nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param), atol=1e-6
   )
   assert int(opt.step[...]) == len(xs)
+
+
+@pytest.mark.parametrize("at", [2, K])
+@pytest.mark.parametrize("how", ["restore_checkpoint", "CheckpointManager"])
+def test_an_unreduced_state_saved_reduced_resumes(how, at, tmp_path):
+  """At a window boundary bit for bit; mid-window the saved part-sums are
+  their total, which later additions meet in another order (float32
+  rounding)."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params, xs, ys, ms = _masked_problem()
+  tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    step = _mesh_step(tx, vg)
+    batches = [
+      [jax.device_put(a, P("data")) for a in micro]
+      for x, y, m in zip(xs, ys, ms)
+      for micro in zip(jnp.split(x, K), jnp.split(y, K), jnp.split(m, K))
+    ]
+    for b in batches[:at]:
+      p, state = step(p, state, *b)
+    saved = optax_accum.reduced_state(state)
+    assert not any(
+      jax.typeof(x).sharding.spec.unreduced for x in jax.tree.leaves(saved)
+    )
+    target = jax.eval_shape(tx.init, params)
+    if how == "restore_checkpoint":
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(tmp_path / "opt_state", saved)
+      ckptr.wait_until_finished()
+      restored = optax_accum.restore_checkpoint(
+        tmp_path / "opt_state", tx, params, ckptr
+      )
+    else:
+      mgr = ocp.CheckpointManager(tmp_path / "ckpt")
+      mgr.save(
+        1, args=ocp.args.Composite(opt_state=ocp.args.StandardSave(saved))
+      )
+      mgr.wait_until_finished()
+      restored = mgr.restore(
+        1,
+        args=ocp.args.Composite(
+          opt_state=ocp.args.StandardRestore(optax_accum.reduced_state(target))
+        ),
+      ).opt_state
+      restored = optax_accum.unreduced_state(restored, target)
+    assert jax.typeof(restored.acc_grads["w"]).sharding.spec.unreduced == {
+      "data"
+    }
+    p_a, s_a, p_b, s_b = p, state, p, restored
+    for b in batches[at:]:
+      p_a, s_a = step(p_a, s_a, *b)
+      p_b, s_b = step(p_b, s_b, *b)
+  if at % K == 0:
+    chex.assert_trees_all_equal(p_a, p_b)
+  else:
+    chex.assert_trees_all_close(p_a, p_b, rtol=1e-6, atol=1e-7)
+
+
+def test_unreduced_state_raises_for_another_structure():
+  with pytest.raises(ValueError, match="structured as `like`"):
+    optax_accum.unreduced_state({"a": jnp.ones(1)}, {"b": jnp.ones(1)})
