@@ -406,6 +406,12 @@ class Accumulator:
     inner_tx = self._inner_tx
     deferral = _deferral.of(self.axis_name)
     deferral.check(updates, state, weight, flush, extra_args.get('value'))
+    updates, weight = deferral.incoming((updates, weight))
+    if 'value' in extra_args:
+      extra_args = {
+        **extra_args,
+        'value': deferral.incoming(extra_args['value']),
+      }
     # With a typed (unreduced) accumulator a micro-batch's gradient is known
     # only as a per-device part until the window's one reduction, so
     # should_skip_update_fn judges the window's mean, once, at its end.

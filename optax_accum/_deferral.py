@@ -42,6 +42,10 @@ CHECKED = 'checked'
 MESH = 'mesh'
 UNCHECKED = 'unchecked'
 NONE = 'none'  # no axis_name: nothing to reduce
+# CHECKED or MESH over axes of one device: nothing to defer (and JAX 0.10
+# cannot lower a pcast to unreduced there). The incoming values are reduced
+# (no communication) and the state is plain, as without axis_name.
+SINGLE = 'single'
 
 
 def axis_names(axis_name) -> tuple[str, ...]:
@@ -74,7 +78,8 @@ def layout_names(axis_name) -> Optional[tuple[str, ...]]:
 
   ``init`` under ``jax.set_mesh`` (outside ``shard_map``) with every name of
   ``axis_name`` an Explicit axis of the mesh makes ``acc_grads``,
-  ``acc_weight`` and ``acc_value`` unreduced over them.
+  ``acc_weight`` and ``acc_value`` unreduced over them, unless the axes
+  hold one device (`SINGLE`: nothing to defer).
   """
   if axis_name is None:
     return None
@@ -82,9 +87,16 @@ def layout_names(axis_name) -> Optional[tuple[str, ...]]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or any(n in mesh.manual_axes for n in names):
     return None
-  if all(n in mesh.explicit_axes for n in names):
+  if all(n in mesh.explicit_axes for n in names) and _size(mesh, names) > 1:
     return names
   return None
+
+
+def _size(mesh, names) -> int:
+  size = 1
+  for n in names:
+    size *= mesh.shape[n]
+  return size
 
 
 def unreduced_zeros(p, dtype, names, where: str):
@@ -280,9 +292,26 @@ class Deferral:
       return w
     return jax.reshard(w, P(reduced=frozenset(self.names)))
 
+  def incoming(self, tree):
+    """SINGLE: a micro-batch's values reduced on arrival (one device: no
+    communication); otherwise as they are."""
+    if self.mode != SINGLE:
+      return tree
+
+    def one(x):
+      if x is None:
+        return x
+      if varying_axes(x) & set(self.names):
+        return lax.psum(x, self.names)
+      if unreduced_axes(x):
+        return jax.reshard(x, _spec(x).update(unreduced=frozenset()))
+      return x
+
+    return jax.tree.map(one, tree)
+
   def reduce(self, tree):
     """The window's one reduction: per-device sums to their total."""
-    if self.mode == NONE:
+    if self.mode in (NONE, SINGLE):
       return tree
     if self.mode == MESH:
       return jax.tree.map(
@@ -311,7 +340,12 @@ def of(axis_name) -> Deferral:
   """The deferral of an ``update`` with this ``axis_name`` here."""
   if axis_name is None:
     return Deferral((), NONE)
-  return Deferral(axis_names(axis_name), mode_of(axis_name))
+  names = axis_names(axis_name)
+  mode = mode_of(axis_name)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mode in (CHECKED, MESH) and _size(mesh, names) == 1:
+    mode = SINGLE
+  return Deferral(names, mode)
 
 
 def _first(tree, names) -> Any:
@@ -365,12 +399,13 @@ def reduced_state(opt_state: Any) -> Any:
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
     >>> tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name='data')
-    >>> with jax.set_mesh(jax.make_mesh((1,), ('data',))):
+    >>> mesh = jax.make_mesh((jax.device_count(),), ('data',))
+    >>> with jax.set_mesh(mesh):
     ...   state = tx.init({'w': jnp.zeros(3)})
     ...   saved = optax_accum.reduced_state(state)  # what orbax saves
-    ...   state = optax_accum.unreduced_state(saved, state)
-    >>> jax.typeof(state.acc_grads['w'])
-    ShapedArray(float32[3]{U:data})
+    ...   restored = optax_accum.unreduced_state(saved, state)
+    >>> jax.typeof(restored.acc_grads['w']) == jax.typeof(state.acc_grads['w'])
+    True
 
   References:
     JAX's ``unreduced`` sharding type and ``jax.reshard``.

@@ -275,6 +275,10 @@ def unreduced_value_and_grad(
       key_argnum=key_argnum,
       unroll=unroll,
     )
+    # An axis of size 1 has nothing to defer; JAX (0.10) cannot lower a
+    # pcast to unreduced over it, so the gradient is typed unreduced by a
+    # reshard outside the shard_map instead.
+    single = _axes_size(names) == 1
     # Reduced every call: the batch axes other than `axis_name` (fsdp).
     now_axes = tuple(a for a in batch_axes if a not in names)
 
@@ -300,6 +304,8 @@ def unreduced_value_and_grad(
       def finish(g, p, spec):
         g = _reduce_to_shard(g, spec, now_axes)
         g = (g / denom.astype(g.dtype)).astype(jnp.result_type(p))
+        if single:  # typed unreduced outside (jax cannot pcast here)
+          return lax.psum(g, names)
         return lax.pcast(g, names, to='unreduced')
 
       grads = jax.tree.map(
@@ -317,11 +323,16 @@ def unreduced_value_and_grad(
       param_specs,
       is_leaf=lambda s: isinstance(s, P),
     )
-    out_specs = (P(), grad_specs, P())
-    return jax.shard_map(
+    out_specs = (P(), param_specs if single else grad_specs, P())
+    value, grads, total = jax.shard_map(
       local,
       in_specs=(param_specs, *arg_specs),
       out_specs=out_specs,
     )(params, *args)
+    if single:
+      grads = jax.tree.map(
+        jax.reshard, grads, grad_specs, is_leaf=lambda s: isinstance(s, P)
+      )
+    return value, grads, total
 
   return value_and_grad

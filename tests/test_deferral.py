@@ -572,3 +572,26 @@ def test_an_unreduced_state_saved_reduced_resumes(how, at, tmp_path):
 def test_unreduced_state_raises_for_another_structure():
   with pytest.raises(ValueError, match="structured as `like`"):
     optax_accum.unreduced_state({"a": jnp.ones(1)}, {"b": jnp.ones(1)})
+
+
+@pytest.mark.parametrize("path", ["shard_map", "jit"])
+def test_an_axis_of_one_device_is_exact_on_both_paths(path):
+  """Nothing to defer: the state is plain and the values reduced on arrival
+  (JAX 0.10 cannot lower a pcast to unreduced over a size-1 axis)."""
+  params, xs, ys, ms = _masked_problem()
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
+  mesh = jax.make_mesh((1,), ("data",))
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    assert not jax.typeof(state.acc_grads["w"]).sharding.spec.unreduced
+    if path == "shard_map":
+      step = _checked_step(tx, mesh, state)
+    else:
+      vg = optax_accum.unreduced_value_and_grad(
+        masked_loss, "data", batch_argnums=(1, 2, 3)
+      )
+      step = _mesh_step(tx, vg)
+    p, state, _ = _run(step, p, state, xs, ys, ms)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
