@@ -405,13 +405,9 @@ class Accumulator:
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
     inner_tx = self._inner_tx
     deferral = _deferral.of(self.axis_name)
-    deferral.check(updates, state, weight, flush, extra_args.get('value'))
-    updates, weight = deferral.incoming((updates, weight))
-    if 'value' in extra_args:
-      extra_args = {
-        **extra_args,
-        'value': deferral.incoming(extra_args['value']),
-      }
+    updates, weight, extra_args = deferral.arrive(
+      updates, state, weight, flush, extra_args
+    )
     # With a typed (unreduced) accumulator a micro-batch's gradient is known
     # only as a per-device part until the window's one reduction, so
     # should_skip_update_fn judges the window's mean, once, at its end.

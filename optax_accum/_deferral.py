@@ -292,6 +292,15 @@ class Deferral:
       return w
     return jax.reshard(w, P(reduced=frozenset(self.names)))
 
+  def arrive(self, updates, state, weight, flush, extra_args):
+    """Checks a mini-step's inputs (see `check`); returns `(updates,
+    weight, extra_args)`, reduced on arrival in SINGLE."""
+    self.check(updates, state, weight, flush, extra_args.get('value'))
+    updates, weight = self.incoming((updates, weight))
+    if 'value' in extra_args:
+      extra_args = {**extra_args, 'value': self.incoming(extra_args['value'])}
+    return updates, weight, extra_args
+
   def incoming(self, tree):
     """SINGLE: a micro-batch's values reduced on arrival (one device: no
     communication); otherwise as they are."""
