@@ -194,18 +194,8 @@ class Chain:
     j = _hidden_accumulator_index(self.transforms, state)
     new_state = list(state)
     head = txs if j < 0 else txs[:j]
-    unreduced = set().union(
-      *(_deferral.unreduced_axes(g) for g in jax.tree.leaves(updates))
-    )
-    if head and unreduced:
-      raise ValueError(
-        f'The gradients are typed unreduced over {sorted(unreduced)} (each '
-        "device's part of the sum, for accumulate(..., axis_name=...)), "
-        f'but {len(head)} chain element(s) run before the accumulator, on '
-        'every micro-batch, and need the whole gradient (a norm, a '
-        'nonlinearity). Put them after the accumulator, where they act on '
-        "the window's reduced mean: chain(accumulate(k), clip, opt)."
-      )
+    if head and j >= 0:
+      _check_nothing_before_a_deferral(updates, state[j], len(head))
     for i, t in enumerate(head):
       updates, new_state[i] = t.update(updates, state[i], params, **extra_args)
     if j < 0:
@@ -265,6 +255,29 @@ class Chain:
       params,
     )
     return out, tuple(new_state[: j + 1]) + tuple(rest_states)
+
+
+def _check_nothing_before_a_deferral(updates, acc_element_state, n) -> None:
+  """Raises where elements before an accumulator that defers the reduction
+  would see each device's part of a gradient."""
+  acc_states = _accumulate.accumulate_states(acc_element_state)
+  acc = jax.tree.leaves(acc_states[0].acc_grads) if acc_states else []
+  deferred = set().union(*(_deferral.unreduced_axes(a) for a in acc))
+  parts = set().union(
+    *(
+      _deferral.unreduced_axes(g) | _deferral.varying_axes(g)
+      for g in jax.tree.leaves(updates)
+    )
+  )
+  if deferred & parts:
+    raise ValueError(
+      f'The accumulator defers the reduction over {sorted(deferred)}, so '
+      "each device's gradient is only its part of the sum, but "
+      f'{n} chain element(s) run before the accumulator, on every '
+      'micro-batch, and would act on that part (a norm, a clip, a decay). '
+      "Put them after the accumulator, where they act on the window's "
+      'reduced mean: chain(accumulate(k, axis_name=...), clip, opt).'
+    )
 
 
 def chain_of(tx: Any) -> Optional[Chain]:

@@ -190,6 +190,8 @@ class Deferral:
         ``flush`` that varies across the axis, a ``weight`` or ``value``
         typed unreduced.
     """
+    if self.mode == NONE:
+      _check_no_axis(updates, state)
     if not self.typed:
       return
     names = set(self.names)
@@ -235,13 +237,12 @@ class Deferral:
           f'(loss_fn, axis_name={self.shown!r}), or drop axis_name to '
           'reduce every micro-batch.'
         )
-      for name, x in (('weight', weight), ('value', value)):
-        if x is not None and unreduced_axes(x):
-          raise ValueError(
-            f'`{name}` is typed {jax.typeof(x)}; under jax.jit on a mesh it '
-            'is the global total of the micro-batch (a replicated scalar), '
-            'as optax_accum.unreduced_value_and_grad returns it.'
-          )
+      if value is not None and unreduced_axes(value):
+        raise ValueError(
+          f'`value` is typed {jax.typeof(value)}; under jax.jit on a mesh it '
+          "is the micro-batch's global mean loss (a replicated scalar), as "
+          'optax_accum.unreduced_value_and_grad returns it.'
+        )
     acc_leaves = jax.tree.leaves_with_path(state.acc_grads)
     bad = [
       _validate.leaf_name(path)
@@ -252,7 +253,8 @@ class Deferral:
       raise ValueError(
         f'The accumulator state passed to update is not unreduced over '
         f'{self.shown!r} (at {", ".join(bad[:3]) or "acc_weight"}). Make '
-        'it with tx.init(params) inside `with jax.set_mesh(mesh)` (the '
+        'it with tx.init(params) (or restore it with restore_checkpoint) '
+        'inside `with jax.set_mesh(mesh)` (the '
         f'mesh with Explicit axes {self.shown!r}), and inside '
         'jax.shard_map pass it with the specs of its types: in_specs/out_specs '
         'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, opt_state).'
@@ -355,6 +357,41 @@ def of(axis_name) -> Deferral:
   if mode in (CHECKED, MESH) and _size(mesh, names) == 1:
     mode = SINGLE
   return Deferral(names, mode)
+
+
+def _check_no_axis(updates, state) -> None:
+  """Without axis_name: raises for gradients that need one.
+
+  Raises:
+    ValueError: gradients typed unreduced (from unreduced_value_and_grad),
+      or inside shard_map gradients that vary over an axis over which the
+      accumulator does not (a forgotten axis_name).
+  """
+  leaves = jax.tree.leaves(updates)
+  unreduced = set().union(*(unreduced_axes(g) for g in leaves))
+  if unreduced:
+    raise ValueError(
+      f'The gradients are typed unreduced over {sorted(unreduced)} (each '
+      "device's part of the sum), but the accumulator has no axis_name: "
+      f'write accumulate(..., axis_name={_shown(sorted(unreduced))!r}) to '
+      'reduce them once per window.'
+    )
+  acc = jax.tree.leaves(state.acc_grads)
+  varying = set().union(*(varying_axes(g) for g in leaves))
+  extra = varying - set().union(*(varying_axes(a) for a in acc))
+  if acc and extra:
+    raise ValueError(
+      f'Inside jax.shard_map the gradients vary over {sorted(extra)} but the '
+      'accumulator state does not, and the accumulator has no axis_name. To '
+      'reduce them once per window, write accumulate(..., '
+      f'axis_name={_shown(sorted(extra))!r}) and make the state with '
+      'tx.init under jax.set_mesh; to train each device on its own, pass a '
+      'per-device state (in_specs/out_specs P(axis) on a stacked state).'
+    )
+
+
+def _shown(names):
+  return names[0] if len(names) == 1 else tuple(names)
 
 
 def _first(tree, names) -> Any:

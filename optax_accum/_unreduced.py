@@ -78,6 +78,88 @@ def _axes_size(axes) -> int:
   return size
 
 
+def _check_call(axis_name, names, params, args, batch_argnums, k):
+  """Checks a call of `unreduced_value_and_grad`'s function; returns the
+  specs of the params and of the arguments, and the batch axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  missing = [n for n in names if n not in mesh.axis_names]
+  if not mesh.empty and missing:
+    raise ValueError(
+      f'unreduced_value_and_grad(..., axis_name={axis_name!r}): '
+      f'{missing} are not axes of the mesh, whose axes are '
+      f'{mesh.axis_names}.'
+    )
+  if mesh.empty or not all(n in mesh.explicit_axes for n in names):
+    raise ValueError(
+      f'unreduced_value_and_grad(..., axis_name={axis_name!r}) runs under '
+      'jax.jit inside `with jax.set_mesh(mesh)`, where the axis is an '
+      'Explicit mesh axis (jax.make_mesh\'s default); here the mesh is '
+      f'{mesh}. Inside jax.shard_map, differentiate with respect to '
+      f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead."
+    )
+  param_specs = jax.tree.map(_spec, params)
+  for path, spec in jax.tree.leaves_with_path(
+    param_specs, is_leaf=lambda s: isinstance(s, P)
+  ):
+    used = {a for e in spec for a in _entry_axes(e)}
+    if used & set(names):
+      raise ValueError(
+        f'The param at {_validate.leaf_name(path)} is sharded {spec}, '
+        f'over `axis_name`={axis_name!r}. Its reduction over that axis '
+        'runs every call (FSDP) and cannot be deferred: defer the '
+        'replica axis of a (replica, fsdp) mesh instead.'
+      )
+  args = list(args)
+  arg_specs = [jax.tree.map(_spec, a) for a in args]
+  batch_axes: tuple[str, ...] = ()
+  for n in batch_argnums:
+    if n > len(args):
+      break  # window_sums names the argument
+    for path, x in jax.tree.leaves_with_path(args[n - 1]):
+      where = _validate.leaf_name(path)
+      if jnp.ndim(x) == 0:
+        raise ValueError(
+          f'Argument {n} (`batch_argnums`) at {where} is a scalar, which '
+          'cannot be split among devices: leave it out of batch_argnums '
+          '(pass it as another argument).'
+        )
+      spec = _spec(x)
+      lead = _entry_axes(spec[0]) if len(spec) else ()
+      per_device = jnp.shape(x)[0] // max(_axes_size(lead), 1)
+      if set(names) <= set(lead) and per_device % k:
+        raise ValueError(
+          f'Argument {n} (`batch_argnums`) at {where} has {jnp.shape(x)[0]} '
+          f'rows, {per_device} per device (sharded {spec}), which do not '
+          f'split into num_microbatches={k}: give each '
+          'device a multiple of num_microbatches rows.'
+        )
+      if not set(names) <= set(lead):
+        raise ValueError(
+          f'Argument {n} (`batch_argnums`) at '
+          f'{where} has sharding {spec}; '
+          'unreduced_value_and_grad needs its leading (batch) axis '
+          f'sharded over `axis_name`={axis_name!r}, or every device '
+          "would count the same items: jax.device_put(x, P('data')) or "
+          "jax.reshard(x, P('data'))."
+        )
+      batch_axes = tuple(dict.fromkeys(batch_axes + lead))
+
+  for path, spec in jax.tree.leaves_with_path(
+    param_specs, is_leaf=lambda s: isinstance(s, P)
+  ):
+    other = {a for e in spec for a in _entry_axes(e)} - set(batch_axes)
+    if other:
+      raise ValueError(
+        f'The param at {_validate.leaf_name(path)} is sharded {spec}, over '
+        f'{sorted(other)}, which do not shard the batch: '
+        'unreduced_value_and_grad gathers params over the batch axes '
+        '(FSDP) only, and does not run tensor-parallel layers. Replicate '
+        'it over those axes, or compute the gradient in your own '
+        "jax.shard_map and pcast it to='unreduced'."
+      )
+  return param_specs, arg_specs, batch_axes
+
+
 def unreduced_value_and_grad(
   loss_fn: Callable[..., Any],
   axis_name: Union[str, tuple[str, ...]],
@@ -96,12 +178,14 @@ def unreduced_value_and_grad(
   along its leading axis over ``axis_name`` (and possibly other axes of the
   mesh), the returned function runs ``loss_fn`` on each device's own shard
   of the batch inside one ``jax.shard_map`` over all mesh axes. Params
-  sharded over other axes (FSDP) are all-gathered for the loss, so their
-  gradients are reduce-scattered over those axes on every call (HSDP on a
-  ``(replica, fsdp)`` mesh); the sum over ``axis_name`` is not taken: the
-  gradients come out as global arrays typed unreduced over it (each device
-  holds its part). ``accumulate(k, opt, axis_name=axis_name)`` adds them on
-  each device and reduces once per window. The value is the token-weighted
+  sharded over other batch axes (FSDP) are all-gathered for the loss (each
+  device holds the whole params and its gradient sum during the call), and
+  their gradients are reduce-scattered over those axes once per call, after
+  the micro-batches (HSDP on a ``(replica, fsdp)`` mesh); the sum over
+  ``axis_name`` is not taken: the gradients come out as global arrays typed
+  unreduced over it (each device holds its part). ``accumulate(k, opt,
+  axis_name=axis_name)`` adds them on each device and reduces once per
+  window. The value is the token-weighted
   mean over the whole batch:
 
   .. math::
@@ -109,7 +193,8 @@ def unreduced_value_and_grad(
 
   over devices :math:`d` and their micro-batches :math:`i`, with the same
   conventions as :func:`microbatched_value_and_grad` (``reduction="sum"``:
-  :math:`w_{d,i} L_{d,i}` is ``loss_fn``'s loss). The one communication
+  :math:`w_{d,i} L_{d,i}` is ``loss_fn``'s loss; with ``"mean"`` the weight
+  multiplies the float32 gradient, never the loss). The one communication
   besides the FSDP gathers is a scalar all-reduce of the weights and losses.
 
   Args:
@@ -191,86 +276,16 @@ def unreduced_value_and_grad(
     (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
   )
 
-  def sum_form(params, *args):
-    # Each device's loss as a sum over its items, so that the FSDP
-    # reduce-scatter inside the gradient adds devices' sums, not means.
-    out = loss_fn(params, *args)
-    if reduction == 'sum' or not (isinstance(out, tuple) and len(out) == 2):
-      return out
-    loss, rest = out
-    if has_aux:
-      if not (isinstance(rest, tuple) and len(rest) == 2):
-        return out  # window_sums names the expected form
-      weight = rest[0]
-    else:
-      weight = rest
-    if jnp.shape(weight) != () or jnp.shape(loss) != ():
-      return out
-    w = lax.stop_gradient(jnp.asarray(weight, jnp.float32))
-    loss = jnp.asarray(loss)
-    loss = loss.astype(jnp.promote_types(loss.dtype, jnp.float32)) * w
-    return loss, rest
-
   def value_and_grad(params, *args):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not all(n in mesh.explicit_axes for n in names):
-      raise ValueError(
-        f'unreduced_value_and_grad(..., axis_name={axis_name!r}) runs under '
-        'jax.jit inside `with jax.set_mesh(mesh)`, where the axis is an '
-        'Explicit mesh axis (jax.make_mesh\'s default); here the mesh is '
-        f'{mesh}. Inside jax.shard_map, differentiate with respect to '
-        f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead."
-      )
-    param_specs = jax.tree.map(_spec, params)
-    for path, spec in jax.tree.leaves_with_path(
-      param_specs, is_leaf=lambda s: isinstance(s, P)
-    ):
-      used = {a for e in spec for a in _entry_axes(e)}
-      if used & set(names):
-        raise ValueError(
-          f'The param at {_validate.leaf_name(path)} is sharded {spec}, '
-          f'over `axis_name`={axis_name!r}. Its reduction over that axis '
-          'runs every call (FSDP) and cannot be deferred: defer the '
-          'replica axis of a (replica, fsdp) mesh instead.'
-        )
     args = list(args)
-    arg_specs = [jax.tree.map(_spec, a) for a in args]
-    batch_axes: tuple[str, ...] = ()
-    for n in batch_argnums:
-      if n > len(args):
-        break  # window_sums names the argument
-      for path, x in jax.tree.leaves_with_path(args[n - 1]):
-        spec = _spec(x)
-        lead = _entry_axes(spec[0]) if len(spec) and jnp.ndim(x) else ()
-        if not set(names) <= set(lead):
-          raise ValueError(
-            f'Argument {n} (`batch_argnums`) at '
-            f'{_validate.leaf_name(path)} has sharding {spec}; '
-            'unreduced_value_and_grad needs its leading (batch) axis '
-            f'sharded over `axis_name`={axis_name!r}, or every device '
-            "would count the same items: jax.device_put(x, P('data')) or "
-            "jax.reshard(x, P('data'))."
-          )
-        batch_axes = tuple(dict.fromkeys(batch_axes + lead))
-
-    for path, spec in jax.tree.leaves_with_path(
-      param_specs, is_leaf=lambda s: isinstance(s, P)
-    ):
-      other = {a for e in spec for a in _entry_axes(e)} - set(batch_axes)
-      if other:
-        raise ValueError(
-          f'The param at {_validate.leaf_name(path)} is sharded {spec}, over '
-          f'{sorted(other)}, which do not shard the batch: '
-          'unreduced_value_and_grad gathers params over the batch axes '
-          '(FSDP) only, and does not run tensor-parallel layers. Replicate '
-          'it over those axes, or compute the gradient in your own '
-          "jax.shard_map and pcast it to='unreduced'."
-        )
+    param_specs, arg_specs, batch_axes = _check_call(
+      axis_name, names, params, args, batch_argnums, num_microbatches
+    )
     sums = _microbatch.window_sums(
-      sum_form,
+      loss_fn,
       num_microbatches,
       has_aux=has_aux,
-      reduction='sum',
+      reduction=reduction,
       batch_argnums=batch_argnums,
       key_argnum=key_argnum,
       unroll=unroll,

@@ -215,6 +215,15 @@ def check_weight(weight):
     raise TypeError(
       f'`weight` must be a real number, but got {weight!r} of dtype {dtype}.'
     )
+  spec = getattr(getattr(jax.typeof(weight), 'sharding', None), 'spec', None)
+  if getattr(spec, 'unreduced', None):
+    raise ValueError(
+      f'`weight` is typed {jax.typeof(weight)}, unreduced: a weight is the '
+      "micro-batch's total number of items, a replicated scalar under "
+      'jax.jit (as optax_accum.unreduced_value_and_grad returns it) and '
+      "this device's own count inside jax.shard_map. Reduce it first "
+      '(jax.reshard(weight, P())).'
+    )
   if not isinstance(weight, Tracer):
     with np.errstate(over='ignore', invalid='ignore'):
       value = np.float32(np.asarray(weight))
