@@ -405,7 +405,7 @@ class Accumulator:
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
     inner_tx = self._inner_tx
     deferral = _deferral.of(self.axis_name)
-    updates, weight, extra_args = deferral.arrive(
+    updates, weight, flush, extra_args = deferral.arrive(
       updates, state, weight, flush, extra_args
     )
     # With a typed (unreduced) accumulator a micro-batch's gradient is known
@@ -695,11 +695,16 @@ def accumulate(
       ``jax.jit`` on an Explicit mesh, with gradients unreduced over the
       axis (:func:`optax_accum.unreduced_value_and_grad`) and ``weight``
       the micro-batch's global total; or in ``shard_map(check_vma=False)``
-      or ``jax.pmap`` with the state stacked per device. In the first two,
+      or ``jax.pmap`` with the state stacked per device (where a device
+      that flushes ends the window on all). In the first two,
       ``init`` under ``jax.set_mesh`` makes ``acc_grads``, ``acc_weight``
       and ``acc_value`` unreduced over the axis (the same state serves
-      both; pass it to ``shard_map`` with the specs of its types), and
-      ``should_skip_update_fn`` judges each window's reduced mean.
+      both; pass it to ``shard_map`` with the specs of its types, in a
+      ``shard_map`` manual over every mesh axis, as JAX requires for
+      unreduced values), and ``should_skip_update_fn`` judges each
+      window's reduced mean. A transformation before the accumulator
+      would see each device's part of a gradient: put it after
+      (:func:`optax_accum.chain` raises where it can tell).
 
   Keyword arguments of ``update``:
     weight: a scalar >= 0, the items (tokens) the micro-batch's loss

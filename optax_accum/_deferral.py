@@ -296,12 +296,19 @@ class Deferral:
 
   def arrive(self, updates, state, weight, flush, extra_args):
     """Checks a mini-step's inputs (see `check`); returns `(updates,
-    weight, extra_args)`, reduced on arrival in SINGLE."""
+    weight, flush, extra_args)`, reduced on arrival in SINGLE.
+
+    UNCHECKED: JAX does not type a flush that differs across devices, and
+    devices that disagree would wait forever in the window's reduction: a
+    device that flushes ends the window on all (a scalar all-reduce).
+    """
     self.check(updates, state, weight, flush, extra_args.get('value'))
     updates, weight = self.incoming((updates, weight))
     if 'value' in extra_args:
       extra_args = {**extra_args, 'value': self.incoming(extra_args['value'])}
-    return updates, weight, extra_args
+    if self.mode == UNCHECKED and flush is not None:
+      flush = lax.pmax(flush.astype(jnp.int32), self.names) > 0
+    return updates, weight, flush, extra_args
 
   def incoming(self, tree):
     """SINGLE: a micro-batch's values reduced on arrival (one device: no
@@ -403,15 +410,20 @@ def _first(tree, names) -> Any:
 
 def _reduced_leaf(x):
   if isinstance(x, jax.ShapeDtypeStruct):
+    # jax.eval_shape records the abstract mesh, or no sharding for a
+    # counter: orbax places arrays on the concrete mesh that is set.
+    mesh = jax.sharding.get_mesh()
     sharding = x.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      spec = sharding.spec.update(unreduced=frozenset())
+      if not isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+        mesh = sharding.mesh
+    elif sharding is None:
+      spec = P()
+    else:
       return x
-    mesh = sharding.mesh
-    if isinstance(mesh, jax.sharding.AbstractMesh):  # from jax.eval_shape
-      mesh = jax.sharding.get_mesh()
-      if mesh.empty:
-        return x
-    spec = sharding.spec.update(unreduced=frozenset())
+    if mesh.empty:
+      return x
     return jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
     )
@@ -459,9 +471,15 @@ def reduced_state(opt_state: Any) -> Any:
   leaves = jax.tree.leaves(opt_state)
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
     return jax.tree.map(_reduced_leaf, opt_state)
-  if not any(unreduced_axes(x) for x in leaves):
+  unreduced = [x for x in leaves if unreduced_axes(x)]
+  if not unreduced:
     return opt_state
-  return jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))(opt_state)
+  reduce = jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))
+  mesh = getattr(getattr(unreduced[0], 'sharding', None), 'mesh', None)
+  if jax.sharding.get_abstract_mesh().empty and mesh is not None:
+    with jax.set_mesh(mesh):  # the arrays' own mesh
+      return reduce(opt_state)
+  return reduce(opt_state)
 
 
 def unreduced_state(opt_state: Any, like: Any) -> Any:
@@ -482,7 +500,8 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     per-device parts they would have met (equal to float32 rounding).
 
   Raises:
-    ValueError: ``opt_state`` and ``like`` have different structures.
+    ValueError: ``opt_state`` and ``like`` have different structures, or no
+      mesh is set.
 
   Examples:
     See :func:`reduced_state`.
@@ -501,4 +520,9 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
 
   if not any(unreduced_axes(t) for t in jax.tree.leaves(like)):
     return opt_state
+  if jax.sharding.get_abstract_mesh().empty:
+    raise ValueError(
+      'unreduced_state reshards onto the mesh of `like`: call it inside '
+      '`with jax.set_mesh(mesh)`.'
+    )
   return jax.jit(lambda s: jax.tree.map(leaf, s, like))(opt_state)

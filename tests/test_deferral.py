@@ -595,3 +595,92 @@ def test_an_axis_of_one_device_is_exact_on_both_paths(path):
       step = _mesh_step(tx, vg)
     p, state, _ = _run(step, p, state, xs, ys, ms)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+# Slips that would give wrong numbers or another library's error.
+
+
+def test_a_forgotten_axis_name_raises_on_both_paths():
+  params, xs, ys, ms = _masked_problem(steps=1)
+  tx = optax_accum.accumulate(K, optax.sgd(0.1))  # no axis_name
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    args = [jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms)]
+    with pytest.raises(ValueError, match=r"no axis_name.*axis_name='data'"):
+      _mesh_step(tx, vg)(p, state, *args)
+    with pytest.raises(ValueError, match=r"vary over \['data'\].*axis_name"):
+      _checked_step(tx, mesh, state)(p, state, *args)
+
+
+def test_an_element_before_the_accumulator_in_shard_map_raises():
+  params, xs, ys, ms = _masked_problem(steps=1)
+  tx = optax_accum.chain(
+    optax.clip_by_global_norm(0.05),
+    optax_accum.accumulate(K, axis_name="data"),
+    optax.sgd(0.1),
+  )
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    args = [jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms)]
+    with pytest.raises(ValueError, match=r"before the accumulator"):
+      _checked_step(tx, mesh, state)(p, state, *args)
+
+
+def test_an_unreduced_weight_raises_naming_weight():
+  tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    grads = jax.tree.map(
+      lambda a: jax.reshard(a, P(unreduced={"data"})), params
+    )
+    weight = jax.reshard(jnp.float32(2.0), P(unreduced={"data"}))
+    with pytest.raises(ValueError, match=r"`weight` is typed .*unreduced"):
+      jax.jit(tx.update)(grads, state, params, weight=weight)
+
+
+def test_restore_onto_fewer_devices_continues_the_run(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params, xs, ys, ms = _masked_problem()
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+  ckptr = ocp.StandardCheckpointer()
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    p, state, _ = _run(_mesh_step(tx, vg), p, state, xs[:1], ys[:1], ms[:1])
+    ckptr.save(tmp_path / "s", optax_accum.reduced_state(state))
+    ckptr.wait_until_finished()
+    p = jax.device_get(p)
+  mesh4 = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  with jax.set_mesh(mesh4):
+    state = optax_accum.restore_checkpoint(tmp_path / "s", tx, params, ckptr)
+    p = jax.device_put(p, P())
+    p, state, _ = _run(_mesh_step(tx, vg), p, state, xs[1:], ys[1:], ms[1:])
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_reduced_state_reads_the_sums_outside_the_mesh():
+  tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    grads = jax.tree.map(
+      lambda a: jax.reshard(a, P(unreduced={"data"})), params
+    )
+    _, state = jax.jit(tx.update)(grads, state, params, weight=3.0)
+  read = optax_accum.reduced_state(state)  # no mesh set here
+  assert float(read.acc_weight) == 3.0
+  np.testing.assert_allclose(read.acc_grads["w"], 3.0 * np.ones(3))
+  with pytest.raises(ValueError, match="jax.set_mesh"):
+    optax_accum.unreduced_state(read, state)

@@ -262,3 +262,34 @@ def test_apply_gradients_on_a_mesh_keeps_shardings_and_numbers(axis_type):
   chex.assert_trees_all_close(got_p, want_p, rtol=1e-6, atol=1e-7)
   assert got_p["w"].sharding.spec == P("data", "model")
   assert got_s[1].acc_grads["w"].sharding.spec == P("data", "model")
+
+
+def test_unchecked_flush_on_one_device_ends_the_window_on_all():
+  """JAX does not type a flush that differs across devices here; devices
+  that disagreed would wait forever in the window's one reduction."""
+  mesh = _mesh((N_DEV,), ("data",), AxisType.Auto)
+  params = {"w": jnp.ones(3)}
+  tx = optax_accum.accumulate(4, optax.sgd(0.1), axis_name="data")
+
+  def local(p, state, flag):
+    state = jax.tree.map(lambda a: a[0], state)
+    updates, state = tx.update(p, state, p, flush=flag[0] > 0)
+    return optax.apply_updates(p, updates), jax.tree.map(
+      lambda a: a[None], state
+    )
+
+  step = jax.jit(
+    jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(), P("data"), P("data")),
+      out_specs=(P(), P("data")),
+      check_vma=False,
+    )
+  )
+  state = _per_device(tx.init(params))
+  flag = jnp.zeros(N_DEV).at[3].set(1.0)  # only device 3 flushes
+  with jax.set_mesh(mesh):
+    _, state = step(params, state, flag)
+  np.testing.assert_array_equal(state.gradient_step, np.ones(N_DEV))
+  np.testing.assert_array_equal(state.mini_step, np.zeros(N_DEV))

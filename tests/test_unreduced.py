@@ -152,3 +152,30 @@ def test_a_tensor_parallel_param_raises_saying_what_to_do():
     batch = [jax.device_put(a, P("data")) for a in (x, y, m)]
     with pytest.raises(ValueError, match=r"\['w'\].*\['model'\].*pcast"):
       jax.jit(vg)(p, *batch)
+
+
+def test_batch_leaves_that_cannot_be_split_raise_saying_why():
+  params, x, y, m = _problem()
+
+  def loss(p, batch):
+    return mean_loss(p, batch["x"], batch["y"], batch["m"])
+
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    batch = {k: jax.device_put(a, P("data")) for k, a in zip("xym", (x, y, m))}
+    vg3 = optax_accum.unreduced_value_and_grad(loss, "data", 3, has_aux=True)
+    with pytest.raises(ValueError, match=r"4 per device.*num_microbatches=3"):
+      jax.jit(vg3)(params, batch)
+    vg = optax_accum.unreduced_value_and_grad(loss, "data", has_aux=True)
+    with pytest.raises(ValueError, match=r"\['s'\] is a scalar.*batch_argnums"):
+      jax.jit(vg)(params, {**batch, "s": jnp.float32(1.0)})
+
+
+def test_an_axis_name_not_in_the_mesh_raises_listing_the_axes():
+  params, x, y, m = _problem()
+  vg = optax_accum.unreduced_value_and_grad(
+    mean_loss, "dp", has_aux=True, batch_argnums=(1, 2, 3)
+  )
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    batch = [jax.device_put(a, P("data")) for a in (x, y, m)]
+    with pytest.raises(ValueError, match=r"\['dp'\] are not axes.*'data'"):
+      jax.jit(vg)(params, *batch)
