@@ -136,12 +136,18 @@ def _strong_types(tree):
   return jax.tree.map(strong, tree)
 
 
-def _float32_norm(tree) -> jax.Array:
-  """The global L2 norm, computed in float32 or wider (never in float16)."""
+def _float32_norm(tree, complete=lambda x: x) -> jax.Array:
+  """The global L2 norm, computed in float32 or wider (never in float16).
+
+  `complete` sums a leaf's squares over the devices holding its shards (see
+  `_deferral.Deferral.complete`).
+  """
   squares = [
-    jnp.sum(
-      jnp.square(
-        jnp.abs(x).astype(jnp.promote_types(jnp.abs(x).dtype, jnp.float32))
+    complete(
+      jnp.sum(
+        jnp.square(
+          jnp.abs(x).astype(jnp.promote_types(jnp.abs(x).dtype, jnp.float32))
+        )
       )
     )
     for x in jax.tree.leaves(tree)
@@ -151,9 +157,12 @@ def _float32_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(squares)).astype(jnp.float32)
 
 
-def _all_finite(tree) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.ones([], jnp.bool_)
+def _all_finite(tree, complete=lambda x: x) -> jax.Array:
+  bad = [
+    complete(jnp.sum(~jnp.isfinite(x), dtype=jnp.int32))
+    for x in jax.tree.leaves(tree)
+  ]
+  return jnp.asarray(sum(bad) == 0) if bad else jnp.ones([], jnp.bool_)
 
 
 def accumulate_states(tree) -> list[AccumulateState]:
@@ -518,8 +527,8 @@ class Accumulator:
     def mean_of(acc_sum, scale):
       # A multiply, which XLA duplicates into each consumer fusion; a divide
       # it would compute once into a full-size temporary.
-      inv = 1.0 / scale
-      mean = jax.tree.map(lambda a: a * inv.astype(a.dtype), acc_sum)
+      # The inverse in each sum's dtype (float64 under x64), not float32's.
+      mean = jax.tree.map(lambda a: a * (1 / scale.astype(a.dtype)), acc_sum)
       return optax.tree.cast_like(mean, updates)
 
     def step(acc_sum, scale, inner_state, params, window_extra):
@@ -547,17 +556,19 @@ class Accumulator:
       stepped = total_weight != 0
       scale = jnp.where(stepped, total_weight, 1.0)
       # |mean| = |sum| / weight: one read of the sum, no temporary.
-      grad_norm = _float32_norm(acc_sum) / scale
+      grad_norm = _float32_norm(acc_sum, deferral.complete) / scale
       rejected = jnp.zeros([], jnp.bool_)
       if typed and self.should_skip_update_fn is not None:
-        rejected, skip_state = self._skip(
-          mean_of(acc_sum, scale), gradient_step, params
+        # Judged on each device's shards; every device takes the verdict
+        # of any (and the largest skip state).
+        rejected, skip_state = deferral.agree(
+          self._skip(mean_of(acc_sum, scale), gradient_step, params)
         )
         rejected = jnp.asarray(rejected) & stepped
         skip_state = _strong_types(skip_state)
         stepped = stepped & ~rejected
       elif self.should_skip_update_fn is not None:
-        stepped = stepped & _all_finite(acc_sum)
+        stepped = stepped & _all_finite(acc_sum, deferral.complete)
       window_extra = dict(extra_args)
       if 'value' in extra_args:
         window_extra['value'] = (total_value / scale).astype(

@@ -2,10 +2,12 @@
 
 from typing import Any
 
+import jax
 import optax
 
 from optax_accum import _accumulate
 from optax_accum import _chain
+from optax_accum import _deferral
 
 
 def apply_gradients(
@@ -91,6 +93,17 @@ def apply_gradients(
   if gated is not None:
     return gated.apply(grads, opt_state, params, **extra_args)
   _accumulate.check_accumulator_args(extra_args, opt_state)
+  unreduced = set().union(
+    *(_deferral.unreduced_axes(g) for g in jax.tree.leaves(grads))
+  )
+  if unreduced and not _accumulate.accumulate_states(opt_state):
+    raise ValueError(
+      f'The gradients are typed unreduced over {sorted(unreduced)} (each '
+      "device's part of the sum), and `tx` holds no accumulator to reduce "
+      'them: use optax_accum.chain(optax_accum.accumulate(k, axis_name='
+      f'{_deferral.shown(sorted(unreduced))!r}), opt), or reduce them '
+      'first with jax.reshard(g, P(...)).'
+    )
   updates, opt_state = optax.with_extra_args_support(tx).update(
     grads, opt_state, params, **extra_args
   )

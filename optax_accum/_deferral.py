@@ -196,18 +196,22 @@ class Deferral:
       return
     names = set(self.names)
     leaves = jax.tree.leaves_with_path(updates)
+    self._check_state(state)
     if self.mode == CHECKED:
+      self._check_checked(updates, state, weight, value)
       bad = [
         _validate.leaf_name(path)
         for path, g in leaves
         if not names <= varying_axes(g)
       ]
       if bad:
+        first = _first(updates, bad)
         raise ValueError(
           f'accumulate(..., axis_name={self.shown!r}) inside '
           "jax.shard_map(check_vma=True) takes each device's own "
           f'gradient, but the gradients at {", ".join(bad[:3])} are '
-          f'invariant over {self.shown!r}: shard_map already summed them '
+          f'invariant over {sorted(names - varying_axes(first))}: '
+          'shard_map already summed them '
           'across devices, which is the reduction that accumulation '
           'defers. Differentiate with respect to '
           f"jax.lax.pcast(params, {self.shown!r}, to='varying') inside the "
@@ -224,7 +228,7 @@ class Deferral:
       bad = [
         _validate.leaf_name(path)
         for path, g in leaves
-        if not names <= unreduced_axes(g)
+        if names != unreduced_axes(g)
       ]
       if bad:
         raise ValueError(
@@ -232,7 +236,8 @@ class Deferral:
           'mesh takes gradients typed unreduced over the axis (each '
           'device holds its own partial sum), but the gradients at '
           f'{", ".join(bad[:3])} are typed '
-          f'{jax.typeof(_first(updates, bad))}: already reduced. Compute '
+          f'{jax.typeof(_first(updates, bad))}: reduced, or unreduced over '
+          'other axes. Compute '
           'them with optax_accum.unreduced_value_and_grad'
           f'(loss_fn, axis_name={self.shown!r}), or drop axis_name to '
           'reduce every micro-batch.'
@@ -243,22 +248,6 @@ class Deferral:
           "is the micro-batch's global mean loss (a replicated scalar), as "
           'optax_accum.unreduced_value_and_grad returns it.'
         )
-    acc_leaves = jax.tree.leaves_with_path(state.acc_grads)
-    bad = [
-      _validate.leaf_name(path)
-      for path, a in acc_leaves
-      if not names <= unreduced_axes(a)
-    ]
-    if bad or not names <= unreduced_axes(state.acc_weight):
-      raise ValueError(
-        f'The accumulator state passed to update is not unreduced over '
-        f'{self.shown!r} (at {", ".join(bad[:3]) or "acc_weight"}). Make '
-        'it with tx.init(params) (or restore it with restore_checkpoint) '
-        'inside `with jax.set_mesh(mesh)` (the '
-        f'mesh with Explicit axes {self.shown!r}), and inside '
-        'jax.shard_map pass it with the specs of its types: in_specs/out_specs '
-        'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, opt_state).'
-      )
 
   def contribution(self, x):
     """A weighted per-device term, typed to add to an unreduced sum.
@@ -293,6 +282,89 @@ class Deferral:
     if self.mode != MESH:
       return w
     return jax.reshard(w, P(reduced=frozenset(self.names)))
+
+  def _check_state(self, state) -> None:
+    """Raises for a state whose sums are not unreduced over exactly the
+    axes of `axis_name`."""
+    names = set(self.names)
+    have = set().union(
+      *(unreduced_axes(a) for a in jax.tree.leaves(state.acc_grads)),
+      unreduced_axes(state.acc_weight),
+    )
+    if have and have != names:
+      raise ValueError(
+        f'The accumulator state is unreduced over {sorted(have)}, but this '
+        f'accumulate has axis_name={self.shown!r}: make the state with '
+        'tx.init of the same optimizer, under jax.set_mesh.'
+      )
+    bad = [
+      _validate.leaf_name(path)
+      for path, a in jax.tree.leaves_with_path(state.acc_grads)
+      if not names <= unreduced_axes(a)
+    ]
+    if bad or not names <= unreduced_axes(state.acc_weight):
+      raise ValueError(
+        f'The accumulator state passed to update is not unreduced over '
+        f'{self.shown!r} (at {", ".join(bad[:3]) or "acc_weight"}). Make '
+        'it with tx.init(params) (or restore it with restore_checkpoint) '
+        'inside `with jax.set_mesh(mesh)` (the mesh with Explicit axes '
+        f'{self.shown!r}), and inside jax.shard_map pass it with the specs '
+        'of its types: in_specs/out_specs '
+        'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, opt_state).'
+      )
+
+  def _check_checked(self, updates, state, weight, value) -> None:
+    """CHECKED: raises for values that vary over other manual axes than
+    `axis_name` where the accumulator does not."""
+    names = set(self.names)
+    for (path, g), a in zip(
+      jax.tree.leaves_with_path(updates), jax.tree.leaves(state.acc_grads)
+    ):
+      extra = varying_axes(g) - names - varying_axes(a)
+      if extra:
+        raise ValueError(
+          f'The gradient at {_validate.leaf_name(path)} varies over '
+          f'{sorted(extra)} besides `axis_name`={self.shown!r}, but the '
+          'accumulator (shaped like the param) does not: reduce it over '
+          f'them first (jax.lax.psum(g, {shown(sorted(extra))!r}), or an '
+          'all-gather of the param inside the loss, as FSDP does), or add '
+          'them to axis_name.'
+        )
+    for name, x in (('weight', weight), ('value', value)):
+      extra = varying_axes(x) - names if x is not None else set()
+      if extra:
+        raise ValueError(
+          f'`{name}` varies over {sorted(extra)} besides `axis_name`='
+          f'{self.shown!r}. Inside shard_map it is the count (or mean loss) '
+          'of the items behind this gradient: where the gradient is '
+          f'reduced over {sorted(extra)} (FSDP), the group\'s, '
+          f'jax.lax.psum(n, {shown(sorted(extra))!r}).'
+        )
+
+  def complete(self, x):
+    """CHECKED: a per-device scalar sum (a norm's squares, a count) summed
+    over the axes other than `axis_name` that it still varies over (shards
+    of a param sharded over fsdp), so every device agrees."""
+    if self.mode != CHECKED:
+      return x
+    axes = tuple(sorted(varying_axes(x)))
+    return lax.psum(x, axes) if axes else x
+
+  def agree(self, tree):
+    """CHECKED: each leaf made the same on every device (`lax.pmax` over
+    the axes it varies over): a skip decision and its state."""
+    if self.mode != CHECKED:
+      return tree
+
+    def one(x):
+      axes = tuple(sorted(varying_axes(x)))
+      if not axes:
+        return x
+      dtype = jnp.result_type(x)
+      wide = jnp.int32 if jnp.issubdtype(dtype, jnp.bool_) else dtype
+      return lax.pmax(jnp.asarray(x, wide), axes).astype(dtype)
+
+    return jax.tree.map(one, tree)
 
   def arrive(self, updates, state, weight, flush, extra_args):
     """Checks a mini-step's inputs (see `check`); returns `(updates,
@@ -380,7 +452,7 @@ def _check_no_axis(updates, state) -> None:
     raise ValueError(
       f'The gradients are typed unreduced over {sorted(unreduced)} (each '
       "device's part of the sum), but the accumulator has no axis_name: "
-      f'write accumulate(..., axis_name={_shown(sorted(unreduced))!r}) to '
+      f'write accumulate(..., axis_name={shown(sorted(unreduced))!r}) to '
       'reduce them once per window.'
     )
   acc = jax.tree.leaves(state.acc_grads)
@@ -391,13 +463,13 @@ def _check_no_axis(updates, state) -> None:
       f'Inside jax.shard_map the gradients vary over {sorted(extra)} but the '
       'accumulator state does not, and the accumulator has no axis_name. To '
       'reduce them once per window, write accumulate(..., '
-      f'axis_name={_shown(sorted(extra))!r}) and make the state with '
+      f'axis_name={shown(sorted(extra))!r}) and make the state with '
       'tx.init under jax.set_mesh; to train each device on its own, pass a '
       'per-device state (in_specs/out_specs P(axis) on a stacked state).'
     )
 
 
-def _shown(names):
+def shown(names):
   return names[0] if len(names) == 1 else tuple(names)
 
 

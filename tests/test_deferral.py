@@ -143,7 +143,7 @@ def test_checked_shard_map_raises_for_gradients_already_reduced():
     x, y, m = (jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms))
     with pytest.raises(
       ValueError,
-      match=r"invariant over 'data'.*jax\.lax\.pcast\(params, 'data'",
+      match=r"invariant over \['data'\].*jax\.lax\.pcast\(params, 'data'",
     ):
       jax.jit(step).lower(params, state, x, y, m)
 
@@ -684,3 +684,80 @@ def test_reduced_state_reads_the_sums_outside_the_mesh():
   np.testing.assert_allclose(read.acc_grads["w"], 3.0 * np.ones(3))
   with pytest.raises(ValueError, match="jax.set_mesh"):
     optax_accum.unreduced_state(read, state)
+
+
+@pytest.mark.parametrize("skip", [None, optax.skip_not_finite])
+def test_hsdp_in_shard_map_with_the_group_count_is_exact(skip):
+  """Params sharded over fsdp, gathered in the loss (their gradients
+  reduce-scattered over fsdp by autodiff); the weight behind a gradient
+  reduced over fsdp is the group's count."""
+  params, xs, ys, ms = _masked_problem()
+  pad = lambda a: jnp.concatenate([a, 0 * a[..., :1]], -1)  # 4 outputs
+  params, ys = jax.tree.map(pad, params), pad(ys)
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  mesh = jax.make_mesh((2, 4), ("replica", "fsdp"))
+  tx = optax_accum.accumulate(
+    K, optax.adamw(1e-2), axis_name="replica", should_skip_update_fn=skip
+  )
+  pspec = {"w": P(None, "fsdp"), "b": P("fsdp")}
+  batch = P(("replica", "fsdp"))
+
+  def make_step(state, group_count):
+    def local(p, s, x, y, m):
+      def loss(q):
+        full = {
+          "w": lax.all_gather(q["w"], "fsdp", axis=1, tiled=True),
+          "b": lax.all_gather(q["b"], "fsdp", axis=0, tiled=True),
+        }
+        err = jnp.sum((jnp.tanh(x @ full["w"] + full["b"]) - y) ** 2, -1)
+        n = lax.psum(jnp.sum(m), "fsdp") if group_count else jnp.sum(m)
+        return jnp.sum(err * m) / jnp.maximum(n, 1.0), n
+
+      g, n = jax.grad(loss, has_aux=True)(lax.pcast(p, "replica", to="varying"))
+      return optax_accum.apply_gradients(tx, g, s, p, weight=n)
+
+    specs = _specs(state)
+    return jax.jit(
+      jax.shard_map(
+        local,
+        in_specs=(pspec, specs, batch, batch, batch),
+        out_specs=(pspec, specs),
+      )
+    )
+
+  with jax.set_mesh(mesh):
+    p = jax.tree.map(jax.device_put, params, pspec)
+    state = tx.init(p)
+    args = [jax.device_put(a[0, :16], batch) for a in (xs, ys, ms)]
+    with pytest.raises(ValueError, match=r"`weight` varies over \['fsdp'\]"):
+      make_step(state, False)(p, state, *args)
+    p, state, _ = _run(make_step(state, True), p, state, xs, ys, ms, spec=batch)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  assert int(state.gradient_step) == len(xs)
+
+
+def test_mismatched_deferred_axes_raise_naming_both():
+  tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="replica")
+  with jax.set_mesh(jax.make_mesh((2, 4), ("replica", "fsdp"))):
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    both = P(unreduced={"replica", "fsdp"})
+    grads = jax.tree.map(lambda a: jax.reshard(a, both), params)
+    with pytest.raises(ValueError, match=r"unreduced over other axes"):
+      jax.jit(tx.update)(grads, state, params)
+    other = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="fsdp")
+    with pytest.raises(ValueError, match=r"unreduced over \['replica'\]"):
+      jax.jit(other.update)(grads, state, params)
+
+
+def test_apply_gradients_without_an_accumulator_raises_for_unreduced():
+  tx = optax.adamw(1e-2)
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    params = {"w": jnp.ones(3)}
+    grads = jax.tree.map(
+      lambda a: jax.reshard(a, P(unreduced={"data"})), params
+    )
+    with pytest.raises(ValueError, match=r"no accumulator.*axis_name='data'"):
+      jax.jit(optax_accum.apply_gradients, static_argnums=0)(
+        tx, grads, tx.init(params), params
+      )
