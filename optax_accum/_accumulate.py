@@ -702,7 +702,10 @@ def accumulate(
       sums are reduced once, when a window ends. Where ``update`` runs:
       inside ``jax.shard_map`` (JAX's default ``check_vma=True``), with
       gradients taken with respect to ``jax.lax.pcast(params, axis_name,
-      to='varying')`` and ``weight`` this device's own; under plain
+      to='varying')`` and ``weight`` the count behind this device's
+      gradient (its own; with params all-gathered over an fsdp axis, the
+      fsdp group's, ``lax.psum(n, 'fsdp')``; never the global total,
+      which would divide the step by the device count); under plain
       ``jax.jit`` on an Explicit mesh, with gradients unreduced over the
       axis (:func:`optax_accum.unreduced_value_and_grad`) and ``weight``
       the micro-batch's global total; or in ``shard_map(check_vma=False)``
