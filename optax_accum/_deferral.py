@@ -109,8 +109,9 @@ def unreduced_zeros(p, dtype, names, where: str):
   if clash:
     raise ValueError(
       f'The param at {where} is sharded over {sorted(clash)} (its '
-      f'sharding is {spec}), an axis of `axis_name`={names!r}. The '
-      'reduction over an axis a param is sharded on (FSDP) runs every '
+      f'sharding is {spec}), an axis of `axis_name`='
+      f'{shown(list(names))!r}. The reduction over an axis a param is '
+      'sharded on (FSDP) runs every '
       'micro-batch, as a reduce-scatter, and cannot be deferred: defer only '
       'the replica axis of an (replica, fsdp) mesh (HSDP), or drop '
       '`axis_name`.'
