@@ -59,11 +59,11 @@ def collectives(hlo_text: str) -> list[tuple[str, str]]:
   )
 
 
-def all_reduce_bytes(hlo_text: str) -> int:
-  """Bytes of the operands of every all-reduce in HLO text."""
+def collective_bytes(hlo_text: str, op: str = "all-reduce") -> int:
+  """Bytes of the operands of every `op` (a collective) in HLO text."""
   n = 0
   for line in hlo_text.splitlines():
-    m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+    m = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
     if not m:
       continue
     for dtype, dims in re.findall(
@@ -74,3 +74,48 @@ def all_reduce_bytes(hlo_text: str) -> int:
         size *= int(d) if d else 1
       n += size * _BYTES[dtype]
   return n
+
+
+def all_reduce_bytes(hlo_text: str) -> int:
+  """Bytes of the operands of every all-reduce in HLO text."""
+  return collective_bytes(hlo_text, "all-reduce")
+
+
+def computations(hlo_text: str) -> dict[str, str]:
+  """`{name: body}` of every computation in HLO text."""
+  return {
+    m.group(1): m.group(2)
+    for m in re.finditer(
+      r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S
+    )
+  }
+
+
+def _branch_roots(body: str) -> set[str]:
+  roots = set(
+    re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", body)
+  )
+  for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
+    roots |= {c.strip().lstrip("%") for c in group.split(",")}
+  return roots
+
+
+def branch_computations(comps: dict[str, str]) -> set[str]:
+  """Names of the computations run only inside a conditional's branches
+  (what an emitting step runs once per window), from `computations`."""
+  called = {
+    name: set(
+      re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", body)
+    )
+    | _branch_roots(body)
+    for name, body in comps.items()
+  }
+  todo = [r for body in comps.values() for r in _branch_roots(body)]
+  seen: set[str] = set()
+  while todo:
+    c = todo.pop()
+    if c in seen or c not in comps:
+      continue
+    seen.add(c)
+    todo.extend(called.get(c, ()))
+  return seen

@@ -42,7 +42,6 @@ os.environ["XLA_FLAGS"] = (
 import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import functools
 import platform
-import re
 import statistics
 import sys
 import time
@@ -120,70 +119,19 @@ def step_shard_map_deferral(tx, state):
   )
 
 
-def _computations(hlo_text):
-  """{name: body} of every computation in HLO text."""
-  out = {}
-  for m in re.finditer(
-    r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S
-  ):
-    out[m.group(1)] = m.group(2)
-  return out
-
-
-def _branch_computations(comps):
-  """Names of the computations run only inside a conditional's branches."""
-  called = {
-    name: set(re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", b))
-    | set(re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", b))
-    | {
-      c.strip().lstrip("%")
-      for group in re.findall(r"branch_computations=\{([^}]*)\}", b)
-      for c in group.split(",")
-    }
-    for name, b in comps.items()
-  }
-  roots = set()
-  for b in comps.values():
-    roots |= set(
-      re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", b)
-    )
-    for group in re.findall(r"branch_computations=\{([^}]*)\}", b):
-      roots |= {c.strip().lstrip("%") for c in group.split(",")}
-  seen, todo = set(), list(roots)
-  while todo:
-    c = todo.pop()
-    if c in seen or c not in comps:
-      continue
-    seen.add(c)
-    todo.extend(called.get(c, ()))
-  return seen
-
-
-def _bytes(text, op):
-  n = 0
-  for line in text.splitlines():
-    m = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
-    if not m:
-      continue
-    for dtype, dims in re.findall(
-      r"(f32|s32|pred|bf16|f16|f64)\[([\d,]*)\]", m.group(1)
-    ):
-      size = 1
-      for d in dims.split(","):
-        size *= int(d) if d else 1
-      n += size * hlo._BYTES[dtype]  # pylint: disable=protected-access
-  return n
-
-
 def window_bytes(hlo_text, k):
   """(all-reduce, reduce-scatter) bytes per window of k mini-steps."""
-  comps = _computations(hlo_text)
-  branches = _branch_computations(comps)
+  comps = hlo.computations(hlo_text)
+  branches = hlo.branch_computations(comps)
   out = []
   for op in ("all-reduce", "reduce-scatter"):
-    per_window = sum(_bytes(comps[c], op) for c in branches if c in comps)
+    per_window = sum(
+      hlo.collective_bytes(comps[c], op) for c in branches if c in comps
+    )
     per_step = sum(
-      _bytes(body, op) for c, body in comps.items() if c not in branches
+      hlo.collective_bytes(body, op)
+      for c, body in comps.items()
+      if c not in branches
     )
     out.append(k * per_step + per_window)
   return out

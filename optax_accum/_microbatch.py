@@ -34,6 +34,42 @@ def _split(batch, num_microbatches: int, argnum: int):
   return jax.tree.map_with_path(split, batch)
 
 
+def check_args(num_microbatches, reduction, batch_argnums, key_argnum):
+  """Checks the arguments shared with `unreduced_value_and_grad`; returns
+  `batch_argnums` as a tuple.
+
+  Raises:
+    ValueError: see :func:`microbatched_value_and_grad`.
+  """
+  if (
+    isinstance(num_microbatches, bool)
+    or not isinstance(num_microbatches, int)
+    or num_microbatches < 1
+  ):
+    raise ValueError(
+      '`num_microbatches` must be a positive int, but got '
+      f'{num_microbatches!r}.'
+    )
+  if reduction not in _REDUCTIONS:
+    raise ValueError(
+      f'`reduction` must be one of {_REDUCTIONS}, but got {reduction!r}.'
+    )
+  batch_argnums = (
+    (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+  )
+  for name, nums in (
+    ('batch_argnums', batch_argnums),
+    ('key_argnum', () if key_argnum is None else (key_argnum,)),
+  ):
+    if any(not isinstance(n, int) or n < 1 for n in nums):
+      raise ValueError(
+        f'`{name}` must hold argument positions >= 1 (0 is the params), '
+        f'but got {nums!r}.'
+      )
+
+  return batch_argnums
+
+
 def microbatched_value_and_grad(
   loss_fn: Callable[..., Any],
   num_microbatches: int,
@@ -119,32 +155,9 @@ def microbatched_value_and_grad(
     Face transformers PR #34191 (the global token mean); MaxText's in-step
     gradient accumulation.
   """
-  if (
-    isinstance(num_microbatches, bool)
-    or not isinstance(num_microbatches, int)
-    or num_microbatches < 1
-  ):
-    raise ValueError(
-      '`num_microbatches` must be a positive int, but got '
-      f'{num_microbatches!r}.'
-    )
-  if reduction not in _REDUCTIONS:
-    raise ValueError(
-      f'`reduction` must be one of {_REDUCTIONS}, but got {reduction!r}.'
-    )
-  batch_argnums = (
-    (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+  batch_argnums = check_args(
+    num_microbatches, reduction, batch_argnums, key_argnum
   )
-  for name, nums in (
-    ('batch_argnums', batch_argnums),
-    ('key_argnum', () if key_argnum is None else (key_argnum,)),
-  ):
-    if any(not isinstance(n, int) or n < 1 for n in nums):
-      raise ValueError(
-        f'`{name}` must hold argument positions >= 1 (0 is the params), '
-        f'but got {nums!r}.'
-      )
-
   sums = window_sums(
     loss_fn,
     num_microbatches,

@@ -262,8 +262,10 @@ def unreduced_value_and_grad(
       '`axis_name` must be a mesh axis name (str) or a tuple of them, but '
       f'got {axis_name!r}.'
     )
-  # Checks the shared arguments, as microbatched_value_and_grad does.
-  _microbatch.microbatched_value_and_grad(
+  batch_argnums = _microbatch.check_args(
+    num_microbatches, reduction, batch_argnums, key_argnum
+  )
+  sums = _microbatch.window_sums(
     loss_fn,
     num_microbatches,
     has_aux=has_aux,
@@ -272,23 +274,11 @@ def unreduced_value_and_grad(
     key_argnum=key_argnum,
     unroll=unroll,
   )
-  batch_argnums = (
-    (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
-  )
 
   def value_and_grad(params, *args):
     args = list(args)
     param_specs, arg_specs, batch_axes = _check_call(
       axis_name, names, params, args, batch_argnums, num_microbatches
-    )
-    sums = _microbatch.window_sums(
-      loss_fn,
-      num_microbatches,
-      has_aux=has_aux,
-      reduction=reduction,
-      batch_argnums=batch_argnums,
-      key_argnum=key_argnum,
-      unroll=unroll,
     )
     # An axis of size 1 has nothing to defer; JAX (0.10) cannot lower a
     # pcast to unreduced over it, so the gradient is typed unreduced by a
