@@ -6,7 +6,7 @@ accumulator and the sums meet in one reduction when the window ends (the
 pattern of PyTorch's ``no_sync`` and MaxText's ``unreduced`` gradient
 accumulation, MaxText PR #5099). JAX 0.10 gives the per-device sums a type:
 an array *unreduced* over an axis holds, on each device, a partial sum whose
-logical value is the sum over the axis. Three modes, chosen at trace time
+logical value is the sum over the axis. The mode is chosen at trace time
 from where ``update`` runs:
 
 - ``CHECKED``: inside ``jax.shard_map`` with ``check_vma=True`` (JAX's
@@ -23,9 +23,13 @@ from where ``update`` runs:
 - ``UNCHECKED``: inside ``jax.shard_map(check_vma=False)`` or ``jax.pmap``,
   where JAX does not type per-device values: the state is stacked per
   device by the caller and ``lax.psum`` in the emitting branch reduces.
+- ``SINGLE``: ``CHECKED`` or ``MESH`` over axes of one device: nothing to
+  defer; the state is plain and values are reduced on arrival.
 
 ``CHECKED`` and ``MESH`` share one state layout, made by ``init`` under
-``jax.set_mesh``: a state made for one runs in the other.
+``jax.set_mesh``: a state made for one runs in the other. Orbax cannot
+write unreduced arrays: :func:`reduced_state` and :func:`unreduced_state`
+convert the state for a checkpoint and back.
 """
 
 import dataclasses
