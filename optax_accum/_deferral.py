@@ -581,7 +581,16 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
       mesh is set.
 
   Examples:
-    See :func:`reduced_state`.
+    >>> import jax, jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name='data')
+    >>> params = {'w': jnp.zeros(3)}
+    >>> with jax.set_mesh(jax.make_mesh((jax.device_count(),), ('data',))):
+    ...   target = jax.eval_shape(tx.init, params)
+    ...   restored = optax_accum.reduced_state(tx.init(params))  # as loaded
+    ...   state = optax_accum.unreduced_state(restored, target)
+    >>> jax.typeof(state.acc_grads['w']).sharding.spec.unreduced == (
+    ...     target.acc_grads['w'].sharding.spec.unreduced)
+    True
   """
   if jax.tree.structure(opt_state) != jax.tree.structure(like):
     raise ValueError(
