@@ -56,16 +56,44 @@ def axis_names(axis_name) -> tuple[str, ...]:
   return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def _spec(x) -> P:
+def spec_of(x) -> P:
+  """The PartitionSpec in `x`'s type (``P()`` where it has none)."""
   sharding = getattr(jax.typeof(x), 'sharding', None)
   spec = getattr(sharding, 'spec', None)
   return P() if spec is None else spec
 
 
+def entry_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one entry of a PartitionSpec."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def spec_axes(spec: P) -> set[str]:
+  """The mesh axes a PartitionSpec shards over."""
+  return {a for entry in spec for a in entry_axes(entry)}
+
+
+def axes_size(names) -> int:
+  """The number of devices along `names` in the current mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  size = 1
+  for n in names:
+    size *= mesh.shape[n]
+  return size
+
+
+def vary(x, axes):
+  """`x` cast to varying over those of `axes` it does not vary over yet."""
+  missing = tuple(a for a in axes if a not in varying_axes(x))
+  return lax.pcast(x, missing, to='varying') if missing else x
+
+
 def unreduced_axes(x) -> frozenset:
   """The axes over which `x` is typed unreduced (global or in shard_map)."""
   out = set()
-  out |= set(_spec(x).unreduced)
+  out |= set(spec_of(x).unreduced)
   manual = getattr(jax.typeof(x), 'manual_axis_type', None)
   out |= set(getattr(manual, 'unreduced', ()) or ())
   return frozenset(out)
@@ -91,34 +119,23 @@ def layout_names(axis_name) -> Optional[tuple[str, ...]]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or any(n in mesh.manual_axes for n in names):
     return None
-  if all(n in mesh.explicit_axes for n in names) and _size(mesh, names) > 1:
+  if all(n in mesh.explicit_axes for n in names) and axes_size(names) > 1:
     return names
   return None
 
 
-def _size(mesh, names) -> int:
-  size = 1
-  for n in names:
-    size *= mesh.shape[n]
-  return size
-
-
 def unreduced_zeros(p, dtype, names, where: str):
   """Zeros shaped and partitioned like `p`, typed unreduced over `names`."""
-  spec = _spec(p)
-  used = set()
-  for entry in spec:
-    used |= set(entry if isinstance(entry, tuple) else (entry,))
-  clash = used & set(names)
+  spec = spec_of(p)
+  clash = spec_axes(spec) & set(names)
   if clash:
     raise ValueError(
       f'The param at {where} is sharded over {sorted(clash)} (its '
       f'sharding is {spec}), an axis of `axis_name`='
       f'{shown(list(names))!r}. The reduction over an axis a param is '
-      'sharded on (FSDP) runs every '
-      'micro-batch, as a reduce-scatter, and cannot be deferred: defer only '
-      'the replica axis of an (replica, fsdp) mesh (HSDP), or drop '
-      '`axis_name`.'
+      'sharded on (FSDP) runs every micro-batch, as a reduce-scatter, and '
+      'cannot be deferred: defer only the replica axis of an (replica, '
+      'fsdp) mesh (HSDP), or drop `axis_name`.'
     )
   return jnp.zeros(
     jnp.shape(p), dtype, out_sharding=spec.update(unreduced=frozenset(names))
@@ -399,7 +416,7 @@ class Deferral:
       if varying_axes(x) & set(self.names):
         return lax.psum(x, self.names)
       if unreduced_axes(x):
-        return jax.reshard(x, _spec(x).update(unreduced=frozenset()))
+        return jax.reshard(x, spec_of(x).update(unreduced=frozenset()))
       return x
 
     return jax.tree.map(one, tree)
@@ -410,7 +427,7 @@ class Deferral:
       return tree
     if self.mode == MESH:
       return jax.tree.map(
-        lambda x: jax.reshard(x, _spec(x).update(unreduced=frozenset())),
+        lambda x: jax.reshard(x, spec_of(x).update(unreduced=frozenset())),
         tree,
       )
     return lax.psum(tree, self.names)
@@ -418,14 +435,14 @@ class Deferral:
   def zeros_like_reduced(self, shape, dtype, g):
     """Zeros typed like the emitted (reduced, invariant) update for `g`."""
     if self.mode == MESH and jnp.shape(g) == tuple(shape):
-      spec = _spec(g).update(unreduced=frozenset())
+      spec = spec_of(g).update(unreduced=frozenset())
       return jnp.zeros(shape, dtype, out_sharding=spec)
     return jnp.zeros(shape, dtype)
 
   def reduce_like(self, g):
     """`g` with the type the reduced sum of such values has (for shapes)."""
     if self.mode == MESH:
-      return jax.reshard(g, _spec(g).update(unreduced=frozenset()))
+      return jax.reshard(g, spec_of(g).update(unreduced=frozenset()))
     if self.mode == CHECKED:
       return lax.psum(g, self.names)
     return g
@@ -437,8 +454,7 @@ def of(axis_name) -> Deferral:
     return Deferral((), NONE)
   names = axis_names(axis_name)
   mode = mode_of(axis_name)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mode in (CHECKED, MESH) and _size(mesh, names) == 1:
+  if mode in (CHECKED, MESH) and axes_size(names) == 1:
     mode = SINGLE
   return Deferral(names, mode)
 
@@ -504,7 +520,7 @@ def _reduced_leaf(x):
     return jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
     )
-  spec = _spec(x)
+  spec = spec_of(x)
   if not spec.unreduced:
     return x
   return jax.reshard(x, spec.update(unreduced=frozenset()))
@@ -601,7 +617,7 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     )
 
   def leaf(x, t):
-    spec = _spec(t)
+    spec = spec_of(t)
     return jax.reshard(x, spec) if spec.unreduced else x
 
   if not any(unreduced_axes(t) for t in jax.tree.leaves(like)):

@@ -8,6 +8,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from optax_accum import _accumulator
+from optax_accum import _deferral
 from optax_accum import _validate
 
 _REDUCTIONS = ('mean', 'sum')
@@ -300,13 +301,7 @@ def window_sums(
 def _vary_like(x, like):
   """`x` cast to varying over the mesh axes `like`'s type varies over."""
   manual = getattr(like, 'manual_axis_type', None)
-  want = frozenset(getattr(manual, 'varying', ()) or ())
-  have = frozenset(
-    getattr(getattr(jax.typeof(x), 'manual_axis_type', None), 'varying', ())
-    or ()
-  )
-  missing = tuple(sorted(want - have))
-  return lax.pcast(x, missing, to='varying') if missing else x
+  return _deferral.vary(x, tuple(sorted(getattr(manual, 'varying', ()) or ())))
 
 
 def _first_outputs(weighted_loss, params, args, split, key, key_argnum):

@@ -13,69 +13,26 @@ from optax_accum import _microbatch
 from optax_accum import _validate
 
 
-def _spec(x) -> P:
-  sharding = getattr(jax.typeof(x), 'sharding', None)
-  spec = getattr(sharding, 'spec', None)
-  return P() if spec is None else spec
-
-
-def _entry_axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
 def _gather(x, spec: P):
   """All-gathers the dims of a local shard that `spec` shards."""
   for dim, entry in enumerate(spec):
-    axes = _entry_axes(entry)
+    axes = _deferral.entry_axes(entry)
     if axes:
       x = lax.all_gather(x, axes, axis=dim, tiled=True)
   return x
 
 
-def _vary(x, axes):
-  """`x` cast to varying over those of `axes` it does not vary over."""
-  missing = tuple(a for a in axes if a not in _deferral.varying_axes(x))
-  return lax.pcast(x, missing, to='varying') if missing else x
-
-
 def _reduce_to_shard(g, spec: P, reduce_axes: tuple[str, ...]):
-  """A whole per-device gradient to this device's shard of the sum over
-  `reduce_axes`: a reduce-scatter along the dims `spec` shards over them, a
-  slice along dims sharded over other axes (where every device holds the
-  same), an all-reduce over the rest of `reduce_axes`."""
-  left = list(reduce_axes)
+  """A whole per-device gradient to this device's shard of its sum over
+  `reduce_axes` (the batch axes but `axis_name`, which shard the params it
+  does shard: `_check_call`): a reduce-scatter along each sharded dim, an
+  all-reduce over the rest."""
   for dim, entry in enumerate(spec):
-    axes = _entry_axes(entry)
-    if not axes:
-      continue
-    scatter = tuple(a for a in axes if a in reduce_axes)
-    if scatter and len(scatter) != len(axes):
-      raise ValueError(
-        f'A param sharded {spec} mixes batch axes {scatter} with other '
-        'axes in one dimension; unreduced_value_and_grad does not split '
-        'such a dimension. Shard each dimension over batch axes only or '
-        'over other axes only.'
-      )
-    if scatter:
-      g = lax.psum_scatter(g, scatter, scatter_dimension=dim, tiled=True)
-      left = [a for a in left if a not in scatter]
-    else:
-      size = g.shape[dim] // _axes_size(axes)
-      start = lax.axis_index(axes) * size
-      g = lax.dynamic_slice_in_dim(g, start, size, axis=dim)
-  if left:
-    g = lax.psum(g, tuple(left))
-  return g
-
-
-def _axes_size(axes) -> int:
-  mesh = jax.sharding.get_abstract_mesh()
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
-  return size
+    axes = _deferral.entry_axes(entry)
+    if axes:
+      g = lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+  left = tuple(a for a in reduce_axes if a not in _deferral.spec_axes(spec))
+  return lax.psum(g, left) if left else g
 
 
 def _check_call(axis_name, names, params, args, batch_argnums, k):
@@ -97,11 +54,11 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
       f'{mesh}. Inside jax.shard_map, differentiate with respect to '
       f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead."
     )
-  param_specs = jax.tree.map(_spec, params)
+  param_specs = jax.tree.map(_deferral.spec_of, params)
   for path, spec in jax.tree.leaves_with_path(
     param_specs, is_leaf=lambda s: isinstance(s, P)
   ):
-    used = {a for e in spec for a in _entry_axes(e)}
+    used = _deferral.spec_axes(spec)
     if used & set(names):
       raise ValueError(
         f'The param at {_validate.leaf_name(path)} is sharded {spec}, '
@@ -110,7 +67,7 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
         'replica axis of a (replica, fsdp) mesh instead.'
       )
   args = list(args)
-  arg_specs = [jax.tree.map(_spec, a) for a in args]
+  arg_specs = [jax.tree.map(_deferral.spec_of, a) for a in args]
   batch_axes: tuple[str, ...] = ()
   for n in batch_argnums:
     if n > len(args):
@@ -123,9 +80,9 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
           'cannot be split among devices: leave it out of batch_argnums '
           '(pass it as another argument).'
         )
-      spec = _spec(x)
-      lead = _entry_axes(spec[0]) if len(spec) else ()
-      per_device = jnp.shape(x)[0] // max(_axes_size(lead), 1)
+      spec = _deferral.spec_of(x)
+      lead = _deferral.entry_axes(spec[0]) if len(spec) else ()
+      per_device = jnp.shape(x)[0] // max(_deferral.axes_size(lead), 1)
       if set(names) <= set(lead) and per_device % k:
         raise ValueError(
           f'Argument {n} (`batch_argnums`) at {where} has {jnp.shape(x)[0]} '
@@ -147,7 +104,7 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
   for path, spec in jax.tree.leaves_with_path(
     param_specs, is_leaf=lambda s: isinstance(s, P)
   ):
-    other = {a for e in spec for a in _entry_axes(e)} - set(batch_axes)
+    other = _deferral.spec_axes(spec) - set(batch_axes)
     if other:
       raise ValueError(
         f'The param at {_validate.leaf_name(path)} is sharded {spec}, over '
@@ -283,7 +240,7 @@ def unreduced_value_and_grad(
     # An axis of size 1 has nothing to defer; JAX (0.10) cannot lower a
     # pcast to unreduced over it, so the gradient is typed unreduced by a
     # reshard outside the shard_map instead.
-    single = _axes_size(names) == 1
+    single = _deferral.axes_size(names) == 1
     # Reduced every call: the batch axes other than `axis_name` (fsdp).
     now_axes = tuple(a for a in batch_axes if a not in names)
 
@@ -297,7 +254,7 @@ def unreduced_value_and_grad(
       # own (varying) copy: each gradient is one device's own sum, reduced
       # below, once per call, over the batch axes but `axis_name`.
       p_var = jax.tree.map(
-        lambda x, spec: _vary(_gather(x, spec), batch_axes + names),
+        lambda x, spec: _deferral.vary(_gather(x, spec), batch_axes + names),
         p_local,
         param_specs,
         is_leaf=lambda s: isinstance(s, P),
