@@ -422,6 +422,14 @@ def _wrapped(name):
     return optax_accum.chain(
       optax.chain(acc(K, axis_name="data")), optax.adamw(1e-2)
     )
+  if name == "optax.partition":  # one accumulator per label
+    return optax.partition(
+      {
+        "w": acc(K, optax.adamw(1e-2), axis_name="data"),
+        "b": acc(K, optax.adamw(1e-2), axis_name="data"),
+      },
+      {"w": "w", "b": "b"},
+    )
   if name == "inject_hyperparams":
     return optax.inject_hyperparams(acc)(
       every_k_schedule=K, inner=optax.adamw(1e-2), axis_name="data"
@@ -430,7 +438,8 @@ def _wrapped(name):
 
 
 @pytest.mark.parametrize(
-  "name", ["optax_accum.chain", "optax.chain", "inject_hyperparams"]
+  "name",
+  ["optax_accum.chain", "optax.chain", "optax.partition", "inject_hyperparams"],
 )
 def test_jit_on_a_mesh_through_wrappers_is_exact(name):
   params, xs, ys, ms = _masked_problem()
@@ -761,3 +770,56 @@ def test_apply_gradients_without_an_accumulator_raises_for_unreduced():
       jax.jit(optax_accum.apply_gradients, static_argnums=0)(
         tx, grads, tx.init(params), params
       )
+
+
+def test_linen_train_state_on_a_mesh_is_exact_and_counts_gradient_steps():
+  from optax_accum.flax import TrainState  # pylint: disable=g-import-not-at-top
+
+  params, xs, ys, ms = _masked_problem()
+  want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
+  tx = optax_accum.chain(
+    optax_accum.accumulate(K, axis_name="data"), optax.adamw(1e-2)
+  )
+  vg = optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+
+  @jax.jit
+  def step(state, x, y, m):
+    _, g, n = vg(state.params, x, y, m)
+    return state.apply_gradients(grads=g, weight=n)
+
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    state = TrainState.create(
+      apply_fn=None, params=jax.device_put(params, P()), tx=tx
+    )
+    for x, y, m in zip(xs, ys, ms):
+      for micro in zip(jnp.split(x, K), jnp.split(y, K), jnp.split(m, K)):
+        state = step(state, *[jax.device_put(a, P("data")) for a in micro])
+  chex.assert_trees_all_close(state.params, want, rtol=1e-5, atol=1e-6)
+  assert int(state.step) == len(xs)
+
+
+def _value_probe():
+  """An element that keeps the `value` it is passed, as its state."""
+  return optax.GradientTransformationExtraArgs(
+    lambda params: jnp.zeros([], jnp.float32),
+    lambda u, s, p=None, value=None, **kw: (u, jnp.asarray(value, jnp.float32)),
+  )
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_the_window_mean_value_reaches_the_elements_after(hidden):
+  acc = optax_accum.accumulate(2, axis_name="data")
+  tx = optax_accum.chain(optax.chain(acc) if hidden else acc, _value_probe())
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    grads = jax.tree.map(
+      lambda a: jax.reshard(a, P(unreduced={"data"})), params
+    )
+    step = jax.jit(optax_accum.apply_gradients, static_argnums=0)
+    for w, v in ((1.0, 2.0), (3.0, 6.0)):  # weighted mean (2 + 18) / 4
+      params, state = step(tx, grads, state, params, weight=w, value=v)
+  probe_state = jax.tree.leaves(state)[-1]
+  assert float(probe_state) == 5.0
