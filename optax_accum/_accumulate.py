@@ -71,9 +71,9 @@ class AccumulateState(NamedTuple):
   With ``axis_name`` and ``init`` under ``jax.set_mesh`` (see
   :func:`optax_accum.accumulate`), ``acc_grads``, ``acc_weight`` and
   ``acc_value`` are typed unreduced over the axis: each device holds its own
-  part of the sum. Read them inside ``jax.jit`` with ``jax.reshard(x,
-  P())`` (which reduces them); the other fields are the same on every
-  device.
+  part of the sum. Read them with :func:`optax_accum.reduced_state` (or
+  ``jax.reshard(x, P())`` inside ``jax.jit``), which reduces them; the other
+  fields are the same on every device.
 
   Examples:
     >>> import jax.numpy as jnp
