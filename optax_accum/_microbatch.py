@@ -126,7 +126,8 @@ def microbatched_value_and_grad(
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
     weight)``, or ``((loss, aux), grads, weight)`` with ``has_aux``:
-    ``grads`` shaped and typed like the params, ``weight`` the float32 total.
+    ``grads`` shaped and typed like the params, ``loss`` and ``aux`` in
+    float32 (or their own dtype when wider), ``weight`` the float32 total.
 
   Raises:
     ValueError: ``num_microbatches`` is not a positive int, ``reduction``
@@ -253,10 +254,11 @@ def window_sums(
     grads0 = jax.tree.map(
       lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)), params
     )
-    loss0, aux_shape = _first_outputs(
-      weighted_loss, params, args, split, key, key_argnum
+    # The loss and aux sums in float32, or their own dtype when wider.
+    loss0, aux0 = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+      _first_outputs(weighted_loss, params, args, split, key, key_argnum),
     )
-    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
     carry0 = (grads0, jnp.zeros([], jnp.float32), loss0, aux0)
 
     def body(carry, xs):
@@ -279,9 +281,11 @@ def window_sums(
         g_sum,
         grads,
       )
-      l_sum = l_sum + jnp.where(zero, 0.0, scale * loss.astype(jnp.float32))
+      l_sum = l_sum + jnp.where(zero, 0, scale * loss.astype(l_sum.dtype))
       a_sum = jax.tree.map(
-        lambda a, x: a + jnp.where(zero, 0.0, weight * x), a_sum, aux
+        lambda a, x: a + jnp.where(zero, 0, weight * x.astype(a.dtype)),
+        a_sum,
+        aux,
       )
       return (g_sum, w_sum + weight, l_sum, a_sum), None
 
@@ -305,7 +309,7 @@ def _vary_like(x, like):
 
 
 def _first_outputs(weighted_loss, params, args, split, key, key_argnum):
-  """A float32 zero loss and the shapes of aux, from one abstract call."""
+  """The shapes and dtypes of the loss and of aux, from one abstract call."""
 
   def first(params):
     call_args = list(args)
@@ -313,7 +317,7 @@ def _first_outputs(weighted_loss, params, args, split, key, key_argnum):
       call_args[n - 1] = jax.tree.map(lambda x: x[0], value)
     if key is not None:
       call_args[key_argnum - 1] = jax.random.fold_in(key, 0)
-    return weighted_loss(params, call_args)[1][2]
+    loss, (_, _, aux) = weighted_loss(params, call_args)
+    return loss, aux
 
-  aux_shape = jax.eval_shape(first, params)
-  return jnp.zeros([], jnp.float32), aux_shape
+  return jax.eval_shape(first, params)

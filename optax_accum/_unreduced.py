@@ -169,8 +169,9 @@ def unreduced_value_and_grad(
 
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
-    weight)`` (``((loss, aux), grads, weight)`` with ``has_aux``): ``loss``,
-    ``aux`` and ``weight`` (the float32 total) replicated, ``grads`` shaped,
+    weight)`` (``((loss, aux), grads, weight)`` with ``has_aux``): ``loss``
+    and ``aux`` (float32, or their own dtype when wider) and ``weight`` (the
+    float32 total) replicated, ``grads`` shaped,
     typed and partitioned like the params and unreduced over
     ``axis_name``. Feed ``grads`` and ``weight`` to ``accumulate(...,
     axis_name=axis_name)`` (read ``grads`` directly with

@@ -269,3 +269,22 @@ def test_sum_reduction_combines_aux_as_per_microbatch_means():
   np.testing.assert_allclose(loss, 3.0)  # sum over items / items
   np.testing.assert_allclose(aux["mean_sq"], 3.0)  # (2 * 1 + 2 * 5) / 4
   assert float(n) == 4.0
+
+
+def test_float64_loss_and_aux_keep_float64_under_x64():
+  with jax.enable_x64(True):
+    params, x, y, mask = jax.tree.map(
+      lambda a: jnp.asarray(a, jnp.float64), _problem()
+    )
+    f = optax_accum.microbatched_value_and_grad(
+      _masked_mean_loss, 4, has_aux=True, batch_argnums=(1, 2, 3)
+    )
+    (loss, aux), grads, _ = jax.jit(f)(params, x, y, mask)
+    (want_loss, (_, want_aux)), want_grads = jax.value_and_grad(
+      _masked_mean_loss, has_aux=True
+    )(params, x, y, mask)
+    assert loss.dtype == aux["abs_err"].dtype == jnp.float64
+    # float32 sums would be off by about 1e-8.
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-13)
+    np.testing.assert_allclose(aux["abs_err"], want_aux["abs_err"], rtol=1e-13)
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-13)
