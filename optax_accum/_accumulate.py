@@ -726,7 +726,10 @@ def accumulate(
       weight 0 takes no step; a bad traced weight makes the update NaN.
     flush: a bool scalar; true ends the window after this micro-batch.
     value: the loss, for an ``inner`` that reads it: ``inner`` gets the
-      window's weighted mean. Other keywords reach ``inner`` as last passed.
+      window's weighted mean. Other keywords reach ``inner`` as passed with
+      the window's last micro-batch. So ``optax.lbfgs`` as ``inner`` is not
+      large-batch exact: its line search reads ``grad`` and calls
+      ``value_fn`` as passed then, on that micro-batch, not the window.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
