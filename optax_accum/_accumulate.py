@@ -48,9 +48,10 @@ class AccumulateState(NamedTuple):
     acc_weight: float32 scalar, ``sum_i w_i`` over the accepted micro-batches
       of the current window (the number of micro-batches when no ``weight``
       is passed).
-    acc_value: float32 scalar, ``sum_i w_i value_i`` over the accepted
-      micro-batches of the window in flight when ``update`` is passed a
-      ``value`` (the loss, read by ``optax.contrib.reduce_on_plateau``);
+    acc_value: float32 scalar (float64 under x64), ``sum_i w_i value_i``
+      over the accepted micro-batches of the window in flight when
+      ``update`` is passed a ``value`` (the loss, read by
+      ``optax.contrib.reduce_on_plateau``);
       after a mini-step that ends a window, that window's weighted mean
       value (what the elements after the accumulator get); 0 without
       ``value``.
@@ -330,8 +331,8 @@ class Accumulator:
         acc_grads,
       )
       scalar_sharding = P(unreduced=frozenset(names))
-    sum_scalar = lambda: jnp.zeros(
-      [], jnp.float32, out_sharding=scalar_sharding
+    sum_scalar = lambda dtype=jnp.float32: jnp.zeros(
+      [], dtype, out_sharding=scalar_sharding
     )
     gradient_step = jnp.zeros([], jnp.int32)
     _, skip_state = self._skip(
@@ -351,7 +352,8 @@ class Accumulator:
       acc_grads=acc_grads,
       acc_compensation=acc_compensation,
       acc_weight=sum_scalar(),
-      acc_value=sum_scalar(),
+      # The default float: float64 under x64, where values may be float64.
+      acc_value=sum_scalar(jax.dtypes.canonicalize_dtype(jnp.float64)),
       has_updated=jnp.zeros([], jnp.bool_),
       num_rejected=jnp.zeros([], jnp.int32),
       grad_norm=jnp.zeros([], jnp.float32),
@@ -397,12 +399,15 @@ class Accumulator:
     if not isinstance(state, AccumulateState):
       raise TypeError(
         'accumulate(...).update takes the AccumulateState made by its '
-        f'init, but got a {type(state).__name__}. A checkpoint restored '
-        'without a target comes back as dicts: restore it with '
-        '`jax.eval_shape(tx.init, params)` as the target, or with '
-        'optax_accum.restore_checkpoint.'
+        f'init, but got a {type(state).__name__}: the state of another '
+        'optimizer (optax_accum.chain makes a tuple)? Make it with '
+        'tx.init(params). A checkpoint restored without a target comes back '
+        'as dicts: restore it with `jax.eval_shape(tx.init, params)` as the '
+        'target, or with optax_accum.restore_checkpoint.'
       )
     _validate.check_updates(updates, state.acc_grads)
+    _validate.check_params(params, updates)
+    _validate.check_extra_args(extra_args)
     weight = _validate.check_weight(weight)
     flush = _validate.check_flush(flush)
     args = (updates, state, params, weight, flush, extra_args)
@@ -411,7 +416,23 @@ class Accumulator:
       return jitted(self, '_update', apply)(*args)
     return self._update(*args, apply)
 
+  def _check_inner_state(self, state, like) -> None:
+    """Raises where ``inner_opt_state`` is not the state ``inner`` makes."""
+    try:
+      want = jax.tree.structure(jax.eval_shape(self._inner_tx.init, like))
+    except Exception:  # pylint: disable=broad-except
+      return  # an init that cannot run abstractly: nothing to compare with
+    got = jax.tree.structure(state.inner_opt_state)
+    if got != want:
+      raise ValueError(
+        "The state's `inner_opt_state` does not have the structure that "
+        "`inner`'s init makes: it is the state of another optimizer. Make "
+        'the state with this tx.init(params).\n'
+        f'inner_opt_state: {got}\ninner.init:      {want}'
+      )
+
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
+    self._check_inner_state(state, updates if params is None else params)
     inner_tx = self._inner_tx
     deferral = _deferral.of(self.axis_name)
     updates, weight, flush, extra_args = deferral.arrive(
@@ -451,7 +472,7 @@ class Accumulator:
       state.mini_step == 0, jnp.zeros_like(state.acc_value), state.acc_value
     )
     if 'value' in extra_args:  # the window's weighted mean reaches inner
-      value = jnp.asarray(extra_args['value'], jnp.float32)
+      value = jnp.asarray(extra_args['value'], state.acc_value.dtype)
       acc_value = acc_value + term(
         jnp.where(step_weight > 0, step_weight * value, 0.0)
       )
@@ -734,7 +755,10 @@ def accumulate(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`AccumulateState`. ``update`` writes zero updates on mid-steps;
-    :func:`optax_accum.apply_gradients` does not.
+    :func:`optax_accum.apply_gradients` does not. Called outside
+    ``jax.jit``, ``update`` runs jitted, compiled once per configuration
+    and input signature: an ``inner`` that reads Python state sees it as
+    it was when compiled, as under ``jax.jit``.
 
   Raises:
     TypeError: an argument of the wrong type (``inner=optax.adamw``, a

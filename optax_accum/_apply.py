@@ -58,7 +58,10 @@ def apply_gradients(
     TypeError: ``tx`` is not a transformation (a factory such as
       ``optax.adamw``).
     ValueError: ``weight`` or ``flush`` given to a ``tx`` without an
-      accumulator, where they would be ignored; and the errors of
+      accumulator, where they would be ignored; an ``optax.chain`` with
+      stateful elements after an accumulator (the chainable form, which
+      runs them on every mini-step: write :func:`optax_accum.chain`); and
+      the errors of
       ``tx.update`` (see :func:`optax_accum.accumulate`).
 
   Examples:
@@ -81,10 +84,17 @@ def apply_gradients(
     leaves params alone in between.
   """
   if not isinstance(tx, optax.GradientTransformation):
+    hint = 'If it is a factory, call it.'
+    if isinstance(tx, optax.MultiSteps):
+      hint = (
+        'For an optax.MultiSteps(opt, k), write optax_accum.chain('
+        'optax_accum.accumulate(k), opt), or pass '
+        'tx.gradient_transformation().'
+      )
     raise TypeError(
       '`tx` must be an optax.GradientTransformation such as '
       f'optax_accum.chain(optax_accum.accumulate(k), optax.adamw(1e-3)), but '
-      f'got {tx!r} of type {type(tx).__name__}. If it is a factory, call it.'
+      f'got {tx!r} of type {type(tx).__name__}. {hint}'
     )
   acc = _accumulate.accumulator_of(tx)
   if acc is not None:
@@ -93,6 +103,7 @@ def apply_gradients(
   if gated is not None:
     return gated.apply(grads, opt_state, params, **extra_args)
   _accumulate.check_accumulator_args(extra_args, opt_state)
+  _check_not_chainable_with_state(opt_state)
   unreduced = set().union(
     *(_deferral.unreduced_axes(g) for g in jax.tree.leaves(grads))
   )
@@ -108,3 +119,27 @@ def apply_gradients(
     grads, opt_state, params, **extra_args
   )
   return optax.apply_updates(params, updates), opt_state
+
+
+def _check_not_chainable_with_state(opt_state) -> None:
+  """Raises for the state of ``optax.chain(accumulate(k), opt)`` where an
+  element after the accumulator holds arrays: it would run on every
+  mini-step's zeros (Adam's moments decay, schedules count micro-batches)."""
+  if type(opt_state) is not tuple:  # optax.chain's state is a plain tuple
+    return
+  holds = [bool(_accumulate.accumulate_states(s)) for s in opt_state]
+  if True not in holds:
+    return
+  i = holds.index(True)
+  after = [
+    j for j, s in enumerate(opt_state[i + 1 :], i + 1) if jax.tree.leaves(s)
+  ]
+  if after:
+    raise ValueError(
+      f'`tx` is an optax.chain whose element {i} accumulates, and whose '
+      f'element(s) {after} after it hold state: in this chainable form they '
+      "run on every mini-step's zero updates, so moments decay and "
+      'schedules count micro-batches, not gradient steps. Write '
+      'optax_accum.chain(...) with the same elements for the exact form, '
+      'or, to keep the chainable form, tx.update and optax.apply_updates.'
+    )

@@ -174,9 +174,23 @@ class Chain:
     return self._dispatch(updates, state, params, extra_args, apply=True)
 
   def _dispatch(self, updates, state, params, extra_args, apply):
+    if not (
+      isinstance(state, (tuple, list))
+      and not hasattr(state, '_fields')  # a NamedTuple: one element's state
+      and len(state) == len(self.transforms)
+    ):
+      raise TypeError(
+        'optax_accum.chain(...).update takes the state made by its init, a '
+        f'tuple of the {len(self.transforms)} elements\' states, but got '
+        f'{_shown_state(state)}: the state of another optimizer? Make it '
+        'with tx.init(params), or restore a checkpoint into '
+        'jax.eval_shape(tx.init, params).'
+      )
     # Concrete weights and flushes are checked here, where they can raise.
     extra_args = dict(extra_args)
     _accumulate.check_accumulator_args(extra_args, state)
+    _validate.check_extra_args(extra_args)
+    _validate.check_params(params, updates)
     if extra_args.get('weight') is not None:
       extra_args['weight'] = _validate.check_weight(extra_args['weight'])
     if extra_args.get('flush') is not None:
@@ -255,6 +269,13 @@ class Chain:
       params,
     )
     return out, tuple(new_state[: j + 1]) + tuple(rest_states)
+
+
+def _shown_state(state) -> str:
+  if type(state) in (tuple, list):
+    return f'a {type(state).__name__} of {len(state)}'
+  name = type(state).__name__
+  return f'{"an" if name[:1] in "AEIOU" else "a"} {name}'
 
 
 def _check_nothing_before_a_deferral(updates, acc_element_state, n) -> None:

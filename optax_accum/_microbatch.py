@@ -217,7 +217,9 @@ def window_sums(
     loss, rest = out
     weight, aux = rest if has_aux else (rest, None)
     scalar = lambda x: (
-      not isinstance(x, (tuple, list, dict)) and (jnp.shape(x) == ())
+      x is not None
+      and not isinstance(x, (tuple, list, dict))
+      and jnp.shape(x) == ()
     )
     if not (scalar(loss) and scalar(weight)):
       raise ValueError(
@@ -225,6 +227,8 @@ def window_sums(
         "weight (the micro-batch's number of items), but it returned "
         f'{jax.tree.structure(out)} (has_aux={has_aux}).'
       )
+    if not isinstance(weight, _validate.Tracer):  # concrete: can raise
+      _validate.check_weight(weight)
     # A traced negative or non-finite weight poisons the result with NaN.
     weight = jnp.asarray(weight, jnp.float32)
     weight = jnp.where((weight >= 0) & jnp.isfinite(weight), weight, jnp.nan)

@@ -7,6 +7,7 @@ with NaN (a weight), never to a silently wrong mean.
 """
 
 from collections.abc import Callable
+import difflib
 import numbers
 from typing import Any, Union, cast
 
@@ -189,6 +190,56 @@ def check_updates(updates, acc_grads) -> None:
       )
 
 
+_OWN_KEYWORDS = ('weight', 'flush', 'value')
+
+
+def check_extra_args(extra_args) -> None:
+  """Raises for a keyword that looks like a misspelt ``weight``, ``flush``
+  or ``value``: optax passes unknown keywords through to transformations
+  that ignore them, so a slip would silently give the unweighted mean.
+
+  Raises:
+    TypeError: a keyword close to but not one of ``weight``, ``flush``,
+      ``value``.
+  """
+  for name in extra_args:
+    if name in _OWN_KEYWORDS:
+      continue
+    close = difflib.get_close_matches(name, _OWN_KEYWORDS, n=1, cutoff=0.8)
+    if close:
+      raise TypeError(
+        f'Got the keyword `{name}`, which accumulate does not read: did you '
+        f'mean `{close[0]}`? Keywords other than weight, flush and value '
+        'reach the inner optimizer, and the ones it does not take are '
+        'ignored, as in optax.'
+      )
+
+
+def check_params(params, updates) -> None:
+  """Raises where ``params`` do not match the gradients leaf for leaf.
+
+  Raises:
+    ValueError: another structure, or a leaf of another shape.
+  """
+  if params is None:
+    return
+  got, want = jax.tree.structure(params), jax.tree.structure(updates)
+  if got != want:
+    raise ValueError(
+      '`params` must have the structure of the gradients (one gradient per '
+      'param), but they differ.\n'
+      f'params structure:    {got}\ngradients structure: {want}'
+    )
+  for (path, p), u in zip(
+    jax.tree.leaves_with_path(params), jax.tree.leaves(updates)
+  ):
+    if jnp.shape(p) != jnp.shape(u):
+      raise ValueError(
+        f'The param at {leaf_name(path)} has shape {jnp.shape(p)}, but its '
+        f'gradient has shape {jnp.shape(u)}.'
+      )
+
+
 def check_weight(weight):
   """Returns the weight as a float32 scalar, or None; raises on bad input.
 
@@ -199,10 +250,14 @@ def check_weight(weight):
   Raises:
     ValueError: not a scalar, or a concrete weight that is negative or not
       finite in float32.
-    TypeError: a boolean or complex weight.
+    TypeError: a string, boolean or complex weight.
   """
   if weight is None:
     return None
+  if isinstance(weight, (str, bytes)):
+    raise TypeError(
+      f'`weight` must be a real number, but got the string {weight!r}.'
+    )
   if jnp.shape(weight) != ():
     raise ValueError(
       '`weight` must be a scalar (the number of items the micro-batch '

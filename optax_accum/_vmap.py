@@ -43,7 +43,8 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
     for ``jax.vmap``'s ``in_axes`` and ``out_axes``.
 
   Raises:
-    ValueError: concrete counters that differ between members; an
+    ValueError: a state not stacked per member (``mini_step`` not of shape
+      ``(members,)``); concrete counters that differ between members; an
       accumulator with ``should_skip_update_fn`` (each member decides its
       own skips, so windows cannot end together: vmap without this); or a
       state with no ``AccumulateState``.
@@ -80,6 +81,14 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
         'whose decision is per member, so the members\' windows cannot end '
         'together. vmap the state as jax.vmap(tx.init) made it, without '
         'share_counters.'
+      )
+    if jax.numpy.ndim(node.mini_step) != 1:
+      raise ValueError(
+        'share_counters takes a state stacked along axis 0 for the '
+        'members, as jax.vmap(tx.init)(members) makes it, but this '
+        f'AccumulateState has a mini_step of shape '
+        f'{jax.numpy.shape(node.mini_step)}. Call it on '
+        'jax.vmap(tx.init)(members), not on tx.init(params).'
       )
     shared = {}
     for name in _SHARED:

@@ -356,3 +356,24 @@ def test_an_integer_value_reaches_inner_as_an_untruncated_mean(form):
     s for s in jax.tree.leaves(state, is_leaf=is_plateau) if is_plateau(s)
   ]
   np.testing.assert_allclose(plateau_state.best_value, 3.5)
+
+
+@pytest.mark.parametrize("form", ["exact", "wrapped"])
+def test_a_float64_value_keeps_float64_under_x64(form):
+  with jax.enable_x64(True):
+    plateau = optax.contrib.reduce_on_plateau(patience=0)
+    acc = optax_accum.accumulate(2)
+    if form == "wrapped":
+      acc = optax.chain(optax.identity(), acc)
+    tx = optax_accum.chain(acc, optax.sgd(1.0), plateau)
+    params = jnp.ones(3, jnp.float64)
+    state = tx.init(params)
+    for v in (1e8 + 0.25, 1e8 + 0.5):  # float32 holds neither
+      params, state = optax_accum.apply_gradients(
+        tx, jnp.ones(3), state, params, value=jnp.float64(v)
+      )
+    is_plateau = lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
+    (plateau_state,) = [
+      s for s in jax.tree.leaves(state, is_leaf=is_plateau) if is_plateau(s)
+    ]
+    assert float(plateau_state.best_value) - 1e8 == 0.375

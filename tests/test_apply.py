@@ -140,3 +140,88 @@ def test_weight_or_flush_without_an_accumulator_raises():
   state = tx.init(params)
   with pytest.raises(ValueError, match=r"`weight` is read by .*accumulate"):
     optax_accum.apply_gradients(tx, jnp.ones(2), state, params, weight=0.0)
+
+
+def test_multisteps_as_tx_raises_saying_what_to_write():
+  tx = optax.MultiSteps(optax.adam(1e-2), K)
+  with pytest.raises(TypeError, match=r"optax_accum\.chain\(optax_accum"):
+    optax_accum.apply_gradients(tx, jnp.ones(2), (), jnp.zeros(2))
+
+
+def test_chainable_form_with_a_stateful_element_raises(problem):
+  params, _, _ = problem
+  tx = optax.chain(optax_accum.accumulate(K), optax.adam(1e-2))
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r"element\(s\) \[1\].*exact form"):
+    optax_accum.apply_gradients(tx, grads, tx.init(params), params)
+
+
+def test_chainable_form_with_stateless_elements_is_the_large_batch(problem):
+  params, xs, ys = problem
+  tx = optax.chain(optax_accum.accumulate(K), optax.sgd(0.1))
+  step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p))
+  trajectory, _ = _train(step, tx, params, xs, ys)
+  want, _ = train_large_batch(optax.sgd(0.1), params, xs, ys)
+  chex.assert_trees_all_close(trajectory[-1], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["accumulate", "chain"])
+def test_params_that_do_not_match_the_gradients_raise_naming_them(name):
+  tx = OPTIMIZERS[name]()
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"`params` must have the structure"):
+    optax_accum.apply_gradients(tx, params, state, {"v": jnp.zeros(3)})
+  with pytest.raises(ValueError, match=r"param at \['w'\] has shape \(4,\)"):
+    optax_accum.apply_gradients(tx, params, state, {"w": jnp.zeros(4)})
+
+
+@pytest.mark.parametrize(
+  "made_by, used_by, error",
+  [
+    ("accumulate", "chain", TypeError),
+    ("chain", "accumulate", TypeError),
+    ("accumulate", "sgd_chain", ValueError),
+    ("sgd_chain", "accumulate", ValueError),
+  ],
+)
+def test_the_state_of_another_optimizer_raises(made_by, used_by, error):
+  txs = dict(
+    OPTIMIZERS,
+    sgd_chain=lambda: optax_accum.chain(
+      optax_accum.accumulate(K), optax.sgd(0.1)
+    ),
+  )
+  params = {"w": jnp.zeros(3)}
+  state = txs[made_by]().init(params)
+  with pytest.raises(error, match=r"another optimizer"):
+    optax_accum.apply_gradients(txs[used_by](), params, state, params)
+
+
+@pytest.mark.parametrize(
+  "typo, meant", [("wieght", "weight"), ("flsh", "flush")]
+)
+def test_a_misspelt_keyword_raises_naming_the_one_meant(typo, meant):
+  tx = OPTIMIZERS["chain"]()
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  with pytest.raises(TypeError, match=rf"`{typo}`.*did you mean `{meant}`"):
+    optax_accum.apply_gradients(tx, params, state, params, **{typo: 2.0})
+
+
+def test_other_keywords_reach_inner_unchanged():
+  seen = []
+
+  def update(updates, state, params=None, *, value_fn):
+    del params
+    seen.append(value_fn)
+    return updates, state
+
+  inner = optax.GradientTransformationExtraArgs(
+    lambda p: optax.EmptyState(), update
+  )
+  tx = optax_accum.accumulate(1, inner)
+  params = jnp.zeros(2)
+  f = jnp.sum
+  optax_accum.apply_gradients(tx, params, tx.init(params), params, value_fn=f)
+  assert seen == [f]

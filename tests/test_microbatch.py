@@ -288,3 +288,12 @@ def test_float64_loss_and_aux_keep_float64_under_x64():
     np.testing.assert_allclose(loss, want_loss, rtol=1e-13)
     np.testing.assert_allclose(aux["abs_err"], want_aux["abs_err"], rtol=1e-13)
     chex.assert_trees_all_close(grads, want_grads, rtol=1e-13)
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), None])
+def test_a_bad_concrete_weight_from_loss_fn_raises(weight):
+  f = optax_accum.microbatched_value_and_grad(
+    lambda p, x: (jnp.sum(x @ p), weight), 2
+  )
+  with pytest.raises(ValueError, match=r"`weight` must be|scalar weight"):
+    f(jnp.ones(3), jnp.ones((4, 3)))

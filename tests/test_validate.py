@@ -73,8 +73,8 @@ def test_weight_beyond_float32_raises(weight):
     tx.update(jnp.ones(2), state, weight=weight)
 
 
-@pytest.mark.parametrize("weight", [True, 1j])
-def test_bool_or_complex_weight_raises(weight):
+@pytest.mark.parametrize("weight", [True, 1j, "3"])
+def test_bool_complex_or_string_weight_raises(weight):
   tx = optax_accum.accumulate(2)
   state = tx.init(jnp.zeros(2))
   with pytest.raises(TypeError, match=r"`weight` must be a real number"):

@@ -129,3 +129,9 @@ def test_chain_without_an_accumulator_refuses_weight_and_flush():
     )
   with pytest.raises(ValueError, match=r"`weight` is read by"):
     tx.update(params, state, params, weight=0.0)
+
+
+def test_a_state_not_stacked_per_member_raises_saying_how():
+  state = _tx().init(jnp.zeros(3))
+  with pytest.raises(ValueError, match=r"jax\.vmap\(tx\.init\)\(members\)"):
+    optax_accum.share_counters(state)
