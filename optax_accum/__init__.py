@@ -12,7 +12,7 @@ from optax_accum._microbatch import microbatched_value_and_grad
 from optax_accum._unreduced import unreduced_value_and_grad
 from optax_accum._vmap import share_counters
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 __all__ = (
   "AccumulateState",

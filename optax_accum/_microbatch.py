@@ -173,8 +173,12 @@ def microbatched_value_and_grad(
   def value_and_grad(params, *args):
     g_sum, w_sum, l_sum, a_sum = sums(params, *args)
     denom = jnp.where(w_sum == 0, 1.0, w_sum)  # NaN stays NaN
+    # A multiply, which XLA fuses into each consumer (the optimizer's
+    # kernels); a divide it would write to a full-size temporary first.
     grads = jax.tree.map(
-      lambda g, p: (g / denom.astype(g.dtype)).astype(jnp.result_type(p)),
+      lambda g, p: (g * (1 / denom.astype(g.dtype))).astype(
+        jnp.result_type(p)
+      ),
       g_sum,
       params,
     )

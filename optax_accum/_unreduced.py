@@ -266,7 +266,7 @@ def unreduced_value_and_grad(
 
       def finish(g, p, spec):
         g = _reduce_to_shard(g, spec, now_axes)
-        g = (g / denom.astype(g.dtype)).astype(jnp.result_type(p))
+        g = (g * (1 / denom.astype(g.dtype))).astype(jnp.result_type(p))
         if single:  # typed unreduced outside (jax cannot pcast here)
           return lax.psum(g, names)
         return lax.pcast(g, names, to='unreduced')
