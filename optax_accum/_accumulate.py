@@ -717,29 +717,21 @@ def accumulate(
       rejected: their sums overflow.
     should_skip_update_fn: ``fn(updates, gradient_step, params) -> (skip,
       skip_state)``, as in ``optax.MultiSteps``: a skipped micro-batch adds
-      nothing. When given, a window whose sum is not finite is discarded.
+      nothing (with an unreduced accumulator, it judges the window's
+      reduced mean). When given, a window whose sum is not finite is
+      discarded.
     axis_name: the data-parallel mesh axis (or a tuple of them) whose
-      reduction is deferred: each device adds its own gradient and the
-      sums are reduced once, when a window ends. Where ``update`` runs:
-      inside ``jax.shard_map`` (JAX's default ``check_vma=True``), with
-      gradients taken with respect to ``jax.lax.pcast(params, axis_name,
-      to='varying')`` and ``weight`` the count behind this device's
-      gradient (its own; with params all-gathered over an fsdp axis, the
-      fsdp group's, ``lax.psum(n, 'fsdp')``; never the global total,
-      which would divide the step by the device count); under plain
-      ``jax.jit`` on an Explicit mesh, with gradients unreduced over the
-      axis (:func:`optax_accum.unreduced_value_and_grad`) and ``weight``
-      the micro-batch's global total; or in ``shard_map(check_vma=False)``
-      or ``jax.pmap`` with the state stacked per device (where a device
-      that flushes ends the window on all). In the first two,
-      ``init`` under ``jax.set_mesh`` makes ``acc_grads``, ``acc_weight``
-      and ``acc_value`` unreduced over the axis (the same state serves
-      both; pass it to ``shard_map`` with the specs of its types, in a
-      ``shard_map`` manual over every mesh axis, as JAX requires for
-      unreduced values), and ``should_skip_update_fn`` judges each
-      window's reduced mean. A transformation before the accumulator
-      would see each device's part of a gradient: put it after
-      (:func:`optax_accum.chain` raises where it can tell).
+      reduction is deferred to once per window. ``init`` under
+      ``jax.set_mesh`` (Explicit axes) makes ``acc_grads``, ``acc_weight``
+      and ``acc_value`` unreduced over it, for ``update`` under plain
+      ``jax.jit`` (gradients unreduced, as
+      :func:`optax_accum.unreduced_value_and_grad` returns them; ``weight``
+      the global count) or in a ``jax.shard_map`` manual over every axis
+      (gradients w.r.t. ``lax.pcast(params, axis_name, to='varying')``;
+      ``weight`` this device's count, never the global one). Stacked per
+      device, the state serves ``shard_map(check_vma=False)`` and
+      ``jax.pmap``. Transformations go after the accumulator: before it
+      they would see one device's part of a gradient.
 
   Keyword arguments of ``update``:
     weight: a scalar >= 0, the items (tokens) the micro-batch's loss
@@ -748,26 +740,23 @@ def accumulate(
     flush: a bool scalar; true ends the window after this micro-batch.
     value: the loss, for an ``inner`` that reads it: ``inner`` gets the
       window's weighted mean. Other keywords reach ``inner`` as passed with
-      the window's last micro-batch. So ``optax.lbfgs`` as ``inner`` is not
-      large-batch exact: its line search reads ``grad`` and calls
-      ``value_fn`` as passed then, on that micro-batch, not the window.
+      the window's last micro-batch, so ``optax.lbfgs`` (whose line search
+      reads ``grad`` and ``value_fn``) is not large-batch exact.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`AccumulateState`. ``update`` writes zero updates on mid-steps;
-    :func:`optax_accum.apply_gradients` does not. Called outside
-    ``jax.jit``, ``update`` runs jitted, compiled once per configuration
-    and input signature: an ``inner`` that reads Python state sees it as
-    it was when compiled, as under ``jax.jit``.
+    :class:`AccumulateState`. ``update`` writes zero updates on mid-steps
+    (:func:`optax_accum.apply_gradients` does not). Called outside
+    ``jax.jit``, it runs jitted, cached per configuration: an ``inner``
+    reading Python state sees it as it was when compiled.
 
   Raises:
-    TypeError: an argument of the wrong type (``inner=optax.adamw``, a
-      non-bool ``flush``), or a non-float param or gradient leaf.
+    TypeError: a wrong type (``inner=optax.adamw``, a non-bool ``flush``,
+      a misspelt ``weight``), or a non-float gradient leaf.
     ValueError: a value out of range (k, ``weight``, ``accumulator_dtype``),
-      a nested accumulator, or updates of another structure or shape. With
-      ``axis_name``: gradients already reduced over it, a state not made
-      under the mesh, a ``flush`` that varies across it, an Auto mesh axis
-      under plain jit, a param sharded over it, or ``"kahan_bfloat16"``.
+      a nested accumulator, updates, params or state of another structure
+      or shape; with ``axis_name``, gradients, a state or a mesh that do
+      not fit it (each message says what to write).
     NameError: ``axis_name`` is not an axis where ``update`` runs.
 
   Examples:

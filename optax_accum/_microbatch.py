@@ -176,9 +176,7 @@ def microbatched_value_and_grad(
     # A multiply, which XLA fuses into each consumer (the optimizer's
     # kernels); a divide it would write to a full-size temporary first.
     grads = jax.tree.map(
-      lambda g, p: (g * (1 / denom.astype(g.dtype))).astype(
-        jnp.result_type(p)
-      ),
+      lambda g, p: (g * (1 / denom.astype(g.dtype))).astype(jnp.result_type(p)),
       g_sum,
       params,
     )

@@ -51,7 +51,7 @@ def test_checkpoint_example_runs(tmp_path):
     "directory": tmp_path / "ckpt",
   }
   exec(compile(code, "README checkpoint example", "exec"), namespace)
-  restored = namespace["restored"].opt_state
+  restored = namespace["restored"]["opt_state"]
   assert isinstance(restored, optax_accum.AccumulateState)
   assert int(restored.mini_step) == 1
 
