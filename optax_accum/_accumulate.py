@@ -67,7 +67,8 @@ class AccumulateState(NamedTuple):
       micro-batch (``()`` without one), as in :class:`optax.MultiStepsState`;
       with an unreduced accumulator, for the last window's mean.
     inner_opt_state: the state of the inner optimizer (``optax.EmptyState()``
-      in the chainable form, ``inner=None``).
+      in the chainable form, ``inner=None``), kept in the dtypes its init
+      gave it (``optax.adam``'s ``mu_dtype`` sets its first moment's).
 
   With ``axis_name`` and ``init`` under ``jax.set_mesh`` (see
   :func:`optax_accum.accumulate`), ``acc_grads``, ``acc_weight`` and
@@ -751,12 +752,14 @@ def accumulate(
     reading Python state sees it as it was when compiled.
 
   Raises:
-    TypeError: a wrong type (``inner=optax.adamw``, a non-bool ``flush``,
-      a misspelt ``weight``), or a non-float gradient leaf.
+    TypeError: a wrong type (``inner=optax.adamw``, a non-bool ``flush``),
+      or a non-float gradient leaf.
     ValueError: a value out of range (k, ``weight``, ``accumulator_dtype``),
-      a nested accumulator, updates, params or state of another structure
-      or shape; with ``axis_name``, gradients, a state or a mesh that do
-      not fit it (each message says what to write).
+      a nested accumulator, updates or state of another structure or shape,
+      a param of another shape than its gradient; with ``axis_name``,
+      gradients, a state or a mesh that do not fit it (each message says
+      what to write). A keyword close to ``weight``, ``flush`` or
+      ``value`` (``wieght``) warns.
     NameError: ``axis_name`` is not an axis where ``update`` runs.
 
   Examples:

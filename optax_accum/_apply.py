@@ -1,5 +1,6 @@
 """`apply_gradients`: one mini-step that updates and applies, fused."""
 
+import collections
 from typing import Any
 
 import jax
@@ -125,19 +126,23 @@ def _check_not_chainable_with_state(opt_state) -> None:
   """Raises for the state of ``optax.chain(accumulate(k), opt)`` where an
   element after the accumulator holds arrays: it would run on every
   mini-step's zeros (Adam's moments decay, schedules count micro-batches)."""
-  if type(opt_state) is not tuple:  # optax.chain's state is a plain tuple
+  # optax.chain's state is a plain tuple, optax.named_chain's a dict.
+  if type(opt_state) is tuple:
+    elements = list(enumerate(opt_state))
+  elif type(opt_state) in (dict, collections.OrderedDict):
+    elements = list(opt_state.items())
+  else:
     return
-  holds = [bool(_accumulate.accumulate_states(s)) for s in opt_state]
+  holds = [bool(_accumulate.accumulate_states(s)) for _, s in elements]
   if True not in holds:
     return
   i = holds.index(True)
-  after = [
-    j for j, s in enumerate(opt_state[i + 1 :], i + 1) if jax.tree.leaves(s)
-  ]
+  after = [name for name, s in elements[i + 1 :] if jax.tree.leaves(s)]
   if after:
     raise ValueError(
-      f'`tx` is an optax.chain whose element {i} accumulates, and whose '
-      f'element(s) {after} after it hold state: in this chainable form they '
+      f'`tx` is an optax chain whose element {elements[i][0]!r} '
+      f'accumulates, and whose element(s) {after} after it hold state: in '
+      'this chainable form they '
       "run on every mini-step's zero updates, so moments decay and "
       'schedules count micro-batches, not gradient steps. Write '
       'optax_accum.chain(...) with the same elements for the exact form, '

@@ -50,6 +50,14 @@ def _check_against_metadata(saved_tree, abstract_state, path):
       if items
       else ""
     )
+    under = {k[0] for k in extra if k[1:] in want}
+    if not hint and len(under) == 1:
+      (key,) = under
+      hint = (
+        f" The state sits under {key!r} in a saved dict: restore that dict "
+        f"with orbax into a target with {key!r}: jax.eval_shape(tx.init, "
+        "params), as the README shows, or save the state as its own item."
+      )
     raise ValueError(
       f"The checkpoint at {path} holds an optimizer state of another "
       "structure than `tx.init(params)`: the optimizer, the params or the "
@@ -89,7 +97,9 @@ def restore_checkpoint(
   window in flight finishes with the k it was saved with
   (``AccumulateState.every_k``), also when ``tx`` has another schedule; the
   windows after it take ``tx``'s. Training continued from the restored
-  state is bit for bit the uninterrupted run.
+  state is bit for bit the uninterrupted run (with ``axis_name`` on a
+  mesh, mid-window: to float32 rounding, as the saved sum is reduced and
+  meets the window's later terms in another order).
 
   With ``accumulate(..., axis_name=...)`` on a mesh, save
   ``optax_accum.reduced_state(opt_state)``: this function restores it and

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import difflib
 import numbers
 from typing import Any, Union, cast
+import warnings
 
 import jax
 from jax.core import Tracer
@@ -194,42 +195,41 @@ _OWN_KEYWORDS = ('weight', 'flush', 'value')
 
 
 def check_extra_args(extra_args) -> None:
-  """Raises for a keyword that looks like a misspelt ``weight``, ``flush``
-  or ``value``: optax passes unknown keywords through to transformations
-  that ignore them, so a slip would silently give the unweighted mean.
-
-  Raises:
-    TypeError: a keyword close to but not one of ``weight``, ``flush``,
-      ``value``.
+  """Warns of a keyword that looks like a misspelt ``weight``, ``flush`` or
+  ``value``: optax passes unknown keywords through to transformations that
+  ignore them, so a slip would silently give the unweighted mean. A warning,
+  not an error: an inner optimizer may take such a keyword (``weights``).
   """
   for name in extra_args:
     if name in _OWN_KEYWORDS:
       continue
     close = difflib.get_close_matches(name, _OWN_KEYWORDS, n=1, cutoff=0.8)
     if close:
-      raise TypeError(
-        f'Got the keyword `{name}`, which accumulate does not read: did you '
-        f'mean `{close[0]}`? Keywords other than weight, flush and value '
-        'reach the inner optimizer, and the ones it does not take are '
-        'ignored, as in optax.'
+      warnings.warn(
+        f'accumulate got the keyword `{name}`, which it does not read: did '
+        f'you mean `{close[0]}`? Keywords other than weight, flush and '
+        'value reach the inner optimizer, and the ones it does not take are '
+        'ignored, as in optax. Silence this warning if `inner` takes '
+        f'`{name}`.',
+        UserWarning,
+        stacklevel=5,
       )
 
 
 def check_params(params, updates) -> None:
-  """Raises where ``params`` do not match the gradients leaf for leaf.
+  """Raises where ``params`` hold a leaf of another shape than its gradient.
+
+  Only where the two trees have one structure: some optimizers take params
+  of another structure than the gradients (``optax.lookahead``'s
+  ``LookaheadParams``).
 
   Raises:
-    ValueError: another structure, or a leaf of another shape.
+    ValueError: a param whose shape differs from its gradient's.
   """
-  if params is None:
+  if params is None or (
+    jax.tree.structure(params) != jax.tree.structure(updates)
+  ):
     return
-  got, want = jax.tree.structure(params), jax.tree.structure(updates)
-  if got != want:
-    raise ValueError(
-      '`params` must have the structure of the gradients (one gradient per '
-      'param), but they differ.\n'
-      f'params structure:    {got}\ngradients structure: {want}'
-    )
   for (path, p), u in zip(
     jax.tree.leaves_with_path(params), jax.tree.leaves(updates)
   ):

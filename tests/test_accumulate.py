@@ -417,17 +417,22 @@ def test_eager_update_compiles_once_per_input_signature():
 
 def test_migrating_a_multisteps_state_between_windows(problem):
   params, xs, ys = problem
-  multisteps = optax.MultiSteps(optax.adam(1e-2), K).gradient_transformation()
-  want, _ = train_accumulated(multisteps, params, xs, ys, lambda i: K)
-  # Two gradient steps with MultiSteps, then the README's one-line switch.
-  p, ms_state = train_accumulated(
-    multisteps, params, xs[:2], ys[:2], lambda i: K
+  # k = 2 on even gradient steps, 4 on odd ones.
+  schedule = lambda step: jnp.where(step % 2 == 0, 2, 4)
+  k_of_step = lambda i: 2 if i % 2 == 0 else 4
+  multisteps = optax.MultiSteps(
+    optax.adam(1e-2), schedule
+  ).gradient_transformation()
+  want, _ = train_accumulated(multisteps, params, xs, ys, k_of_step)
+  # Three gradient steps with MultiSteps, then the README's switch.
+  p, ms = train_accumulated(multisteps, params, xs[:3], ys[:3], k_of_step)
+  tx = optax_accum.chain(optax_accum.accumulate(schedule), optax.adam(1e-2))
+  state = tx.init(p)._replace(
+    inner_opt_state=ms.inner_opt_state, gradient_step=ms.gradient_step
   )
-  tx = optax_accum.chain(optax_accum.accumulate(K), optax.adam(1e-2))
-  state = tx.init(p)._replace(inner_opt_state=ms_state.inner_opt_state)
   update = jax.jit(tx.update)
-  for x, y in zip(xs[2:], ys[2:]):
-    for xm, ym in microbatches(x, y, K):
+  for i, (x, y) in enumerate(zip(xs[3:], ys[3:]), 3):
+    for xm, ym in microbatches(x, y, k_of_step(i)):
       updates, state = update(grad_fn(p, xm, ym), state, p)
       p = optax.apply_updates(p, updates)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)

@@ -299,6 +299,19 @@ def test_checkpoint_manager_step_directory_gets_a_hint(tmp_path):
   assert isinstance(restored, optax_accum.AccumulateState)
 
 
+def test_a_state_saved_inside_a_dict_gets_a_hint(tmp_path):
+  params = {"w": jnp.zeros(2)}
+  tx = _tx()
+  mgr = ocp.CheckpointManager(tmp_path / "ckpt")
+  ckpt = {"params": params, "opt_state": tx.init(params)}
+  mgr.save(3, args=ocp.args.StandardSave(ckpt))
+  mgr.wait_until_finished()
+  with pytest.raises(ValueError, match=r"sits under 'opt_state' in a saved"):
+    optax_accum.restore_checkpoint(
+      tmp_path / "ckpt" / "3" / "default", tx, params
+    )
+
+
 def test_without_orbax_the_error_says_to_install_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
   with pytest.raises(ImportError, match=r"optax_accum\[checkpoint\]"):
