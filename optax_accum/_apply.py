@@ -59,9 +59,10 @@ def apply_gradients(
     TypeError: ``tx`` is not a transformation (a factory such as
       ``optax.adamw``).
     ValueError: ``weight`` or ``flush`` given to a ``tx`` without an
-      accumulator, where they would be ignored; an ``optax.chain`` with
-      stateful elements after an accumulator (the chainable form, which
-      runs them on every mini-step: write :func:`optax_accum.chain`); and
+      accumulator, where they would be ignored; an ``optax.chain`` (or
+      ``named_chain``, at any depth) with elements after an accumulator
+      (the chainable form, which runs them on every mini-step: write
+      :func:`optax_accum.chain`); and
       the errors of
       ``tx.update`` (see :func:`optax_accum.accumulate`).
 
@@ -123,28 +124,41 @@ def apply_gradients(
 
 
 def _check_not_chainable_with_state(opt_state) -> None:
-  """Raises for the state of ``optax.chain(accumulate(k), opt)`` where an
-  element after the accumulator holds arrays: it would run on every
-  mini-step's zeros (Adam's moments decay, schedules count micro-batches)."""
-  # optax.chain's state is a plain tuple, optax.named_chain's a dict.
-  if type(opt_state) is tuple:
-    elements = list(enumerate(opt_state))
-  elif type(opt_state) in (dict, collections.OrderedDict):
-    elements = list(opt_state.items())
-  else:
-    return
-  holds = [bool(_accumulate.accumulate_states(s)) for _, s in elements]
-  if True not in holds:
-    return
-  i = holds.index(True)
-  after = [name for name, s in elements[i + 1 :] if jax.tree.leaves(s)]
-  if after:
-    raise ValueError(
-      f'`tx` is an optax chain whose element {elements[i][0]!r} '
-      f'accumulates, and whose element(s) {after} after it hold state: in '
-      'this chainable form they '
-      "run on every mini-step's zero updates, so moments decay and "
-      'schedules count micro-batches, not gradient steps. Write '
-      'optax_accum.chain(...) with the same elements for the exact form, '
-      'or, to keep the chainable form, tx.update and optax.apply_updates.'
-    )
+  """Raises where an accumulator sits in an ``optax.chain`` (or
+  ``optax.named_chain``) with elements after it: the chainable form, in
+  which those elements run on every mini-step's zero updates (Adam's moments
+  decay, weight decay applies, schedules count micro-batches).
+
+  ``optax_accum.chain`` folds the elements after its accumulator into it,
+  so in its states the accumulator is always last: a chain state with
+  elements after an accumulator is ``optax.chain``'s. Elements that hold an
+  accumulator themselves (``optax.masked`` ones, each over its own params)
+  are not the chainable form and pass.
+  """
+  is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
+  for path, leaf in jax.tree.leaves_with_path(opt_state, is_leaf=is_acc):
+    if not is_acc(leaf):
+      continue
+    node = opt_state
+    for entry in path:
+      if type(node) in (tuple, collections.OrderedDict):
+        keys: list[Any] = (
+          list(range(len(node))) if type(node) is tuple else list(node)
+        )
+        here = keys.index(getattr(entry, 'idx', getattr(entry, 'key', None)))
+        later = [
+          k
+          for k in keys[here + 1 :]
+          if not _accumulate.accumulate_states(node[k])
+        ]
+        if later:
+          raise ValueError(
+            f'`tx` holds an optax.chain whose element {keys[here]!r} '
+            f'accumulates and whose element(s) {later} come after it: in '
+            "this chainable form they run on every mini-step's zero "
+            'updates, so moments decay, weight decay applies and schedules '
+            'count micro-batches, not gradient steps. Write that chain '
+            'with optax_accum.chain(...) (the exact form), or, to keep the '
+            'chainable form, call tx.update and optax.apply_updates.'
+          )
+      node = _chain.child(node, entry)

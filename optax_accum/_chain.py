@@ -36,11 +36,12 @@ def _path_to_accumulator(state) -> list[Any]:
   nodes, node = [], state
   for entry in path:
     nodes.append(node)
-    node = _child(node, entry)
+    node = child(node, entry)
   return nodes
 
 
-def _child(node, entry):
+def child(node, entry):
+  """The child of a pytree node at one entry of a `jax.tree` key path."""
   for attr in ('idx', 'key'):
     if hasattr(entry, attr):
       return node[getattr(entry, attr)]
@@ -77,7 +78,7 @@ def _elements_after_in_a_nested_chain(state) -> bool:
       here: Any = getattr(entry, 'idx', getattr(entry, 'key', None))
       if keys.index(here) < len(keys) - 1:
         return True
-    node = _child(node, entry)
+    node = child(node, entry)
   return False
 
 

@@ -9,6 +9,7 @@ with NaN (a weight), never to a silently wrong mean.
 from collections.abc import Callable
 import difflib
 import numbers
+import sys
 from typing import Any, Union, cast
 import warnings
 
@@ -161,7 +162,9 @@ def check_updates(updates, acc_grads) -> None:
     raise ValueError(
       'The updates passed to accumulate(...).update do not have the '
       'structure of the params given to init. This is because the '
-      'accumulator holds one array per parameter.\n'
+      'accumulator holds one array per parameter. (Params that hold more '
+      "than the gradients, as optax.lookahead's LookaheadParams: init with "
+      "the gradients' part, tx.init(params.fast).)\n"
       f'updates structure: {got}\nstate structure:   {want}'
     )
   for (path, u), a in zip(
@@ -212,8 +215,26 @@ def check_extra_args(extra_args) -> None:
         'ignored, as in optax. Silence this warning if `inner` takes '
         f'`{name}`.',
         UserWarning,
-        stacklevel=5,
+        stacklevel=_user_stacklevel(),
       )
+
+
+def _user_stacklevel() -> int:
+  """The `stacklevel` of the first caller outside optax_accum, jax, optax and
+  flax, so a warning points at the user's line on every path."""
+  frame, level = sys._getframe(1), 1  # pylint: disable=protected-access
+  while frame is not None:
+    name = frame.f_globals.get('__name__', '')
+    if name.split('.')[0] not in (
+      'optax_accum',
+      'jax',
+      'jaxlib',
+      'optax',
+      'flax',
+    ):
+      return level
+    frame, level = frame.f_back, level + 1
+  return 1
 
 
 def check_params(params, updates) -> None:

@@ -148,30 +148,48 @@ def test_multisteps_as_tx_raises_saying_what_to_write():
     optax_accum.apply_gradients(tx, jnp.ones(2), (), jnp.zeros(2))
 
 
-def test_chainable_form_with_a_stateful_element_raises(problem):
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: optax.chain(optax_accum.accumulate(K), optax.adam(1e-2)),
+    # Stateless, yet it adds weight decay on every mini-step's zeros.
+    lambda: optax.chain(
+      optax_accum.accumulate(K, optax.adam(1e-2)),
+      optax.add_decayed_weights(0.1),
+    ),
+    lambda: optax.chain(
+      optax.chain(optax_accum.accumulate(K), optax.adam(1e-2))
+    ),
+    lambda: optax.masked(
+      optax.chain(optax_accum.accumulate(K), optax.adam(1e-2)),
+      {"w": True, "b": False},
+    ),
+    lambda: optax.named_chain(
+      ("acc", optax_accum.accumulate(K)), ("adam", optax.adam(1e-2))
+    ),
+  ],
+)
+def test_chainable_form_raises_saying_what_to_write(problem, make):
   params, _, _ = problem
-  tx = optax.chain(optax_accum.accumulate(K), optax.adam(1e-2))
+  tx = make()
   grads = jax.tree.map(jnp.ones_like, params)
-  with pytest.raises(ValueError, match=r"element\(s\) \[1\].*exact form"):
+  with pytest.raises(ValueError, match=r"accumulates.*optax_accum\.chain"):
     optax_accum.apply_gradients(tx, grads, tx.init(params), params)
 
 
-def test_named_chain_in_the_chainable_form_raises(problem):
-  params, _, _ = problem
-  tx = optax.named_chain(
-    ("acc", optax_accum.accumulate(K)), ("adam", optax.adam(1e-2))
-  )
-  grads = jax.tree.map(jnp.ones_like, params)
-  with pytest.raises(ValueError, match=r"'acc' accumulates.*\['adam'\]"):
-    optax_accum.apply_gradients(tx, grads, tx.init(params), params)
-
-
-def test_chainable_form_with_stateless_elements_is_the_large_batch(problem):
+def test_masked_accumulators_one_after_the_other_are_the_large_batch(problem):
   params, xs, ys = problem
-  tx = optax.chain(optax_accum.accumulate(K), optax.sgd(0.1))
+  tx = optax.chain(
+    optax.masked(
+      optax_accum.accumulate(K, optax.adam(1e-2)), {"w": True, "b": False}
+    ),
+    optax.masked(
+      optax_accum.accumulate(K, optax.adam(1e-2)), {"w": False, "b": True}
+    ),
+  )
   step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p))
   trajectory, _ = _train(step, tx, params, xs, ys)
-  want, _ = train_large_batch(optax.sgd(0.1), params, xs, ys)
+  want, _ = train_large_batch(optax.adam(1e-2), params, xs, ys)
   chex.assert_trees_all_close(trajectory[-1], want, rtol=1e-5, atol=1e-6)
 
 
@@ -231,11 +249,22 @@ def test_the_state_of_another_optimizer_raises(made_by, used_by, error):
   "typo, meant", [("wieght", "weight"), ("flsh", "flush")]
 )
 def test_a_misspelt_keyword_warns_naming_the_one_meant(typo, meant):
-  tx = OPTIMIZERS["chain"]()
+  tx = OPTIMIZERS["accumulate"]()
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)
-  with pytest.warns(UserWarning, match=rf"`{typo}`.*did you mean `{meant}`"):
-    optax_accum.apply_gradients(tx, params, state, params, **{typo: 2.0})
+  calls = {
+    "apply_gradients": lambda: optax_accum.apply_gradients(
+      tx, params, state, params, **{typo: 2.0}
+    ),
+    "update": lambda: tx.update(params, state, params, **{typo: 2.0}),
+    "jitted update": lambda: jax.jit(
+      lambda p, s: tx.update(p, s, p, **{typo: 2.0})
+    )(params, state),
+  }
+  for name, call in calls.items():
+    with pytest.warns(UserWarning, match=rf"`{typo}`.*mean `{meant}`") as w:
+      call()
+    assert w[0].filename == __file__, name  # the user's line
 
 
 def test_other_keywords_reach_inner_unchanged():
