@@ -7,6 +7,7 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
@@ -92,3 +93,24 @@ def count_compiles():
     yield compiles
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
+
+
+# Meshes of 8 devices with an unreduced layout: name -> (mesh shape, axis
+# names, axis_name, spec of the weight matrix w, spec of the batch).
+MESH_LAYOUTS = {
+  "data_parallel": ((8,), ("data",), "data", P(), P("data")),
+  "hsdp": (
+    (2, 4),
+    ("replica", "fsdp"),
+    "replica",
+    P("fsdp"),
+    P(("replica", "fsdp")),
+  ),
+  "hsdp_replicated": (
+    (2, 4),
+    ("replica", "fsdp"),
+    "replica",
+    P(),
+    P(("replica", "fsdp")),
+  ),
+}

@@ -4,6 +4,7 @@ HSDP. The check_vma=False mode with stacked state is in
 tests/test_distributed.py."""
 
 import chex
+from helpers import MESH_LAYOUTS
 from helpers import make_problem
 import hlo as hlo_lib
 import jax
@@ -266,6 +267,22 @@ def test_checked_shard_map_window_of_weight_zero_takes_no_step():
 # Plain jit on an Explicit mesh.
 
 
+def _masked_vg():
+  """`masked_loss`'s gradients, unreduced over "data"."""
+  return optax_accum.unreduced_value_and_grad(
+    masked_loss, "data", batch_argnums=(1, 2, 3)
+  )
+
+
+def _train_jit_on_mesh(tx, params, xs, ys, ms):
+  """Trains under plain jit on an 8-device "data" mesh; returns params."""
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    p, _, _ = _run(_mesh_step(tx, _masked_vg()), p, state, xs, ys, ms)
+  return p
+
+
 def _mesh_step(tx, vg, fused=True):
   @jax.jit
   def step(p, s, x, y, m):
@@ -278,33 +295,13 @@ def _mesh_step(tx, vg, fused=True):
   return step
 
 
-LAYOUTS = {
-  # name: (mesh shape, axis names, axis_name, spec of w, spec of the batch)
-  "data_parallel": ((8,), ("data",), "data", P(), P("data")),
-  "hsdp": (
-    (2, 4),
-    ("replica", "fsdp"),
-    "replica",
-    P("fsdp"),
-    P(("replica", "fsdp")),
-  ),
-  "hsdp_replicated": (
-    (2, 4),
-    ("replica", "fsdp"),
-    "replica",
-    P(),
-    P(("replica", "fsdp")),
-  ),
-}
-
-
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_microbatches", [1, 2])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(MESH_LAYOUTS))
 def test_jit_on_a_mesh_is_exact_and_defers_the_axis_reduction(
   layout, num_microbatches, fused
 ):
-  shape, names, axis, w_spec, batch_spec = LAYOUTS[layout]
+  shape, names, axis, w_spec, batch_spec = MESH_LAYOUTS[layout]
   params, xs, ys, ms = _masked_problem()
   want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name=axis)
@@ -343,13 +340,7 @@ def test_jit_on_a_mesh_with_unequal_tokens_per_device_is_the_global_mean():
   ms = ((rows % 16) < (rows // 16 + 1) * 3).astype(jnp.float32)[None]
   want = _large_batch(optax.sgd(0.1), params, xs, ys, ms)
   tx = optax_accum.accumulate(K, optax.sgd(0.1), axis_name="data")
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
-  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
-    p = jax.device_put(params, P())
-    state = tx.init(p)
-    p, state, _ = _run(_mesh_step(tx, vg), p, state, xs, ys, ms)
+  p = _train_jit_on_mesh(tx, params, xs, ys, ms)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
 
 
@@ -399,9 +390,7 @@ def test_one_state_runs_in_checked_shard_map_and_in_jit():
   params, xs, ys, ms = _masked_problem()
   want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
+  vg = _masked_vg()
   mesh = jax.make_mesh((N_DEV,), ("data",))
   with jax.set_mesh(mesh):
     p = jax.device_put(params, P())
@@ -445,13 +434,7 @@ def test_jit_on_a_mesh_through_wrappers_is_exact(name):
   params, xs, ys, ms = _masked_problem()
   want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
   tx = _wrapped(name)
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
-  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
-    p = jax.device_put(params, P())
-    state = tx.init(p)
-    p, state, _ = _run(_mesh_step(tx, vg), p, state, xs, ys, ms)
+  p = _train_jit_on_mesh(tx, params, xs, ys, ms)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
 
 
@@ -462,9 +445,7 @@ def test_jit_on_a_mesh_with_elements_before_the_accumulator_raises():
     optax_accum.accumulate(K, axis_name="data"),
     optax.adamw(1e-2),
   )
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
+  vg = _masked_vg()
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     p = jax.device_put(params, P())
     state = tx.init(p)
@@ -526,9 +507,7 @@ def test_an_unreduced_state_saved_reduced_resumes(how, at, tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   params, xs, ys, ms = _masked_problem()
   tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
+  vg = _masked_vg()
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     p = jax.device_put(params, P())
     state = tx.init(p)
@@ -598,9 +577,7 @@ def test_an_axis_of_one_device_is_exact_on_both_paths(path):
     if path == "shard_map":
       step = _checked_step(tx, mesh, state)
     else:
-      vg = optax_accum.unreduced_value_and_grad(
-        masked_loss, "data", batch_argnums=(1, 2, 3)
-      )
+      vg = _masked_vg()
       step = _mesh_step(tx, vg)
     p, state, _ = _run(step, p, state, xs, ys, ms)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
@@ -612,9 +589,7 @@ def test_an_axis_of_one_device_is_exact_on_both_paths(path):
 def test_a_forgotten_axis_name_raises_on_both_paths():
   params, xs, ys, ms = _masked_problem(steps=1)
   tx = optax_accum.accumulate(K, optax.sgd(0.1))  # no axis_name
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
+  vg = _masked_vg()
   mesh = jax.make_mesh((N_DEV,), ("data",))
   with jax.set_mesh(mesh):
     p = jax.device_put(params, P())
@@ -660,9 +635,7 @@ def test_restore_onto_fewer_devices_continues_the_run(tmp_path):
   params, xs, ys, ms = _masked_problem()
   want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
+  vg = _masked_vg()
   ckptr = ocp.StandardCheckpointer()
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     p = jax.device_put(params, P())
@@ -780,9 +753,7 @@ def test_linen_train_state_on_a_mesh_is_exact_and_counts_gradient_steps():
   tx = optax_accum.chain(
     optax_accum.accumulate(K, axis_name="data"), optax.adamw(1e-2)
   )
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
-  )
+  vg = _masked_vg()
 
   @jax.jit
   def step(state, x, y, m):

@@ -1,6 +1,7 @@
 """unreduced_value_and_grad: gradients unreduced over a mesh axis."""
 
 import chex
+from helpers import MESH_LAYOUTS
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -35,19 +36,6 @@ def sum_loss(p, x, y, m):
   return jnp.sum(err * m), (jnp.sum(m), {"err": jnp.mean(err)})
 
 
-MESHES = {
-  # name: (mesh shape, axis names, axis_name, spec of w, spec of the batch)
-  "data": ((8,), ("data",), "data", P(), P("data")),
-  "hsdp": (
-    (2, 4),
-    ("replica", "fsdp"),
-    "replica",
-    P("fsdp"),
-    P(("replica", "fsdp")),
-  ),
-}
-
-
 def _reduced(tree):
   return jax.tree.map(
     lambda g: jax.reshard(
@@ -59,11 +47,11 @@ def _reduced(tree):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("num_microbatches", [1, 2])
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("mesh_name", sorted(MESH_LAYOUTS))
 def test_value_and_grad_is_the_global_token_weighted_mean(
   mesh_name, num_microbatches, reduction
 ):
-  shape, names, axis, w_spec, batch_spec = MESHES[mesh_name]
+  shape, names, axis, w_spec, batch_spec = MESH_LAYOUTS[mesh_name]
   params, x, y, m = _problem()
   loss_fn = mean_loss if reduction == "mean" else sum_loss
   n = jnp.sum(m)
