@@ -417,23 +417,50 @@ class Accumulator:
       return jitted(self, '_update', apply)(*args)
     return self._update(*args, apply)
 
-  def _check_inner_state(self, state, like) -> None:
-    """Raises where ``inner_opt_state`` is not the state ``inner`` makes."""
+  def _check_state(self, state, params, updates) -> None:
+    """Raises where ``state`` was made by another configuration: another
+    ``inner``, ``accumulator_dtype`` or ``should_skip_update_fn``. Compares
+    what ``init`` would make (abstractly, at trace time) with the state."""
+    like = updates if params is None else params
     try:
-      want = jax.tree.structure(jax.eval_shape(self._inner_tx.init, like))
+      want = jax.eval_shape(
+        lambda p: (
+          self._inner_tx.init(p),
+          self._skip(optax.tree.zeros_like(p), jnp.zeros([], jnp.int32), p)[1],
+          _accumulator.init(p, self.accumulator_dtype),
+        ),
+        like,
+      )
     except Exception:  # pylint: disable=broad-except
       return  # an init that cannot run abstractly: nothing to compare with
-    got = jax.tree.structure(state.inner_opt_state)
-    if got != want:
+    inner, skip, (acc, compensation) = want
+    differs = []
+    if jax.tree.structure(state.inner_opt_state) != jax.tree.structure(inner):
+      differs.append('`inner_opt_state` (another inner optimizer)')
+    if jax.tree.structure(
+      _strong_types(state.skip_state)
+    ) != jax.tree.structure(skip):
+      differs.append('`skip_state` (another should_skip_update_fn)')
+    dtypes = lambda t: [jnp.result_type(x) for x in jax.tree.leaves(t)]
+    # The accumulator's dtypes follow the params'; gradients may be narrower
+    # and some params (optax.lookahead's) hold more than the gradients.
+    same_tree = params is not None and (
+      jax.tree.structure(params) == jax.tree.structure(updates)
+    )
+    if (state.acc_compensation is None) != (compensation is None) or (
+      same_tree and dtypes(state.acc_grads) != dtypes(acc)
+    ):
+      differs.append('`acc_grads` (another accumulator_dtype)')
+    if differs:
       raise ValueError(
-        "The state's `inner_opt_state` does not have the structure that "
-        "`inner`'s init makes: it is the state of another optimizer. Make "
-        'the state with this tx.init(params).\n'
-        f'inner_opt_state: {got}\ninner.init:      {want}'
+        'The state was made by another optimizer or another configuration '
+        f'of accumulate: its {" and ".join(differs)} differ from what this '
+        "tx's init makes. Make the state with this tx.init(params), or "
+        'restore a checkpoint into jax.eval_shape(tx.init, params).'
       )
 
   def _update(self, updates, state, params, weight, flush, extra_args, apply):
-    self._check_inner_state(state, updates if params is None else params)
+    self._check_state(state, params, updates)
     inner_tx = self._inner_tx
     deferral = _deferral.of(self.axis_name)
     updates, weight, flush, extra_args = deferral.arrive(
@@ -755,8 +782,10 @@ def accumulate(
     TypeError: a wrong type (``inner=optax.adamw``, a non-bool ``flush``),
       or a non-float gradient leaf.
     ValueError: a value out of range (k, ``weight``, ``accumulator_dtype``),
-      a nested accumulator, updates or state of another structure or shape,
-      a param of another shape than its gradient; with ``axis_name``,
+      a nested accumulator, updates of another structure or shape, a
+      state made by another ``inner``, ``accumulator_dtype`` or
+      ``should_skip_update_fn``, a param of another shape than its
+      gradient; with ``axis_name``,
       gradients, a state or a mesh that do not fit it (each message says
       what to write). A keyword close to ``weight``, ``flush`` or
       ``value`` (``wieght``) warns.

@@ -1,7 +1,7 @@
 """`apply_gradients`: one mini-step that updates and applies, fused."""
 
 import collections
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import optax
@@ -9,6 +9,7 @@ import optax
 from optax_accum import _accumulate
 from optax_accum import _chain
 from optax_accum import _deferral
+from optax_accum import _validate
 
 
 def apply_gradients(
@@ -60,11 +61,11 @@ def apply_gradients(
       ``optax.adamw``).
     ValueError: ``weight`` or ``flush`` given to a ``tx`` without an
       accumulator, where they would be ignored; an ``optax.chain`` (or
-      ``named_chain``, at any depth) with elements after an accumulator
-      (the chainable form, which runs them on every mini-step: write
-      :func:`optax_accum.chain`); and
-      the errors of
-      ``tx.update`` (see :func:`optax_accum.accumulate`).
+      ``named_chain``) with elements after an accumulator (the chainable
+      form, which runs them on every mini-step: write
+      :func:`optax_accum.chain`); and the errors of ``tx.update`` (see
+      :func:`optax_accum.accumulate`). A keyword close to ``weight``,
+      ``flush`` or ``value`` warns.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
@@ -105,6 +106,7 @@ def apply_gradients(
   if gated is not None:
     return gated.apply(grads, opt_state, params, **extra_args)
   _accumulate.check_accumulator_args(extra_args, opt_state)
+  _validate.check_extra_args(extra_args)  # a misspelt weight, unread
   _check_not_chainable_with_state(opt_state)
   unreduced = set().union(
     *(_deferral.unreduced_axes(g) for g in jax.tree.leaves(grads))
@@ -123,42 +125,56 @@ def apply_gradients(
   return optax.apply_updates(params, updates), opt_state
 
 
+def _chain_keys(node) -> Optional[list[Any]]:
+  """The element keys of ``optax.chain``'s tuple or ``optax.named_chain``'s
+  OrderedDict state, or None for any other node."""
+  if type(node) is tuple:
+    return list(range(len(node)))
+  if type(node) is collections.OrderedDict:
+    return list(node)
+  return None
+
+
 def _check_not_chainable_with_state(opt_state) -> None:
   """Raises where an accumulator sits in an ``optax.chain`` (or
   ``optax.named_chain``) with elements after it: the chainable form, in
-  which those elements run on every mini-step's zero updates (Adam's moments
-  decay, weight decay applies, schedules count micro-batches).
+  which those elements run on every mini-step (on zero updates: Adam's
+  moments decay, weight decay applies, schedules count micro-batches; a
+  second accumulator sums a window of zeros).
 
-  ``optax_accum.chain`` folds the elements after its accumulator into it,
-  so in its states the accumulator is always last: a chain state with
-  elements after an accumulator is ``optax.chain``'s. Elements that hold an
-  accumulator themselves (``optax.masked`` ones, each over its own params)
-  are not the chainable form and pass.
+  Where the state alone says so: at the top of ``tx`` (which is not an
+  ``optax_accum`` optimizer, so its tuple is ``optax.chain``'s), and at any
+  depth where a bare :class:`AccumulateState` has elements after it
+  (``optax_accum.chain`` folds those into the accumulator, so only
+  ``optax.chain`` leaves them there). Deeper, a wrapped accumulator with
+  elements after it may be ``optax_accum.chain``'s gated form.
   """
+  message = (
+    "`tx` holds an optax.chain whose element {here!r} accumulates and whose "
+    "element(s) {later} come after it: in this chainable form they run on "
+    "every mini-step, on zero updates, so moments decay, weight decay "
+    "applies, schedules count micro-batches and a later accumulator sums "
+    "zeros. Write the chain with optax_accum.chain(...) (the exact form); "
+    "for several accumulators over different params, put them under one "
+    "optax.partition; to keep the chainable form, call tx.update and "
+    "optax.apply_updates."
+  )
+  keys = _chain_keys(opt_state)
+  if keys is not None:
+    holders = [k for k in keys if _accumulate.accumulate_states(opt_state[k])]
+    if holders and holders[0] != keys[-1]:
+      here = holders[0]
+      later = keys[keys.index(here) + 1 :]
+      raise ValueError(message.format(here=here, later=later))
   is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
   for path, leaf in jax.tree.leaves_with_path(opt_state, is_leaf=is_acc):
-    if not is_acc(leaf):
+    if not is_acc(leaf) or not path:
       continue
     node = opt_state
-    for entry in path:
-      if type(node) in (tuple, collections.OrderedDict):
-        keys: list[Any] = (
-          list(range(len(node))) if type(node) is tuple else list(node)
-        )
-        here = keys.index(getattr(entry, 'idx', getattr(entry, 'key', None)))
-        later = [
-          k
-          for k in keys[here + 1 :]
-          if not _accumulate.accumulate_states(node[k])
-        ]
-        if later:
-          raise ValueError(
-            f'`tx` holds an optax.chain whose element {keys[here]!r} '
-            f'accumulates and whose element(s) {later} come after it: in '
-            "this chainable form they run on every mini-step's zero "
-            'updates, so moments decay, weight decay applies and schedules '
-            'count micro-batches, not gradient steps. Write that chain '
-            'with optax_accum.chain(...) (the exact form), or, to keep the '
-            'chainable form, call tx.update and optax.apply_updates.'
-          )
+    for entry in path[:-1]:
       node = _chain.child(node, entry)
+    keys = _chain_keys(node)
+    here = getattr(path[-1], 'idx', getattr(path[-1], 'key', None))
+    if keys is not None and here != keys[-1]:
+      later = keys[keys.index(here) + 1 :]
+      raise ValueError(message.format(here=here, later=later))

@@ -190,6 +190,8 @@ class Chain:
     # Concrete weights and flushes are checked here, where they can raise.
     extra_args = dict(extra_args)
     _accumulate.check_accumulator_args(extra_args, state)
+    if _accumulate.accumulate_states(state):  # warned on every call
+      _validate.check_extra_args(extra_args)
     if extra_args.get('weight') is not None:
       extra_args['weight'] = _validate.check_weight(extra_args['weight'])
     if extra_args.get('flush') is not None:

@@ -167,6 +167,21 @@ def test_multisteps_as_tx_raises_saying_what_to_write():
     lambda: optax.named_chain(
       ("acc", optax_accum.accumulate(K)), ("adam", optax.adam(1e-2))
     ),
+    # A later accumulator would sum a window of the first one's zeros.
+    lambda: optax.chain(
+      optax_accum.accumulate(K, optax.sgd(0.1)),
+      optax.masked(
+        optax_accum.accumulate(K, optax.sgd(0.1)), {"w": False, "b": True}
+      ),
+    ),
+    # An accumulator under one label does not exempt the other label.
+    lambda: optax.chain(
+      optax_accum.accumulate(K, optax.sgd(0.1)),
+      optax.partition(
+        {"a": optax_accum.accumulate(K, optax.sgd(0.1)), "o": optax.adam(0.1)},
+        {"w": "a", "b": "o"},
+      ),
+    ),
   ],
 )
 def test_chainable_form_raises_saying_what_to_write(problem, make):
@@ -177,16 +192,56 @@ def test_chainable_form_raises_saying_what_to_write(problem, make):
     optax_accum.apply_gradients(tx, grads, tx.init(params), params)
 
 
-def test_masked_accumulators_one_after_the_other_are_the_large_batch(problem):
+def test_masked_accumulators_one_after_the_other_raise_for_partition(problem):
   params, xs, ys = problem
-  tx = optax.chain(
-    optax.masked(
-      optax_accum.accumulate(K, optax.adam(1e-2)), {"w": True, "b": False}
-    ),
-    optax.masked(
-      optax_accum.accumulate(K, optax.adam(1e-2)), {"w": False, "b": True}
-    ),
+  masked = lambda mask: optax.masked(  # noqa: E731
+    optax_accum.accumulate(K, optax.adam(1e-2)), mask
   )
+  in_sequence = optax.chain(
+    masked({"w": True, "b": False}), masked({"w": False, "b": True})
+  )
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r"optax\.partition"):
+    optax_accum.apply_gradients(
+      in_sequence, grads, in_sequence.init(params), params
+    )
+  # What the message says to write: each accumulator under its own label.
+  tx = optax.partition(
+    {
+      "w": optax_accum.accumulate(K, optax.adam(1e-2)),
+      "b": optax_accum.accumulate(K, optax.adam(1e-2)),
+    },
+    {"w": "w", "b": "b"},
+  )
+  step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p))
+  trajectory, _ = _train(step, tx, params, xs, ys)
+  want, _ = train_large_batch(optax.adam(1e-2), params, xs, ys)
+  chex.assert_trees_all_close(trajectory[-1], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    # optax_accum.chain's gated forms, wrapped: their states have elements
+    # after a wrapped accumulator, which optax_accum.chain runs once a window.
+    lambda: optax.masked(
+      optax_accum.chain(
+        optax.chain(optax.scale(1.0), optax_accum.accumulate(K)),
+        optax.adam(1e-2),
+      ),
+      {"w": True, "b": True},
+    ),
+    lambda: optax.chain(
+      optax_accum.chain(
+        optax.inject_hyperparams(optax_accum.accumulate)(every_k_schedule=K),
+        optax.adam(1e-2),
+      )
+    ),
+  ],
+)
+def test_wrapped_exact_forms_are_the_large_batch(problem, make):
+  params, xs, ys = problem
+  tx = make()
   step = jax.jit(lambda g, s, p: optax_accum.apply_gradients(tx, g, s, p))
   trajectory, _ = _train(step, tx, params, xs, ys)
   want, _ = train_large_batch(optax.adam(1e-2), params, xs, ys)
@@ -230,13 +285,28 @@ def test_params_of_another_structure_than_the_gradients_work(problem):
     ("chain", "accumulate", TypeError),
     ("accumulate", "sgd_chain", ValueError),
     ("sgd_chain", "accumulate", ValueError),
+    ("accumulate", "bfloat16", ValueError),
+    ("bfloat16", "accumulate", ValueError),
+    ("accumulate", "kahan", ValueError),
+    ("accumulate", "skip", ValueError),
+    ("skip", "accumulate", ValueError),
   ],
 )
 def test_the_state_of_another_optimizer_raises(made_by, used_by, error):
+  adamw = lambda: optax.adamw(1e-2)  # noqa: E731
   txs = dict(
     OPTIMIZERS,
     sgd_chain=lambda: optax_accum.chain(
       optax_accum.accumulate(K), optax.sgd(0.1)
+    ),
+    bfloat16=lambda: optax_accum.accumulate(
+      K, adamw(), accumulator_dtype=jnp.bfloat16
+    ),
+    kahan=lambda: optax_accum.accumulate(
+      K, adamw(), accumulator_dtype="kahan_bfloat16"
+    ),
+    skip=lambda: optax_accum.accumulate(
+      K, adamw(), should_skip_update_fn=optax.skip_not_finite
     ),
   )
   params = {"w": jnp.zeros(3)}
@@ -249,7 +319,11 @@ def test_the_state_of_another_optimizer_raises(made_by, used_by, error):
   "typo, meant", [("wieght", "weight"), ("flsh", "flush")]
 )
 def test_a_misspelt_keyword_warns_naming_the_one_meant(typo, meant):
-  tx = OPTIMIZERS["accumulate"]()
+  tx, chain, sgd = (
+    OPTIMIZERS["accumulate"](),
+    OPTIMIZERS["chain"](),
+    optax.sgd(1),
+  )
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)
   calls = {
@@ -260,11 +334,23 @@ def test_a_misspelt_keyword_warns_naming_the_one_meant(typo, meant):
     "jitted update": lambda: jax.jit(
       lambda p, s: tx.update(p, s, p, **{typo: 2.0})
     )(params, state),
+    # optax_accum.chain's jitted call is cached: it warns on every call.
+    "chain, second call": lambda: [
+      optax_accum.apply_gradients(
+        chain, params, chain.init(params), params, **{typo: 2.0}
+      )
+      for _ in range(2)
+    ][-1],
+    "no accumulator": lambda: optax_accum.apply_gradients(
+      sgd, params, sgd.init(params), params, **{typo: 2.0}
+    ),
   }
   for name, call in calls.items():
     with pytest.warns(UserWarning, match=rf"`{typo}`.*mean `{meant}`") as w:
       call()
-    assert w[0].filename == __file__, name  # the user's line
+    assert w[-1].filename == __file__, name  # the user's line
+    if name == "chain, second call":
+      assert len(w) >= 2
 
 
 def test_other_keywords_reach_inner_unchanged():
