@@ -1,18 +1,18 @@
 """optax_accum: exact gradient accumulation for Optax and Flax."""
 
-from optax_accum._accumulate import AccumulateState
 from optax_accum._accumulate import accumulate
-from optax_accum._accumulate import has_updated
 from optax_accum._apply import apply_gradients
 from optax_accum._chain import chain
+from optax_accum._checkpoint import reduced_state
 from optax_accum._checkpoint import restore_checkpoint
-from optax_accum._deferral import reduced_state
-from optax_accum._deferral import unreduced_state
+from optax_accum._checkpoint import unreduced_state
 from optax_accum._microbatch import microbatched_value_and_grad
-from optax_accum._unreduced import unreduced_value_and_grad
+from optax_accum._microbatch import unreduced_value_and_grad
+from optax_accum._state import AccumulateState
+from optax_accum._state import has_updated
 from optax_accum._vmap import share_counters
 
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 __all__ = (
   "AccumulateState",

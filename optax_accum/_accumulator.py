@@ -1,192 +1,117 @@
-"""The accumulator: its dtypes, how a gradient is added, how the sum is read.
+"""The accumulator: its dtypes, how a micro-batch is added, how the sum is
+read.
 
-Plain mode keeps one array per param, ``acc_grads``. The compensated mode
+The plain mode keeps one array per param, ``acc_grads``. The mode
 ``"kahan_bfloat16"`` keeps a bfloat16 sum and a bfloat16 error term
 (``acc_compensation``) and adds with Kahan's algorithm (Kahan 1965,
-"Further remarks on reducing truncation errors", CACM 8(1)): the rounding
-error of each bfloat16 store is carried into the next addition.
+"Further remarks on reducing truncation errors", CACM 8(1)).
 """
-
-from typing import Union
 
 import jax
 import jax.numpy as jnp
 
-from optax_accum import _validate
-
-KAHAN_BFLOAT16 = "kahan_bfloat16"
-
-AccumulatorDtype = Union[None, str, jax.typing.DTypeLike]
+from optax_accum import _checks
+from optax_accum import _layout
+from optax_accum._errors import fail
 
 
-def canonical_accumulator_dtype(accumulator_dtype: AccumulatorDtype):
-  """Checks `accumulator_dtype`; returns None, "kahan_bfloat16" or a dtype.
-
-  `None` stays `None` (the per-leaf default). float64 becomes float32 when
-  `jax_enable_x64` is off, as everywhere in JAX.
-
-  Raises:
-    TypeError: `accumulator_dtype` is not a floating dtype nor
-      "kahan_bfloat16".
-    ValueError: `accumulator_dtype` is float16, a float8 or another
-      floating dtype that is not float32, float64, bfloat16 or complex.
-  """
-  if accumulator_dtype is None or accumulator_dtype == KAHAN_BFLOAT16:
-    return accumulator_dtype
-  try:
-    dtype = jnp.dtype(accumulator_dtype)
-  except TypeError as e:
-    raise TypeError(
-      '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
-      f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}.'
-    ) from e
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(
-      '`accumulator_dtype` must be a floating dtype such as jnp.float32 or '
-      f'"{KAHAN_BFLOAT16}", but got {accumulator_dtype!r}. This is because '
-      'gradients are summed in it.'
-    )
-  supported = (
-    jnp.float32,
-    jnp.float64,
-    jnp.bfloat16,
-    jnp.complex64,
-    jnp.complex128,
-    jnp.float16,
-  )
-  if dtype not in [jnp.dtype(d) for d in supported]:
-    raise ValueError(
-      f'`accumulator_dtype` {dtype} is not supported: use None (float32, '
-      'the default), jnp.float32, jnp.float64, jnp.bfloat16, '
-      f'"{KAHAN_BFLOAT16}", or jnp.complex64/complex128 for complex params.'
-    )
-  if dtype == jnp.float16:
-    raise ValueError(
-      '`accumulator_dtype` float16 is not supported: its largest value is '
-      '65504, so a sum of micro-batch gradients overflows to inf long '
-      'before their mean would. Use None (float32, the default), '
-      f'jnp.bfloat16 or "{KAHAN_BFLOAT16}" for a 2-byte sum.'
-    )
-  return jax.dtypes.canonicalize_dtype(dtype)
-
-
-def default_accumulator_dtype(param_dtype: jnp.dtype) -> jnp.dtype:
-  """float32, or the param dtype when it is wider (float64 under x64)."""
+def default_dtype(param_dtype) -> jnp.dtype:
+  """float32 (complex64), or the param dtype when it is wider."""
   param_dtype = jnp.dtype(param_dtype)
-  if jnp.issubdtype(param_dtype, jnp.complexfloating):
-    floor = jnp.dtype(jnp.complex64)
-  else:
-    floor = jnp.dtype(jnp.float32)
+  floor = jnp.dtype(jnp.complex64 if jnp.issubdtype(
+    param_dtype, jnp.complexfloating) else jnp.float32)
   if param_dtype.itemsize >= floor.itemsize:
     return jax.dtypes.canonicalize_dtype(param_dtype)
   return floor
 
 
-def init(params, accumulator_dtype):
-  """Returns `(acc_grads, acc_compensation)` zeros shaped like `params`.
+def init(params, accumulator_dtype, names):
+  """``(acc_grads, acc_compensation, weight_dtype)`` for ``params``.
 
-  `acc_compensation` is None except in the "kahan_bfloat16" mode.
-
-  Raises:
-    TypeError: a param leaf is not a floating (or complex) array, or a
-      complex param meets a real accumulator dtype (or the reverse).
+  ``acc_grads`` are zeros shaped (and sharded) like the params, unreduced
+  over ``names`` when given; ``acc_compensation`` is None but in the Kahan
+  mode; ``weight_dtype`` is the widest real accumulator dtype (float32 at
+  least), in which weights and the mean are computed.
   """
+  kahan = accumulator_dtype == _checks.KAHAN_BFLOAT16
+  if kahan and names is not None:
+    fail(ValueError, 'accumulator_dtype', f'{accumulator_dtype!r} '
+                 'with an unreduced axis_name, whose per-device sums allow '
+                 'no compensation', 'Use None (float32) or jnp.bfloat16.')
 
   def zeros(path, p):
     dtype = jnp.result_type(p)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-        f'The param at {_validate.leaf_name(path)} has dtype {dtype}; '
-        'accumulate only takes floating-point params, because integer and '
-        'boolean leaves have no gradient to accumulate. Filter them out of '
-        'the params (for example with optax.masked or nnx.Param).'
-      )
-    complex_param = jnp.issubdtype(dtype, jnp.complexfloating)
-    if accumulator_dtype == KAHAN_BFLOAT16:
+    if kahan:
       acc_dtype = jnp.dtype(jnp.bfloat16)
     elif accumulator_dtype is None:
-      acc_dtype = default_accumulator_dtype(dtype)
+      acc_dtype = default_dtype(dtype) if jnp.issubdtype(
+        dtype, jnp.inexact) else dtype
     else:
       acc_dtype = jnp.dtype(accumulator_dtype)
-    if complex_param != jnp.issubdtype(acc_dtype, jnp.complexfloating):
-      raise TypeError(
-        f'The param at {_validate.leaf_name(path)} has dtype {dtype} but '
-        f'`accumulator_dtype` is {accumulator_dtype!r}: a real accumulator '
-        'drops the imaginary part of a complex gradient, and a complex one '
-        'is wasted on a real gradient. Leave accumulator_dtype=None (a '
-        'complex64 or wider sum for complex params) or give a matching '
-        'dtype.'
-      )
+    _checks.param_dtype(path, dtype, acc_dtype)
+    if names is not None:
+      return _layout.unreduced_zeros(path, p, acc_dtype, names)
     return jnp.zeros_like(p, dtype=acc_dtype)  # keeps the param's sharding
 
   acc_grads = jax.tree.map_with_path(zeros, params)
-  if accumulator_dtype == KAHAN_BFLOAT16:
-    return acc_grads, jax.tree.map(jnp.zeros_like, acc_grads)
-  return acc_grads, None
+  real = [jnp.finfo(a.dtype).dtype for a in jax.tree.leaves(acc_grads)]
+  weight_dtype = jnp.result_type(jnp.float32, *real)
+  compensation = jax.tree.map(jnp.zeros_like, acc_grads) if kahan else None
+  return acc_grads, compensation, weight_dtype
 
 
-def add(acc_grads, acc_compensation, updates, weight, accept, fresh):
-  """Adds `weight * updates` where `accept`; starts over where `fresh`.
-
-  Args:
-    acc_grads: the running sums (a pytree).
-    acc_compensation: None, or the Kahan error terms shaped like acc_grads.
-    updates: the micro-batch gradient, shaped like acc_grads.
-    weight: None (1) or a float32 scalar; where it is 0 the micro-batch adds
-      exact zeros whatever its gradient holds.
-    accept: bool scalar; false leaves the accumulator as it is.
-    fresh: bool scalar; true means the window is empty and the old sums are
-      dropped (overwritten in the same pass, never zeroed separately; with
-      zeros when the micro-batch is rejected).
+def add(state, grads, weight, value, fresh, layout):
+  """Adds ``weight * grads`` into the window's sums; starts over where
+  ``fresh`` (the old sums are overwritten in the same pass, never zeroed
+  separately). A weight-0 micro-batch adds nothing, even a NaN gradient.
 
   Returns:
-    `(acc_grads, acc_compensation)`.
+    ``(acc_grads, acc_compensation, acc_weight, acc_value)``.
   """
+  wdtype = state.acc_weight.dtype
+  w = jnp.ones([], wdtype) if weight is None else weight.astype(wdtype)
 
   def weighted(g, dtype):
     g = g.astype(dtype)
     if weight is None:
       return g
-    # A weight-0 micro-batch contributes nothing, even a NaN gradient.
-    return jnp.where(weight > 0, g * weight.astype(dtype), jnp.zeros([], dtype))
+    scaled = g * layout.scale(w).astype(dtype)
+    return jnp.where(w > 0, scaled, jnp.zeros_like(scaled))
 
-  if acc_compensation is None:
+  def plain(acc, g):
+    term = layout.term(weighted(g, acc.dtype))
+    return jnp.where(fresh, term, acc + term)
 
-    def plain(acc, g):
-      g = weighted(g, acc.dtype)
-      zero = jnp.zeros([], acc.dtype)
-      return jnp.where(
-        fresh, jnp.where(accept, g, zero), jnp.where(accept, acc + g, acc)
-      )
+  if state.acc_compensation is None:
+    acc_grads = jax.tree.map(plain, state.acc_grads, grads)
+    compensation = None
+  else:
+    acc_grads, compensation = _kahan_add(state, grads, weighted, fresh)
+  acc_weight = state.acc_weight + layout.scalar(w)
+  acc_value = state.acc_value
+  if value is not None:
+    vdtype = acc_value.dtype
+    term = jnp.where(w > 0, w.astype(vdtype) * value.astype(vdtype),
+                     jnp.zeros([], vdtype))
+    acc_value = acc_value + layout.scalar(term)
+  return acc_grads, compensation, acc_weight, acc_value
 
-    return jax.tree.map(plain, acc_grads, updates), None
 
-  def kahan(acc, comp, g):
-    # The arithmetic runs in float32 registers; only the stores are bf16.
+def _kahan_add(state, grads, weighted, fresh):
+  def one(acc, comp, g):  # float32 arithmetic, bfloat16 stores
     s = jnp.where(fresh, 0.0, acc.astype(jnp.float32))
     c = jnp.where(fresh, 0.0, comp.astype(jnp.float32))
     y = weighted(g, jnp.float32) - c
     t = (s + y).astype(acc.dtype)
-    new_comp = ((t.astype(jnp.float32) - s) - y).astype(comp.dtype)
-    # Rejected: keep the sums, or drop them when the window is empty.
-    return (
-      jnp.where(accept, t, s.astype(acc.dtype)),
-      jnp.where(accept, new_comp, c.astype(comp.dtype)),
-    )
+    return t, ((t.astype(jnp.float32) - s) - y).astype(comp.dtype)
 
-  treedef = jax.tree.structure(acc_grads)
-  pairs = [
-    kahan(a, c, g)
-    for a, c, g in zip(
-      treedef.flatten_up_to(acc_grads),
-      treedef.flatten_up_to(acc_compensation),
-      treedef.flatten_up_to(updates),
-    )
-  ]
-  return (
-    treedef.unflatten([p[0] for p in pairs]),
-    treedef.unflatten([p[1] for p in pairs]),
-  )
+  treedef = jax.tree.structure(state.acc_grads)
+  pairs = [one(a, c, g) for a, c, g in zip(
+    treedef.flatten_up_to(state.acc_grads),
+    treedef.flatten_up_to(state.acc_compensation),
+    treedef.flatten_up_to(grads))]
+  return (treedef.unflatten([p[0] for p in pairs]),
+          treedef.unflatten([p[1] for p in pairs]))
 
 
 def total(acc_grads, acc_compensation):
@@ -195,25 +120,28 @@ def total(acc_grads, acc_compensation):
     return acc_grads
   return jax.tree.map(
     lambda s, c: s.astype(jnp.float32) - c.astype(jnp.float32),
-    acc_grads,
-    acc_compensation,
-  )
+    acc_grads, acc_compensation)
 
 
-def add_unreduced(acc_grads, updates, weight, fresh, deferral):
-  """`add` for an accumulator typed unreduced (see `_deferral`).
+def mean(acc_sum, total_weight, like):
+  """``acc_sum / total_weight`` as a multiply by the inverse (which XLA
+  fuses into each consumer; a divide it would write to a temporary),
+  computed in the sum's dtype or the weight's when wider, cast like
+  ``like``."""
+  def one(a, g):
+    wide = jnp.promote_types(a.dtype, total_weight.dtype)
+    inverse = (1 / total_weight).astype(wide)
+    return (a.astype(wide) * inverse).astype(jnp.result_type(g))
 
-  Every micro-batch is accepted (rejection is per window there); the
-  weighted gradient becomes this device's partial sum and is added with the
-  linear operations an unreduced array allows.
-  """
+  return jax.tree.map(one, acc_sum, like)
 
-  def one(acc, g):
-    g = g.astype(acc.dtype)
-    if weight is not None:
-      w = deferral.reduced_scale(weight).astype(acc.dtype)
-      g = jnp.where(weight > 0, g * w, jnp.zeros_like(g))
-    g = deferral.contribution(g)
-    return jnp.where(fresh, g, acc + g)
 
-  return jax.tree.map(one, acc_grads, updates)
+def norm(tree, complete) -> jax.Array:
+  """The global L2 norm in float32 or wider; ``complete`` sums a leaf's
+  squares over the devices holding its shards."""
+  leaves = [jnp.abs(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  dtype = jnp.result_type(jnp.float32, *leaves)
+  squares = [complete(jnp.sum(jnp.square(x.astype(dtype)))) for x in leaves]
+  return jnp.sqrt(sum(squares[1:], squares[0])).astype(jnp.float32)

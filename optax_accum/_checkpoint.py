@@ -6,8 +6,10 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
-from optax_accum import _deferral
+from optax_accum import _layout
+from optax_accum._errors import fail
 
 
 def _path_name(entry) -> str:
@@ -169,7 +171,131 @@ def restore_checkpoint(
   )
   # A state with unreduced leaves is saved reduced (orbax cannot write
   # unreduced arrays): restored so, then resharded to its unreduced types.
-  saved_state = _deferral.reduced_state(abstract_state)
+  saved_state = reduced_state(abstract_state)
   _check_against_metadata(saved_tree, saved_state, path)
   restored = checkpointer.restore(path, saved_state)
-  return _deferral.unreduced_state(restored, abstract_state)
+  return unreduced_state(restored, abstract_state)
+
+
+def _reduced_leaf(x):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    # jax.eval_shape records the abstract mesh, or no sharding for a
+    # counter: orbax places arrays on the concrete mesh that is set.
+    mesh = jax.sharding.get_mesh()
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      spec = sharding.spec.update(unreduced=frozenset())
+      if not isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+        mesh = sharding.mesh
+    elif sharding is None:
+      spec = P()
+    else:
+      return x
+    if mesh.empty:
+      return x
+    return jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
+    )
+  spec = _layout.spec_of(x)
+  if not spec.unreduced:
+    return x
+  return jax.reshard(x, spec.update(unreduced=frozenset()))
+
+
+def reduced_state(opt_state: Any) -> Any:
+  """The optimizer state with every leaf typed unreduced reduced.
+
+  With ``accumulate(..., axis_name=AXIS)`` and ``init`` under
+  ``jax.set_mesh``, ``acc_grads``, ``acc_weight`` and ``acc_value`` are
+  typed unreduced over AXIS: each device holds its part of the sum, which
+  orbax cannot save and ``numpy`` cannot read. This returns the same
+  logical values resharded to the leaves' partitioning without AXIS
+  (``jax.reshard``: one all-reduce per unreduced leaf); other leaves are
+  returned as they are. On ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape
+  (tx.init, params)`` under ``jax.set_mesh``) it gives the matching target
+  for an orbax restore, on the concrete mesh that is set (orbax cannot
+  place arrays on the abstract mesh ``eval_shape`` records).
+  :func:`unreduced_state` is its inverse.
+
+  Args:
+    opt_state: an optimizer state (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    The state, structured as ``opt_state``, with no unreduced leaf.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name='data')
+    >>> mesh = jax.make_mesh((jax.device_count(),), ('data',))
+    >>> with jax.set_mesh(mesh):
+    ...   state = tx.init({'w': jnp.zeros(3)})
+    ...   saved = optax_accum.reduced_state(state)  # what orbax saves
+    ...   restored = optax_accum.unreduced_state(saved, state)
+    >>> jax.typeof(restored.acc_grads['w']) == jax.typeof(state.acc_grads['w'])
+    True
+
+  References:
+    JAX's ``unreduced`` sharding type and ``jax.reshard``.
+  """
+  leaves = jax.tree.leaves(opt_state)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return jax.tree.map(_reduced_leaf, opt_state)
+  unreduced = [x for x in leaves if _layout.unreduced_axes(x)]
+  if not unreduced:
+    return opt_state
+  reduce = jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))
+  mesh = getattr(getattr(unreduced[0], 'sharding', None), 'mesh', None)
+  if jax.sharding.get_abstract_mesh().empty and mesh is not None:
+    with jax.set_mesh(mesh):  # the arrays' own mesh
+      return reduce(opt_state)
+  return reduce(opt_state)
+
+
+def unreduced_state(opt_state: Any, like: Any) -> Any:
+  """The inverse of :func:`reduced_state`: leaves unreduced where ``like``'s
+  are.
+
+  Args:
+    opt_state: a state from :func:`reduced_state` (a restored checkpoint).
+    like: the state, or ``jax.eval_shape(tx.init, params)`` under the same
+      ``jax.set_mesh``, whose leaves give the types.
+
+  Returns:
+    ``opt_state`` with each leaf resharded to the unreduced type of the
+    matching leaf of ``like`` (``jax.reshard``: the logical value is kept,
+    held by one device of each group; no communication). Restored at a
+    window boundary, training continues bit for bit; mid-window, the
+    window's later terms meet the saved total in another order than the
+    per-device parts they would have met (equal to float32 rounding).
+
+  Raises:
+    ValueError: ``opt_state`` and ``like`` have different structures, or no
+      mesh is set.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name='data')
+    >>> params = {'w': jnp.zeros(3)}
+    >>> with jax.set_mesh(jax.make_mesh((jax.device_count(),), ('data',))):
+    ...   target = jax.eval_shape(tx.init, params)
+    ...   restored = optax_accum.reduced_state(tx.init(params))  # as loaded
+    ...   state = optax_accum.unreduced_state(restored, target)
+    >>> jax.typeof(state.acc_grads['w']).sharding.spec.unreduced == (
+    ...     target.acc_grads['w'].sharding.spec.unreduced)
+    True
+  """
+  if jax.tree.structure(opt_state) != jax.tree.structure(like):
+    fail(ValueError, 'opt_state', f'structure {jax.tree.structure(opt_state)}'
+         f', but `like` has {jax.tree.structure(like)}', 'Pass the state '
+         'restored into reduced_state(jax.eval_shape(tx.init, params)).')
+
+  def leaf(x, t):
+    spec = _layout.spec_of(t)
+    return jax.reshard(x, spec) if spec.unreduced else x
+
+  if not any(_layout.unreduced_axes(t) for t in jax.tree.leaves(like)):
+    return opt_state
+  if jax.sharding.get_abstract_mesh().empty:
+    fail(ValueError, 'like', 'unreduced leaves, but no mesh is set',
+         'Call it inside `with jax.set_mesh(mesh)`.')
+  return jax.jit(lambda s: jax.tree.map(leaf, s, like))(opt_state)

@@ -1,6 +1,7 @@
 """In-step micro-batching: the window's gradient inside one jitted step."""
 
 from collections.abc import Callable, Sequence
+import numbers
 from typing import Any, Union
 
 import jax
@@ -8,53 +9,46 @@ from jax import lax
 import jax.numpy as jnp
 
 from optax_accum import _accumulator
-from optax_accum import _deferral
-from optax_accum import _validate
+from optax_accum import _checks
+from optax_accum import _layout
+from optax_accum import _unreduced
+from optax_accum._errors import fail
+from optax_accum._errors import leaf_name
 
 _REDUCTIONS = ('mean', 'sum')
 
 
 def _split(batch, num_microbatches: int, argnum: int):
   """(B, ...) leaves -> (num_microbatches, B // num_microbatches, ...)."""
+  leaves = jax.tree.leaves_with_path(batch)
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for _, x in leaves}
+  for path, x in leaves:
+    if jnp.ndim(x) == 0 or len(sizes) > 1 or jnp.shape(x)[0] % num_microbatches:
+      fail(ValueError, 'batch_argnums', f'argument {argnum} has the leaf at '
+           f'{leaf_name(path)} of shape {jnp.shape(x)} (leading sizes '
+           f'{sorted(sizes, key=str)}), which does not split into '
+           f'num_microbatches={num_microbatches}', 'Give every leaf of a '
+           'batch argument one leading size, divisible by num_microbatches; '
+           'pass other arrays as arguments outside batch_argnums.')
 
-  def split(path, x):
+  def split(x):
     x = jnp.asarray(x)
-    if x.ndim == 0 or x.shape[0] % num_microbatches:
-      raise ValueError(
-        f'microbatched_value_and_grad splits argument {argnum} '
-        '(`batch_argnums`) along its leading axis into '
-        f'num_microbatches={num_microbatches}, but the leaf at '
-        f'{_validate.leaf_name(path)} has shape '
-        f'{x.shape}. Give every batch leaf a leading axis divisible by '
-        'num_microbatches, or leave the argument out of batch_argnums.'
-      )
-    return x.reshape(
-      num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]
-    )
+    return x.reshape(num_microbatches, x.shape[0] // num_microbatches,
+                     *x.shape[1:])
 
-  return jax.tree.map_with_path(split, batch)
+  return jax.tree.map(split, batch)
 
 
 def check_args(num_microbatches, reduction, batch_argnums, key_argnum):
-  """Checks the arguments shared with `unreduced_value_and_grad`; returns
-  `batch_argnums` as a tuple.
-
-  Raises:
-    ValueError: see :func:`microbatched_value_and_grad`.
-  """
-  if (
-    isinstance(num_microbatches, bool)
-    or not isinstance(num_microbatches, int)
-    or num_microbatches < 1
-  ):
-    raise ValueError(
-      '`num_microbatches` must be a positive int, but got '
-      f'{num_microbatches!r}.'
-    )
+  """Checks the construction arguments; returns ``batch_argnums`` as a
+  tuple."""
+  if isinstance(num_microbatches, bool) or not isinstance(
+    num_microbatches, numbers.Integral) or int(num_microbatches) < 1:
+    fail(ValueError, 'num_microbatches', f'{num_microbatches!r}',
+         'Give a positive int.')
   if reduction not in _REDUCTIONS:
-    raise ValueError(
-      f'`reduction` must be one of {_REDUCTIONS}, but got {reduction!r}.'
-    )
+    fail(ValueError, 'reduction', f'{reduction!r}',
+         f'Give one of {_REDUCTIONS}.')
   batch_argnums = (
     (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
   )
@@ -63,12 +57,23 @@ def check_args(num_microbatches, reduction, batch_argnums, key_argnum):
     ('key_argnum', () if key_argnum is None else (key_argnum,)),
   ):
     if any(not isinstance(n, int) or n < 1 for n in nums):
-      raise ValueError(
-        f'`{name}` must hold argument positions >= 1 (0 is the params), '
-        f'but got {nums!r}.'
-      )
-
+      fail(ValueError, name, f'{nums!r}', 'Give argument positions >= 1 '
+           '(0 is the params).')
   return batch_argnums
+
+
+def unreduced_value_and_grad(loss_fn, axis_name, num_microbatches=1, **kw):
+  """``microbatched_value_and_grad(loss_fn, num_microbatches,
+  axis_name=axis_name, **kw)``; kept for one release (0.3 spelling).
+
+  Examples:
+    >>> import optax_accum
+    >>> f = optax_accum.unreduced_value_and_grad(lambda p, x: (p, 1.0), 'data')
+    >>> callable(f)
+    True
+  """
+  return microbatched_value_and_grad(loss_fn, num_microbatches,
+                                     axis_name=axis_name, **kw)
 
 
 def microbatched_value_and_grad(
@@ -80,6 +85,7 @@ def microbatched_value_and_grad(
   batch_argnums: Union[int, Sequence[int]] = 1,
   key_argnum: Union[int, None] = None,
   unroll: Union[int, bool] = 1,
+  axis_name: Union[str, tuple[str, ...], None] = None,
 ) -> Callable[..., Any]:
   r"""Turns a loss into the token-weighted value and gradient of a window.
 
@@ -122,6 +128,15 @@ def microbatched_value_and_grad(
       as straight-line code: faster where the backend handles an operation
       poorly inside a loop (convolutions on XLA:CPU), at the cost of
       compile time, and XLA may then keep more activations alive at once.
+    axis_name: None, or an Explicit mesh axis (or tuple of them) of the
+      mesh set with ``jax.set_mesh``, over which the batch's leading axis
+      is sharded. The function then runs ``loss_fn`` on each device's shard
+      inside one ``jax.shard_map`` (params sharded over other batch axes,
+      FSDP, are all-gathered and their gradients reduce-scattered once per
+      call: HSDP) and leaves the sum over ``axis_name`` untaken: ``grads``
+      come out typed unreduced over it, for ``accumulate(...,
+      axis_name=axis_name)`` to reduce once per window; ``loss``, ``aux``
+      and ``weight`` are global. ``num_microbatches`` is then per device.
 
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
@@ -169,6 +184,10 @@ def microbatched_value_and_grad(
     key_argnum=key_argnum,
     unroll=unroll,
   )
+  names = _checks.axis_name(axis_name)
+  if names is not None:
+    return _unreduced.value_and_grad(sums, names, int(num_microbatches),
+                                     has_aux, batch_argnums, key_argnum)
 
   def value_and_grad(params, *args):
     g_sum, w_sum, l_sum, a_sum = sums(params, *args)
@@ -212,10 +231,8 @@ def window_sums(
     if not (isinstance(out, tuple) and len(out) == 2) or (
       has_aux and not (isinstance(out[1], tuple) and len(out[1]) == 2)
     ):
-      raise ValueError(
-        f'`loss_fn` must return {form} (has_aux={has_aux}), but it returned '
-        f'{jax.tree.structure(out)}.'
-      )
+      fail(ValueError, 'loss_fn', f'it returned {jax.tree.structure(out)}',
+           f'Return {form} (has_aux={has_aux}).')
     loss, rest = out
     weight, aux = rest if has_aux else (rest, None)
     scalar = lambda x: (
@@ -224,13 +241,10 @@ def window_sums(
       and jnp.shape(x) == ()
     )
     if not (scalar(loss) and scalar(weight)):
-      raise ValueError(
-        f'`loss_fn` must return {form} with a scalar loss and a scalar '
-        "weight (the micro-batch's number of items), but it returned "
-        f'{jax.tree.structure(out)} (has_aux={has_aux}).'
-      )
-    if not isinstance(weight, _validate.Tracer):  # concrete: can raise
-      _validate.check_weight(weight)
+      fail(ValueError, 'loss_fn', f'it returned {jax.tree.structure(out)}, '
+           'not scalars', f'Return {form} with a scalar loss and a scalar '
+           "weight (the micro-batch's number of items).")
+    _checks.weight(weight)  # a concrete bad weight raises
     # A traced negative or non-finite weight poisons the result with NaN.
     weight = jnp.asarray(weight, jnp.float32)
     weight = jnp.where((weight >= 0) & jnp.isfinite(weight), weight, jnp.nan)
@@ -247,16 +261,13 @@ def window_sums(
       [] if key_argnum is None else [('key_argnum', key_argnum)]
     ):
       if n > len(args):
-        raise ValueError(
-          f'`{name}` points at argument {n}, but the function was called '
-          f'with {len(args) + 1} arguments (params first).'
-        )
+        fail(ValueError, name, f'argument {n}, but the function was '
+             f'called with {len(args) + 1} arguments', 'Count the params '
+             'as argument 0.')
     split = {n: _split(args[n - 1], num_microbatches, n) for n in batch_argnums}
     key = None if key_argnum is None else args[key_argnum - 1]
 
-    acc_dtype = lambda p: _accumulator.default_accumulator_dtype(
-      jnp.result_type(p)
-    )
+    acc_dtype = lambda p: _accumulator.default_dtype(jnp.result_type(p))
     grads0 = jax.tree.map(
       lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)), params
     )
@@ -311,7 +322,7 @@ def window_sums(
 def _vary_like(x, like):
   """`x` cast to varying over the mesh axes `like`'s type varies over."""
   manual = getattr(like, 'manual_axis_type', None)
-  return _deferral.vary(x, tuple(sorted(getattr(manual, 'varying', ()) or ())))
+  return _layout.vary(x, tuple(sorted(getattr(manual, 'varying', ()) or ())))
 
 
 def _first_outputs(weighted_loss, params, args, split, key, key_argnum):

@@ -3,10 +3,12 @@
 from typing import Any
 
 import jax
+from jax.core import Tracer
 import numpy as np
 
-from optax_accum import _accumulate
-from optax_accum import _validate
+from optax_accum._errors import fail
+from optax_accum._state import AccumulateState
+from optax_accum._state import accumulate_states
 
 # The fields that decide when a window ends. Batched, they make the
 # accumulator's `lax.cond` a select under vmap (every branch runs).
@@ -65,43 +67,32 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
     praxis ``ShardedStaticAccumulator`` (which keeps a conditional alive
     under vmap); jax-ml/jax #8409.
   """
-  is_acc = lambda x: isinstance(x, _accumulate.AccumulateState)
-  if not _accumulate.accumulate_states(opt_state):
-    raise ValueError(
-      'share_counters found no AccumulateState in `opt_state`: pass the '
-      'state of an optimizer built with optax_accum.accumulate.'
-    )
+  is_acc = lambda x: isinstance(x, AccumulateState)
+  if not accumulate_states(opt_state):
+    fail(ValueError, 'opt_state', 'no AccumulateState in it', 'Pass the '
+         'state of an optimizer built with optax_accum.accumulate.')
 
   def unstack(node):
     if not is_acc(node):
       return node
     if jax.tree.leaves(node.skip_state):
-      raise ValueError(
-        'share_counters: this accumulator has a should_skip_update_fn, '
-        'whose decision is per member, so the members\' windows cannot end '
-        'together. vmap the state as jax.vmap(tx.init) made it, without '
-        'share_counters.'
-      )
+      fail(ValueError, 'opt_state', 'an accumulator with a '
+           'should_skip_update_fn, whose verdict is per member', 'vmap the '
+           'state as jax.vmap(tx.init) made it, without share_counters.')
     if jax.numpy.ndim(node.mini_step) != 1:
-      raise ValueError(
-        'share_counters takes a state stacked along axis 0 for the '
-        'members, as jax.vmap(tx.init)(members) makes it, but this '
-        f'AccumulateState has a mini_step of shape '
-        f'{jax.numpy.shape(node.mini_step)}. Call it on '
-        'jax.vmap(tx.init)(members), not on tx.init(params).'
-      )
+      fail(ValueError, 'opt_state', 'a mini_step of shape '
+           f'{jax.numpy.shape(node.mini_step)}, not stacked per member',
+           'Pass jax.vmap(tx.init)(members), not tx.init(params).')
     shared = {}
     for name in _SHARED:
       value = getattr(node, name)
       first = value[0]
-      if not isinstance(value, _validate.Tracer) and not np.all(
+      if not isinstance(value, Tracer) and not np.all(
         np.asarray(value) == np.asarray(first)
       ):
-        raise ValueError(
-          f'share_counters: the members disagree on `{name}` '
-          f'({np.asarray(value).tolist()}), so their windows do not end '
-          'together. Give every member the same weight, flush and skips.'
-        )
+        fail(ValueError, 'opt_state', f'members that disagree on `{name}`'
+             f' ({np.asarray(value).tolist()})', 'Give every member the same '
+             'weight and flush (in_axes=None).')
       shared[name] = first
     return node._replace(**shared)
 

@@ -12,15 +12,15 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 
-from optax_accum import _accumulate
+from optax_accum import _state
 from optax_accum import _apply
 
 
 def _steps_taken(opt_state, dtype) -> jax.Array:
   """1 where the mini-step took a gradient step (always 1 without one)."""
-  if not _accumulate.accumulate_states(opt_state):
+  if not _state.accumulate_states(opt_state):
     return jnp.ones([], dtype)
-  return _accumulate.has_updated(opt_state).astype(dtype)
+  return _state.has_updated(opt_state).astype(dtype)
 
 
 def _extra(weight, flush, extra_args) -> dict[str, Any]:

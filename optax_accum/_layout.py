@@ -1,0 +1,309 @@
+"""The parallel layout of an accumulator: where its sums live and how the
+window's one reduction runs. Decided once per trace by :func:`of`.
+
+Without ``axis_name`` (:class:`Layout`) every method is an identity. With
+``axis_name``, each device adds its own gradient into its own sum and the
+sums meet in one reduction when the window ends (PyTorch DDP's ``no_sync``,
+MaxText PR #5099):
+
+- :class:`Checked`: in ``jax.shard_map`` (``check_vma=True``), gradients
+  arrive varying; ``lax.psum`` in the stepping branch reduces.
+- :class:`Mesh`: under plain ``jax.jit`` with ``jax.set_mesh`` (Explicit
+  axes), gradients arrive typed unreduced (``microbatched_value_and_grad(...,
+  axis_name=...)``); ``jax.reshard`` in the stepping branch reduces.
+- :class:`Unchecked`: in ``shard_map(check_vma=False)`` or ``jax.pmap``,
+  with a state stacked per device by the caller; ``lax.psum`` reduces.
+- :class:`Single`: the axes hold one device: values are reduced on arrival
+  and the state is plain.
+
+The state's layout, and why. ``Checked`` and ``Mesh`` share one state made
+by ``init`` under ``jax.set_mesh``: ``acc_grads``, ``acc_weight`` and
+``acc_value`` typed *unreduced* over ``axis_name`` (JAX's type for
+per-device parts of a sum), everything else replicated. We keep JAX's own
+type rather than per-device sums stacked on a leading axis because it is
+what makes the plain-``jit`` path possible (GSPMD keeps the gradient's
+partial sums unreduced, and the type carries them into the state without
+a copy or a second layout of the params), and because a typed state cannot
+be mixed up with a reduced one: JAX itself refuses the wrong combination.
+Its cost is at the tools that read whole states (numpy, ``device_put``,
+orbax), which cannot take unreduced arrays: :func:`reduced_state` gives the
+same logical values in a layout every tool takes, and
+:func:`unreduced_state` (or :func:`optax_accum.restore_checkpoint`) turns
+it back; the docs show both on every path that saves or reads a state.
+"""
+
+from typing import Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from optax_accum import _checks
+from optax_accum._errors import fail
+from optax_accum._errors import leaf_name
+
+
+def spec_of(x) -> P:
+  """The PartitionSpec in ``x``'s type (``P()`` where it has none)."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  return P() if spec is None else spec
+
+
+def entry_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one entry of a PartitionSpec."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def spec_axes(spec: P) -> set[str]:
+  return {a for entry in spec for a in entry_axes(entry)}
+
+
+def axes_size(names) -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  size = 1
+  for n in names:
+    size *= mesh.shape[n]
+  return size
+
+
+def unreduced_axes(x) -> frozenset:
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(spec_of(x).unreduced) | frozenset(
+    getattr(manual, 'unreduced', ()) or ()
+  )
+
+
+def varying_axes(x) -> frozenset:
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(getattr(manual, 'varying', ()) or ())
+
+
+def vary(x, axes):
+  """``x`` cast to varying over those of ``axes`` it does not vary over."""
+  missing = tuple(a for a in axes if a not in varying_axes(x))
+  return lax.pcast(x, missing, to='varying') if missing else x
+
+
+def reduced(x):
+  """``x`` resharded without its unreduced axes (their one reduction)."""
+  spec = spec_of(x)
+  return jax.reshard(x, spec.update(unreduced=frozenset())) if (
+    spec.unreduced) else x
+
+
+class Layout:
+  """No ``axis_name``: every method is an identity."""
+
+  names: tuple[str, ...] = ()
+
+  def check(self, grads, state, weight, flush, value) -> None:
+    del weight, flush, value
+    _checks.no_axis_call(grads, state.acc_grads, unreduced_axes, varying_axes)
+
+  def arrive(self, tree):
+    """A micro-batch's values as this layout adds them."""
+    return tree
+
+  def term(self, x):
+    """A per-device term, typed to add into this device's part of a sum."""
+    return x
+
+  def scalar(self, x):
+    """A weight (or weight x value) term for a scalar sum."""
+    return self.term(x)
+
+  def scale(self, w):
+    """A replicated scalar typed to multiply a per-device part."""
+    return w
+
+  def reduce(self, tree):
+    """The window's one reduction: per-device parts to their total."""
+    return tree
+
+  def complete(self, x):
+    """A per-device scalar (a norm's squares) summed over the shards."""
+    return x
+
+  def agree(self, tree):
+    """Each leaf made the same on every device (a skip verdict)."""
+    return tree
+
+  def reduced_like(self, g):
+    """``g`` typed as the reduced sum of such values (for shapes)."""
+    return g
+
+  def zeros(self, shape, g):
+    """Zeros of ``shape`` (a ShapeDtypeStruct) typed like the emitted
+    update for gradient ``g``: sharded like it where shapes match."""
+    if jnp.shape(g) == shape.shape:
+      return jnp.zeros_like(g, dtype=shape.dtype)
+    return jnp.zeros(shape.shape, shape.dtype)
+
+
+class _Axes(Layout):
+  def __init__(self, names):
+    self.names = names
+
+
+class Single(_Axes):
+  """Axes of one device: reduced on arrival (no communication)."""
+
+  def check(self, grads, state, weight, flush, value) -> None:
+    pass
+
+  def arrive(self, tree):
+    def one(x):
+      if x is not None and varying_axes(x) & set(self.names):
+        return lax.psum(x, self.names)
+      return x if x is None else reduced(x)
+
+    return jax.tree.map(one, tree)
+
+
+class Unchecked(_Axes):
+  """``shard_map(check_vma=False)`` or ``pmap``: a stacked state."""
+
+  def check(self, grads, state, weight, flush, value) -> None:
+    pass
+
+  def arrive(self, tree):
+    grads, weight, flush, value = tree
+    if flush is not None:  # one device flushing ends the window on all
+      flush = lax.pmax(flush.astype(jnp.int32), self.names) > 0
+    return grads, weight, flush, value
+
+  def reduce(self, tree):
+    return lax.psum(tree, self.names)
+
+
+class Checked(_Axes):
+  """``shard_map(check_vma=True)``: varying gradients, unreduced sums."""
+
+  def check(self, grads, state, weight, flush, value) -> None:
+    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight,
+                            unreduced_axes)
+    _checks.checked_call(self.names, grads, state.acc_grads,
+                         {'weight': weight, 'value': value, 'flush': flush},
+                         varying_axes)
+
+  def term(self, x):
+    return lax.pcast(vary(x, self.names), self.names, to='unreduced')
+
+  def reduce(self, tree):
+    return lax.psum(tree, self.names)
+
+  def complete(self, x):
+    axes = tuple(sorted(varying_axes(x)))
+    return lax.psum(x, axes) if axes else x
+
+  def agree(self, tree):
+    def one(x):
+      axes = tuple(sorted(varying_axes(x)))
+      if not axes:
+        return x
+      wide = jnp.int32 if jnp.result_type(x) == jnp.bool_ else x.dtype
+      return lax.pmax(jnp.asarray(x, wide), axes).astype(x.dtype)
+
+    return jax.tree.map(one, tree)
+
+  def reduced_like(self, g):
+    return lax.psum(g, self.names)
+
+
+class Mesh(_Axes):
+  """Plain ``jax.jit`` on a mesh: unreduced gradients, global scalars."""
+
+  def check(self, grads, state, weight, flush, value) -> None:
+    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight,
+                            unreduced_axes)
+    _checks.mesh_call(self.names, grads, value, unreduced_axes)
+
+  def scalar(self, x):  # a global scalar, held as one unreduced part
+    return jax.reshard(x, P(unreduced=frozenset(self.names)))
+
+  def scale(self, w):
+    return jax.reshard(w, P(reduced=frozenset(self.names)))
+
+  def reduce(self, tree):
+    return jax.tree.map(reduced, tree)
+
+  def reduced_like(self, g):
+    return reduced(g)
+
+  def zeros(self, shape, g):
+    if jnp.shape(g) == shape.shape:
+      return jnp.zeros(shape.shape, shape.dtype, out_sharding=spec_of(
+        g).update(unreduced=frozenset()))
+    return jnp.zeros(shape.shape, shape.dtype)
+
+
+def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
+  """The layout of an ``update`` with these axes, where it runs now.
+
+  Raises:
+    NameError: no such axis here. ValueError: an Auto axis under plain jit,
+    or a shard_map over only some of the axes.
+  """
+  if axis_names is None:
+    return Layout()
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = [n in mesh.manual_axes for n in axis_names]
+  if any(manual) and not all(manual):
+    fail(ValueError, 'axis_name', f'{axis_names}, of which only '
+         f'{sorted(mesh.manual_axes)} are mapped by this shard_map',
+         'Map over all of them, or name only the mapped ones.')
+  if any(manual):
+    names = tuple(axis_names)
+    checked = all(n in varying_axes(lax.axis_index(n)) for n in names)
+    if not checked:
+      return Unchecked(names)
+    return Single(names) if axes_size(names) == 1 else Checked(names)
+  if not mesh.empty and all(n in mesh.axis_names for n in axis_names):
+    auto = [n for n in axis_names if n not in mesh.explicit_axes]
+    if auto:
+      fail(ValueError, 'axis_name', f'{auto}, Auto axes of the mesh, where '
+           'JAX types no unreduced gradients', 'Make the mesh with '
+           'Explicit axes (jax.make_mesh\'s default), or use shard_map.')
+    return Single(axis_names) if axes_size(axis_names) == 1 else Mesh(
+      axis_names)
+  try:  # jax.pmap's axes are not in the abstract mesh
+    for n in axis_names:
+      lax.axis_index(n)
+  except NameError:
+    fail(NameError, 'axis_name', f'{axis_names}: no such axis here',
+         'Call update inside jax.shard_map (or pmap) over it, or under '
+         'jax.jit inside `with jax.set_mesh(mesh)`.')
+  return Unchecked(axis_names)
+
+
+def init_names(axis_names) -> Optional[tuple[str, ...]]:
+  """The axes over which ``init`` types the sums unreduced, or None: under
+  ``jax.set_mesh`` (outside shard_map) over Explicit axes of >1 device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if axis_names is None or mesh.empty or any(
+    n in mesh.manual_axes or n not in mesh.explicit_axes for n in axis_names
+  ):
+    return None
+  return axis_names if axes_size(axis_names) > 1 else None
+
+
+def unreduced_zeros(path, p, dtype, names):
+  """Zeros shaped and partitioned like ``p``, unreduced over ``names``."""
+  spec = spec_of(p)
+  if spec_axes(spec) & set(names):
+    fail(ValueError, 'axis_name', f'{names}, but the param at '
+         f'{leaf_name(path)} is sharded {spec} over it (FSDP), whose '
+         'reduction runs every micro-batch', 'Defer only the replica axis '
+         'of a (replica, fsdp) mesh (HSDP), or drop axis_name.')
+  return jnp.zeros(jnp.shape(p), dtype,
+                   out_sharding=spec.update(unreduced=frozenset(names)))
+
+
+def scalar_zeros(dtype, names):
+  if names is None:
+    return jnp.zeros([], dtype)
+  return jnp.zeros([], dtype, out_sharding=P(unreduced=frozenset(names)))
+

@@ -1,0 +1,124 @@
+"""The state of an accumulator, and reading it from any optimizer state."""
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_accum._errors import fail
+
+
+class AccumulateState(NamedTuple):
+  """State of the transformation returned by :func:`optax_accum.accumulate`.
+
+  Attributes:
+    mini_step: int32 scalar, the micro-batches added to the window in
+      flight (0 when none is).
+    gradient_step: int32 scalar, the gradient steps taken; the
+      ``every_k_schedule`` is evaluated on it.
+    every_k: int32 scalar, the k of the window in flight, fixed by its first
+      micro-batch (so a window ends with the k it started with, also after a
+      restore into another schedule); with no window in flight, the
+      schedule's k for the next.
+    acc_grads: pytree shaped like the params, :math:`\\sum_i w_i g_i` over
+      the window in flight, in the accumulator dtype. When ``mini_step`` is
+      0 it still holds the last window's sum: the next micro-batch
+      overwrites it in the pass that would add to it.
+    acc_compensation: None, or in the ``"kahan_bfloat16"`` mode Kahan's
+      bfloat16 error terms; the sum is ``acc_grads - acc_compensation``.
+    acc_weight: scalar :math:`\\sum_i w_i` of the window in flight (its
+      number of micro-batches without ``weight``), in the widest real
+      accumulator dtype (float32 at least: float64 for float64 params).
+    acc_value: scalar :math:`\\sum_i w_i v_i` of the ``value`` arguments of
+      the window in flight (float64 under x64); 0 without ``value``.
+    has_updated: bool scalar, true when the last mini-step took a gradient
+      step.
+    num_rejected: int32 scalar, the windows ``should_skip_update_fn``
+      rejected since ``init``.
+    grad_norm: float32 scalar, the L2 norm of the last window's mean
+      gradient; 0 before the first.
+    skip_state: what ``should_skip_update_fn`` returned for the last
+      window (``()`` without one).
+    inner_opt_state: the inner optimizer's state, in the dtypes its init
+      gave; ``None`` in the chainable form (``inner=None``).
+
+  With ``axis_name`` and ``init`` under ``jax.set_mesh``, ``acc_grads``,
+  ``acc_weight`` and ``acc_value`` are typed unreduced over the axis (each
+  device holds its part of the sum); :func:`optax_accum.reduced_state`
+  gives them in a layout numpy, ``jax.device_put`` and orbax read.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.accumulate(3, optax.sgd(0.1))
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> _, state = tx.update({'w': jnp.ones(2)}, state, weight=4.0)
+    >>> int(state.mini_step), float(state.acc_weight), int(state.every_k)
+    (1, 4.0, 3)
+
+  References:
+    The field names follow ``optax.MultiStepsState``.
+  """
+
+  mini_step: jax.Array
+  gradient_step: jax.Array
+  every_k: jax.Array
+  acc_grads: optax.Updates
+  acc_compensation: Optional[optax.Updates]
+  acc_weight: jax.Array
+  acc_value: jax.Array
+  has_updated: jax.Array
+  num_rejected: jax.Array
+  grad_norm: jax.Array
+  skip_state: Any
+  inner_opt_state: Any
+
+
+def accumulate_states(tree) -> list[AccumulateState]:
+  """Every :class:`AccumulateState` in a pytree, in pytree order."""
+  is_acc = lambda x: isinstance(x, AccumulateState)
+  return [s for s in jax.tree.leaves(tree, is_leaf=is_acc) if is_acc(s)]
+
+
+def holds_chainable_form(tree) -> bool:
+  """Whether a state holds an accumulator of the chainable form."""
+  return any(s.inner_opt_state is None for s in accumulate_states(tree))
+
+
+def has_updated(opt_state: Any) -> jax.Array:
+  """Tells whether the last mini-step took a gradient step.
+
+  Reads the ``has_updated`` flag of the first :class:`AccumulateState`
+  inside ``opt_state`` (a bare state, a chain's, Flax
+  ``nnx.Optimizer.opt_state``). Unlike ``optax.MultiSteps.has_updated``,
+  which infers it from the counters, the flag is stored, so it stays true
+  to what happened after a rejected window, a weight-0 window or a flush.
+
+  Args:
+    opt_state: an optimizer state pytree holding an ``AccumulateState``.
+
+  Returns:
+    A bool scalar array.
+
+  Raises:
+    ValueError: ``opt_state`` holds no ``AccumulateState``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.chain(optax_accum.accumulate(2), optax.sgd(0.1))
+    >>> state = tx.init(jnp.zeros(3))
+    >>> _, state = tx.update(jnp.ones(3), state, jnp.zeros(3))
+    >>> bool(optax_accum.has_updated(state))
+    False
+
+  References:
+    ``optax.MultiSteps.has_updated``.
+  """
+  states = accumulate_states(opt_state)
+  if not states:
+    fail(ValueError, 'opt_state', f'a {type(opt_state).__name__} that holds '
+         'no AccumulateState', 'Pass the state of an optimizer built with '
+         'optax_accum.accumulate or optax_accum.chain.')
+  flag = states[0].has_updated
+  flag = flag.get_value() if hasattr(flag, 'get_value') else flag  # nnx
+  return jnp.asarray(flag)
