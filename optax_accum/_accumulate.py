@@ -36,8 +36,9 @@ class Output(NamedTuple):
 
 
 UPDATE = Output(step=lambda u, p: u, hold=lambda zeros, p: zeros())
-APPLY = Output(step=lambda u, p: optax.apply_updates(p, u),
-               hold=lambda zeros, p: p)
+APPLY = Output(
+  step=lambda u, p: optax.apply_updates(p, u), hold=lambda zeros, p: p
+)
 
 
 def cond(pred, true_fn, false_fn, *operands):
@@ -50,13 +51,14 @@ def cond(pred, true_fn, false_fn, *operands):
 
 def _strong(tree):
   """Every array leaf with a strong dtype, so branches agree on types."""
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)) if
-                      isinstance(x, (jax.Array, np.ndarray, np.generic))
-                      else x, tree)
-
-
-def _select(pred, on_true, on_false):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+  return jax.tree.map(
+    lambda x: (
+      jnp.asarray(x, jnp.result_type(x))
+      if isinstance(x, (jax.Array, np.ndarray, np.generic))
+      else x
+    ),
+    tree,
+  )
 
 
 def _derived() -> Any:
@@ -84,8 +86,10 @@ class Accumulator:
     set_('accumulator_dtype', _checks.accumulator_dtype(self.accumulator_dtype))
     _checks.skip_fn(self.should_skip_update_fn)
     set_('names', _checks.axis_name(self.axis_name))
-    set_('inner_tx', None if self.inner is None else
-         optax.with_extra_args_support(self.inner))
+    set_(
+      'inner_tx',
+      None if self.inner is None else optax.with_extra_args_support(self.inner),
+    )
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(self.init, self.update)  # type: ignore[arg-type]
@@ -97,19 +101,27 @@ class Accumulator:
     """The initial :class:`AccumulateState` for ``params``."""
     names = _layout.init_names(self.names)
     acc_grads, compensation, wdtype = _accumulator.init(
-      params, self.accumulator_dtype, names)
+      params, self.accumulator_dtype, names
+    )
     gradient_step = jnp.zeros([], jnp.int32)
     skip_state = ()
     if self.should_skip_update_fn is not None:
-      _, skip_state = _checks.skip_result(self.should_skip_update_fn(
-        optax.tree.zeros_like(params), gradient_step, params))
+      _, skip_state = _checks.skip_result(
+        self.should_skip_update_fn(
+          optax.tree.zeros_like(params), gradient_step, params
+        )
+      )
     inner_state = None
     if self.inner_tx is not None:
       inner_state = _strong(self.inner_tx.init(params))
       if accumulate_states(inner_state):
-        fail(ValueError, 'inner', 'an optimizer that holds another '
-             'accumulate(...): nested windows are one window of the product',
-             'Write accumulate(k1 * k2, opt).')
+        fail(
+          ValueError,
+          'inner',
+          'an optimizer that holds another '
+          'accumulate(...): nested windows are one window of the product',
+          'Write accumulate(k1 * k2, opt).',
+        )
     value_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     return AccumulateState(
       mini_step=jnp.zeros([], jnp.int32),
@@ -126,32 +138,42 @@ class Accumulator:
       inner_opt_state=inner_state,
     )
 
-  def update(self, updates, state, params=None, *, weight=None, flush=None,
-             **extra_args):
+  def update(
+    self, updates, state, params=None, *, weight=None, flush=None, **extra_args
+  ):
     """One mini-step; see :func:`optax_accum.accumulate`."""
-    return self.mini_step(updates, state, params, weight, flush, extra_args,
-                          UPDATE)
+    return self.mini_step(
+      updates, state, params, weight, flush, extra_args, UPDATE
+    )
 
-  def apply(self, updates, state, params, *, weight=None, flush=None,
-            **extra_args):
+  def apply(
+    self, updates, state, params, *, weight=None, flush=None, **extra_args
+  ):
     """One mini-step returning ``(params, state)``: on mid-steps the params
     pass through untouched and no zero updates are written."""
-    return self.mini_step(updates, state, params, weight, flush, extra_args,
-                          APPLY)
+    return self.mini_step(
+      updates, state, params, weight, flush, extra_args, APPLY
+    )
 
   def mini_step(self, grads, state, params, weight, flush, extra, output):
     """The pipeline: arrive, add, decide, one conditional, next state."""
     if not isinstance(state, AccumulateState):
-      fail(TypeError, 'state', f'a {type(state).__name__}, not the '
-           'AccumulateState this init makes', 'Make it with tx.init(params)'
-           ', or restore into jax.eval_shape(tx.init, params).')
+      fail(
+        TypeError,
+        'state',
+        f'a {type(state).__name__}, not the AccumulateState this init makes',
+        'Make it with tx.init(params)'
+        ', or restore into jax.eval_shape(tx.init, params).',
+      )
     _checks.updates(grads, state.acc_grads)
     _checks.params(params, grads)
     _checks.misspelt_keywords(extra)
-    weight, flush = _checks.weight(weight), _checks.flush(flush)
+    weight = _checks.weight(weight, state.acc_weight.dtype)
+    flush = _checks.flush(flush)
     value = None if 'value' not in extra else _checks.value(extra['value'])
     layout = _layout.of(self.names)
     layout.check(grads, state, weight, flush, value)
+    grads = jax.tree.map(jnp.asarray, grads)
     grads, weight, flush, value = layout.arrive((grads, weight, flush, value))
     fresh = state.mini_step == 0
     k = jnp.where(fresh, self.schedule(state.gradient_step), state.every_k)
@@ -160,14 +182,17 @@ class Accumulator:
     end = mini_step >= k
     if flush is not None:
       end = end | flush
-    ended = functools.partial(self._end_window, layout, output, grads, extra,
-                              state)
-    held = functools.partial(self._mid_step, layout, output, grads, extra,
-                             state)
+    ended = functools.partial(
+      self._end_window, layout, output, grads, extra, state
+    )
+    held = functools.partial(
+      self._mid_step, layout, output, grads, extra, state
+    )
     out, inner_state, stats = cond(end, ended, held, sums, params)
     stepped, rejected, grad_norm, skip_state = stats
-    gradient_step = jnp.where(stepped, optax.safe_increment(
-      state.gradient_step), state.gradient_step)
+    gradient_step = jnp.where(
+      stepped, optax.safe_increment(state.gradient_step), state.gradient_step
+    )
     _, _, acc_weight, acc_value = sums
     return out, state._replace(
       mini_step=jnp.where(end, 0, mini_step),
@@ -187,57 +212,86 @@ class Accumulator:
   def _inner_update(self, mean, inner_state, params, extra):
     if self.inner_tx is None:
       return mean, None
-    new_updates, new_state = self.inner_tx.update(mean, inner_state, params,
-                                                  **extra)
+    new_updates, new_state = self.inner_tx.update(
+      mean, inner_state, params, **extra
+    )
     return new_updates, jax.tree.map(
-      lambda new, old: jnp.asarray(new, jnp.result_type(old)), new_state,
-      inner_state)
+      lambda new, old: jnp.asarray(new, jnp.result_type(old)),
+      new_state,
+      inner_state,
+    )
 
   def _end_window(self, layout, output, grads, extra, state, sums, params):
-    """The stepping branch: the window's one reduction, its mean (a
-    multiply, fused into the inner update), skip, inner, output."""
+    """The branch that ends a window: its one reduction, skip, and the
+    gradient step unless the window has weight 0 or is rejected."""
     acc_sum = _accumulator.total(sums[0], sums[1])
     acc_sum, weight, value = layout.reduce((acc_sum, sums[2], sums[3]))
     stepped = weight != 0  # a window of total weight 0 takes no step
     weight = jnp.where(stepped, weight, jnp.ones_like(weight))
-    mean = _accumulator.mean(acc_sum, weight, grads)
     grad_norm = _accumulator.norm(acc_sum, layout.complete) / weight.astype(
-      jnp.float32)
+      jnp.float32
+    )
     rejected, skip_state = jnp.zeros([], jnp.bool_), state.skip_state
     if self.should_skip_update_fn is not None:
-      skip, skip_state = layout.agree(self.should_skip_update_fn(
-        mean, state.gradient_step, params))
+      skip, skip_state = layout.agree(
+        self.should_skip_update_fn(
+          _accumulator.mean(acc_sum, weight, grads), state.gradient_step, params
+        )
+      )
       rejected = jnp.asarray(skip) & stepped
       stepped = stepped & ~rejected
       skip_state = _strong(skip_state)
     if 'value' in extra:  # the window's weighted mean reaches inner
       dtype = jnp.promote_types(jnp.result_type(extra['value']), jnp.float32)
-      extra = {**extra, 'value': (value / weight.astype(value.dtype)).astype(
-        dtype)}
-    new_updates, new_inner = self._inner_update(mean, state.inner_opt_state,
-                                                params, extra)
-    zeros = lambda: jax.tree.map(jnp.zeros_like, new_updates)
-    out = _select(stepped, output.step(new_updates, params),
-                  output.hold(zeros, params))
-    new_inner = _select(stepped, new_inner, state.inner_opt_state)
+      extra = {
+        **extra,
+        'value': (value / weight.astype(value.dtype)).astype(dtype),
+      }
+
+    def step(acc_sum, weight, inner_state, params):
+      # The mean is formed here, where XLA fuses its multiply into the
+      # inner update; as an operand it would be written to a temporary.
+      mean = _accumulator.mean(acc_sum, weight, grads)
+      new_updates, new_inner = self._inner_update(
+        mean, inner_state, params, extra
+      )
+      return output.step(new_updates, params), new_inner
+
+    def hold(acc_sum, weight, inner_state, params):
+      del acc_sum, weight
+      return self._hold(layout, output, grads, extra, inner_state, params)
+
+    out, new_inner = cond(
+      stepped, step, hold, acc_sum, weight, state.inner_opt_state, params
+    )
     return out, new_inner, (stepped, rejected, grad_norm, skip_state)
 
   def _mid_step(self, layout, output, grads, extra, state, sums, params):
-    """The branch that holds: params untouched (or zero updates)."""
+    """The branch of a mid-step: params untouched (or zero updates)."""
     del sums
+    no = jnp.zeros([], jnp.bool_)
+    out, inner_state = self._hold(
+      layout, output, grads, extra, state.inner_opt_state, params
+    )
+    return out, inner_state, (no, no, state.grad_norm, state.skip_state)
+
+  def _hold(self, layout, output, grads, extra, inner_state, params):
+    """No gradient step: ``output.hold`` and the inner state untouched."""
 
     def zeros():
       shapes, _ = jax.eval_shape(
         lambda g, s, p: self._inner_update(
-          jax.tree.map(layout.reduced_like, g), s, p, extra),
-        grads, state.inner_opt_state, params)
+          jax.tree.map(layout.reduced_like, g), s, p, extra
+        ),
+        grads,
+        inner_state,
+        params,
+      )
       if jax.tree.structure(shapes) != jax.tree.structure(grads):
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       return jax.tree.map(layout.zeros, shapes, grads)
 
-    no = jnp.zeros([], jnp.bool_)
-    return (output.hold(zeros, params), state.inner_opt_state,
-            (no, no, state.grad_norm, state.skip_state))
+    return output.hold(zeros, params), inner_state
 
 
 def accumulator_of(tx: Any) -> Optional[Accumulator]:

@@ -18,8 +18,11 @@ from optax_accum._errors import fail
 def default_dtype(param_dtype) -> jnp.dtype:
   """float32 (complex64), or the param dtype when it is wider."""
   param_dtype = jnp.dtype(param_dtype)
-  floor = jnp.dtype(jnp.complex64 if jnp.issubdtype(
-    param_dtype, jnp.complexfloating) else jnp.float32)
+  floor = jnp.dtype(
+    jnp.complex64
+    if jnp.issubdtype(param_dtype, jnp.complexfloating)
+    else jnp.float32
+  )
   if param_dtype.itemsize >= floor.itemsize:
     return jax.dtypes.canonicalize_dtype(param_dtype)
   return floor
@@ -35,17 +38,23 @@ def init(params, accumulator_dtype, names):
   """
   kahan = accumulator_dtype == _checks.KAHAN_BFLOAT16
   if kahan and names is not None:
-    fail(ValueError, 'accumulator_dtype', f'{accumulator_dtype!r} '
-                 'with an unreduced axis_name, whose per-device sums allow '
-                 'no compensation', 'Use None (float32) or jnp.bfloat16.')
+    fail(
+      ValueError,
+      'accumulator_dtype',
+      f'{accumulator_dtype!r} '
+      'with an unreduced axis_name, whose per-device sums allow '
+      'no compensation',
+      'Use None (float32) or jnp.bfloat16.',
+    )
 
   def zeros(path, p):
     dtype = jnp.result_type(p)
     if kahan:
       acc_dtype = jnp.dtype(jnp.bfloat16)
     elif accumulator_dtype is None:
-      acc_dtype = default_dtype(dtype) if jnp.issubdtype(
-        dtype, jnp.inexact) else dtype
+      acc_dtype = (
+        default_dtype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else dtype
+      )
     else:
       acc_dtype = jnp.dtype(accumulator_dtype)
     _checks.param_dtype(path, dtype, acc_dtype)
@@ -91,8 +100,9 @@ def add(state, grads, weight, value, fresh, layout):
   acc_value = state.acc_value
   if value is not None:
     vdtype = acc_value.dtype
-    term = jnp.where(w > 0, w.astype(vdtype) * value.astype(vdtype),
-                     jnp.zeros([], vdtype))
+    term = jnp.where(
+      w > 0, w.astype(vdtype) * value.astype(vdtype), jnp.zeros([], vdtype)
+    )
     acc_value = acc_value + layout.scalar(term)
   return acc_grads, compensation, acc_weight, acc_value
 
@@ -106,12 +116,18 @@ def _kahan_add(state, grads, weighted, fresh):
     return t, ((t.astype(jnp.float32) - s) - y).astype(comp.dtype)
 
   treedef = jax.tree.structure(state.acc_grads)
-  pairs = [one(a, c, g) for a, c, g in zip(
-    treedef.flatten_up_to(state.acc_grads),
-    treedef.flatten_up_to(state.acc_compensation),
-    treedef.flatten_up_to(grads))]
-  return (treedef.unflatten([p[0] for p in pairs]),
-          treedef.unflatten([p[1] for p in pairs]))
+  pairs = [
+    one(a, c, g)
+    for a, c, g in zip(
+      treedef.flatten_up_to(state.acc_grads),
+      treedef.flatten_up_to(state.acc_compensation),
+      treedef.flatten_up_to(grads),
+    )
+  ]
+  return (
+    treedef.unflatten([p[0] for p in pairs]),
+    treedef.unflatten([p[1] for p in pairs]),
+  )
 
 
 def total(acc_grads, acc_compensation):
@@ -120,7 +136,9 @@ def total(acc_grads, acc_compensation):
     return acc_grads
   return jax.tree.map(
     lambda s, c: s.astype(jnp.float32) - c.astype(jnp.float32),
-    acc_grads, acc_compensation)
+    acc_grads,
+    acc_compensation,
+  )
 
 
 def mean(acc_sum, total_weight, like):
@@ -128,6 +146,7 @@ def mean(acc_sum, total_weight, like):
   fuses into each consumer; a divide it would write to a temporary),
   computed in the sum's dtype or the weight's when wider, cast like
   ``like``."""
+
   def one(a, g):
     wide = jnp.promote_types(a.dtype, total_weight.dtype)
     inverse = (1 / total_weight).astype(wide)

@@ -77,13 +77,23 @@ def apply_gradients(
   """
   _checks.transformation(tx, 'tx')
   if params is None:
-    fail(ValueError, 'params', 'None', 'Pass the params the gradient was '
-         'taken at: apply_gradients returns them updated.')
+    fail(
+      ValueError,
+      'params',
+      'None',
+      'Pass the params the gradient was '
+      'taken at: apply_gradients returns them updated.',
+    )
   runner = _accumulate.accumulator_of(tx) or _chain.chain_of(tx)
   if runner is not None:
     return runner.apply(grads, opt_state, params, **extra_args)
   _checks.no_chainable_form(_state.holds_chainable_form(opt_state), 'tx')
-  _checks.keywords_read(extra_args, bool(_state.accumulate_states(opt_state)))
+  holds = bool(_state.accumulate_states(opt_state))
+  _checks.keywords_read(extra_args, holds)
+  if not holds:  # an accumulator inside warns itself
+    _checks.misspelt_keywords(extra_args)
+  _checks.unreduced_without_accumulator(grads, holds)
   updates, opt_state = optax.with_extra_args_support(tx).update(
-    grads, opt_state, params, **extra_args)
+    grads, opt_state, params, **extra_args
+  )
   return optax.apply_updates(params, updates), opt_state

@@ -28,16 +28,16 @@ class Chain:
     """The elements' states, as a tuple; refuses a hidden chainable form."""
     states = tuple(t.init(params) for t in self.head)
     for i, s in enumerate(states):
-      _checks.no_chainable_form(_state.holds_chainable_form(s),
-                                f'transforms[{i}]')
+      _checks.no_chainable_form(
+        _state.holds_chainable_form(s), f'transforms[{i}]'
+      )
     if self.acc is None:
       return states
     return (*states, self.acc.init(params))
 
   def update(self, updates, state, params=None, **extra_args):
     """One mini-step through every element; see :func:`optax_accum.chain`."""
-    return self._run(updates, state, params, extra_args,
-                     _accumulate.UPDATE)
+    return self._run(updates, state, params, extra_args, _accumulate.UPDATE)
 
   def apply(self, updates, state, params, **extra_args):
     """One mini-step that also applies: ``(params, state)``."""
@@ -46,20 +46,26 @@ class Chain:
   def _run(self, updates, state, params, extra_args, output):
     size = len(self.head) + (self.acc is not None)
     if not (type(state) is tuple and len(state) == size):  # pylint: disable=unidiomatic-typecheck
-      fail(TypeError, 'state', f'a {type(state).__name__}, not the tuple of '
-           f'{size} states this init makes', 'Make it with tx.init(params).')
-    _checks.keywords_read(extra_args, self.acc is not None or bool(
-      _state.accumulate_states(state)))
+      fail(
+        TypeError,
+        'state',
+        f'a {type(state).__name__}, not the tuple of '
+        f'{size} states this init makes',
+        'Make it with tx.init(params).',
+      )
+    _checks.keywords_read(
+      extra_args, self.acc is not None or bool(_state.accumulate_states(state))
+    )
     new_state = list(state)
     for i, t in enumerate(self.head):
-      updates, new_state[i] = t.update(updates, state[i], params,
-                                       **extra_args)
+      updates, new_state[i] = t.update(updates, state[i], params, **extra_args)
     if self.acc is None:
       return output.step(updates, params), tuple(new_state)
     weight = extra_args.pop('weight', None)
     flush = extra_args.pop('flush', None)
-    out, new_state[-1] = self.acc.mini_step(updates, state[-1], params, weight,
-                                            flush, extra_args, output)
+    out, new_state[-1] = self.acc.mini_step(
+      updates, state[-1], params, weight, flush, extra_args, output
+    )
     return out, tuple(new_state)
 
 
@@ -123,27 +129,39 @@ def chain(
   """
   for i, t in enumerate(transforms):
     _checks.transformation(t, f'transforms[{i}]')
-  positions = [i for i, t in enumerate(transforms)
-               if _accumulate.accumulator_of(t) is not None]
+  positions = [
+    i
+    for i, t in enumerate(transforms)
+    if _accumulate.accumulator_of(t) is not None
+  ]
   if len(positions) > 1:
-    fail(ValueError, f'transforms[{positions[1]}]', 'a second accumulate'
-         f'(...) (the first is transforms[{positions[0]}])',
-         'Use one accumulate(k1 * k2, ...).')
+    fail(
+      ValueError,
+      f'transforms[{positions[1]}]',
+      f'a second accumulate(...) (the first is transforms[{positions[0]}])',
+      'Use one accumulate(k1 * k2, ...).',
+    )
   if not positions:
     head = tuple(optax.with_extra_args_support(t) for t in transforms)
     return Chain(head, None).transformation()
   (i,) = positions
   acc = _accumulate.accumulator_of(transforms[i])
   assert acc is not None
-  after = ([] if acc.inner is None else [acc.inner]) + list(transforms[i + 1:])
+  after = ([] if acc.inner is None else [acc.inner]) + list(transforms[i + 1 :])
+  if i == 0 and len(transforms) == 1:
+    return transforms[0]
   if after:
     inner = after[0] if len(after) == 1 else optax.chain(*after)
     acc = dataclasses.replace(acc, inner=inner)
   if i == 0:
     return acc.transformation()
   if acc.names is not None:
-    fail(ValueError, 'transforms[0]', 'an element before an accumulator '
-         'with axis_name, which would see each device\'s part of a gradient',
-         'Put it after the accumulator, where it sees the reduced mean.')
+    fail(
+      ValueError,
+      'transforms[0]',
+      'an element before an accumulator '
+      'with axis_name, which would see each device\'s part of a gradient',
+      'Put it after the accumulator, where it sees the reduced mean.',
+    )
   head = tuple(optax.with_extra_args_support(t) for t in transforms[:i])
   return Chain(head, acc).transformation()

@@ -4,11 +4,11 @@ import os
 from typing import Any, Optional
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
-from optax_accum import _layout
+from optax_accum import _checks
 from optax_accum._errors import fail
 
 
@@ -196,7 +196,7 @@ def _reduced_leaf(x):
     return jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
     )
-  spec = _layout.spec_of(x)
+  spec = _checks.spec_of(x)
   if not spec.unreduced:
     return x
   return jax.reshard(x, spec.update(unreduced=frozenset()))
@@ -240,7 +240,7 @@ def reduced_state(opt_state: Any) -> Any:
   leaves = jax.tree.leaves(opt_state)
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
     return jax.tree.map(_reduced_leaf, opt_state)
-  unreduced = [x for x in leaves if _layout.unreduced_axes(x)]
+  unreduced = [x for x in leaves if _checks.unreduced_axes(x)]
   if not unreduced:
     return opt_state
   reduce = jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))
@@ -285,17 +285,26 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     True
   """
   if jax.tree.structure(opt_state) != jax.tree.structure(like):
-    fail(ValueError, 'opt_state', f'structure {jax.tree.structure(opt_state)}'
-         f', but `like` has {jax.tree.structure(like)}', 'Pass the state '
-         'restored into reduced_state(jax.eval_shape(tx.init, params)).')
+    fail(
+      ValueError,
+      'opt_state',
+      f'structure {jax.tree.structure(opt_state)}'
+      f', but `like` has {jax.tree.structure(like)}',
+      'Pass the state '
+      'restored into reduced_state(jax.eval_shape(tx.init, params)).',
+    )
 
   def leaf(x, t):
-    spec = _layout.spec_of(t)
+    spec = _checks.spec_of(t)
     return jax.reshard(x, spec) if spec.unreduced else x
 
-  if not any(_layout.unreduced_axes(t) for t in jax.tree.leaves(like)):
+  if not any(_checks.unreduced_axes(t) for t in jax.tree.leaves(like)):
     return opt_state
   if jax.sharding.get_abstract_mesh().empty:
-    fail(ValueError, 'like', 'unreduced leaves, but no mesh is set',
-         'Call it inside `with jax.set_mesh(mesh)`.')
+    fail(
+      ValueError,
+      'like',
+      'unreduced leaves, but no mesh is set',
+      'Call it inside `with jax.set_mesh(mesh)`.',
+    )
   return jax.jit(lambda s: jax.tree.map(leaf, s, like))(opt_state)

@@ -22,6 +22,7 @@ import warnings
 import jax
 from jax.core import Tracer
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
@@ -40,6 +41,8 @@ def window_k(value) -> jax.Array:
 
   Floats are rounded; below 1 and NaN mean 1; beyond int32, 2**31 - 1.
   """
+  if isinstance(value, int):  # a Python int of any size
+    value = min(max(value, 1), INT32_MAX)
   k = jnp.asarray(value)
   if k.dtype == jnp.bool_:
     k = k.astype(jnp.int32)
@@ -56,30 +59,49 @@ def schedule(every_k_schedule: ScheduleLike) -> Callable[[jax.Array], Any]:
   k = every_k_schedule
   if isinstance(k, (jax.Array, np.ndarray, np.generic)):
     # optax.inject_hyperparams passes an int hyperparameter as an array.
-    if jnp.shape(k) != () or not jnp.issubdtype(jnp.result_type(k), jnp.integer):
-      fail(TypeError, 'every_k_schedule',
-           f'an array of dtype {jnp.result_type(k)} and shape {jnp.shape(k)}',
-           'Give an int, an integer scalar or a callable gradient_step -> k.')
+    if jnp.shape(k) != () or not jnp.issubdtype(
+      jnp.result_type(k), jnp.integer
+    ):
+      fail(
+        TypeError,
+        'every_k_schedule',
+        f'an array of dtype {jnp.result_type(k)} and shape {jnp.shape(k)}',
+        'Give an int, an integer scalar or a callable gradient_step -> k.',
+      )
     if not isinstance(k, Tracer):
       return schedule(int(np.asarray(k)))
     return lambda gradient_step: window_k(k)
   if callable(k):
-    out = jax.eval_shape(lambda s: jnp.asarray(k(s)), jnp.zeros([], jnp.int32))
-    if out.shape != () or not jnp.issubdtype(out.dtype, jnp.number) or (
-      jnp.issubdtype(out.dtype, jnp.complexfloating)
+    probe = lambda s: jnp.asarray(0 if isinstance(k(s), int) else k(s))
+    out = jax.eval_shape(probe, jnp.zeros([], jnp.int32))
+    if (
+      out.shape != ()
+      or not jnp.issubdtype(out.dtype, jnp.number)
+      or (jnp.issubdtype(out.dtype, jnp.complexfloating))
     ):
-      fail(ValueError, 'every_k_schedule',
-           f'every_k_schedule(0) returned {out}, not a real scalar',
-           'Return the number of micro-batches per window, a scalar.')
+      fail(
+        ValueError,
+        'every_k_schedule',
+        f'every_k_schedule(0) returned {out}, not a real scalar',
+        'Return the number of micro-batches per window, a scalar.',
+      )
     return lambda gradient_step: window_k(k(gradient_step))
   if isinstance(k, numbers.Integral) and not isinstance(k, bool):
     if not 1 <= int(k) <= INT32_MAX:
-      fail(ValueError, 'every_k_schedule', f'{k!r}, outside [1, 2**31 - 1]',
-           'Give the number of micro-batches per window, at least 1.')
+      fail(
+        ValueError,
+        'every_k_schedule',
+        f'{k!r}, outside [1, 2**31 - 1]',
+        'Give the number of micro-batches per window, at least 1.',
+      )
     value = int(k)
     return lambda gradient_step: jnp.asarray(value, jnp.int32)
-  fail(TypeError, 'every_k_schedule', f'{k!r} of type {type(k).__name__}',
-       'Give a positive int or a callable gradient_step -> k.')
+  fail(
+    TypeError,
+    'every_k_schedule',
+    f'{k!r} of type {type(k).__name__}',
+    'Give a positive int or a callable gradient_step -> k.',
+  )
 
 
 def inner(value, is_accumulator: Callable[[Any], bool]) -> None:
@@ -88,16 +110,28 @@ def inner(value, is_accumulator: Callable[[Any], bool]) -> None:
     return
   if not isinstance(value, optax.GradientTransformation):
     name = getattr(value, '__name__', None)
-    hint = (f'Call the factory: inner={name}(learning_rate).' if name and
-            callable(value) else 'Give a transformation such as optax.adamw(1e-3).')
+    hint = (
+      f'Call the factory: inner={name}(learning_rate).'
+      if name and callable(value)
+      else 'Give a transformation such as optax.adamw(1e-3).'
+    )
     if hasattr(value, 'gradient_transformation'):
       hint = 'Pass its .gradient_transformation().'
-    fail(TypeError, 'inner', f'{value!r} of type {type(value).__name__}, '
-         'not an optax.GradientTransformation', hint)
+    fail(
+      TypeError,
+      'inner',
+      f'{value!r} of type {type(value).__name__}, '
+      'not an optax.GradientTransformation',
+      hint,
+    )
   if is_accumulator(value):
-    fail(ValueError, 'inner', 'another optax_accum.accumulate(...): nested '
-         'windows are one window of the product',
-         'Write accumulate(k1 * k2, opt).')
+    fail(
+      ValueError,
+      'inner',
+      'another optax_accum.accumulate(...): nested '
+      'windows are one window of the product',
+      'Write accumulate(k1 * k2, opt).',
+    )
 
 
 def accumulator_dtype(value):
@@ -109,21 +143,41 @@ def accumulator_dtype(value):
   except TypeError:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-    fail(TypeError, 'accumulator_dtype', f'{value!r}, not a floating dtype',
-         f'Give None, jnp.float32, jnp.bfloat16 or "{KAHAN_BFLOAT16}".')
-  allowed = [jnp.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16,
-                                    jnp.complex64, jnp.complex128)]
+    fail(
+      TypeError,
+      'accumulator_dtype',
+      f'{value!r}, not a floating dtype',
+      f'Give None, jnp.float32, jnp.bfloat16 or "{KAHAN_BFLOAT16}".',
+    )
+  allowed = [
+    jnp.dtype(d)
+    for d in (
+      jnp.float32,
+      jnp.float64,
+      jnp.bfloat16,
+      jnp.complex64,
+      jnp.complex128,
+    )
+  ]
   if dtype not in allowed:
-    fail(ValueError, 'accumulator_dtype', f'{dtype}, whose sums overflow '
-         '(float16 ends at 65504) or are not supported',
-         f'Give None (float32), jnp.bfloat16 or "{KAHAN_BFLOAT16}".')
+    fail(
+      ValueError,
+      'accumulator_dtype',
+      f'{dtype}, whose sums overflow '
+      '(float16 ends at 65504) or are not supported',
+      f'Give None (float32), jnp.bfloat16 or "{KAHAN_BFLOAT16}".',
+    )
   return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def skip_fn(value) -> None:
   if value is not None and not callable(value):
-    fail(TypeError, 'should_skip_update_fn', f'{value!r}, not callable',
-         'Give None or a function such as optax.skip_not_finite.')
+    fail(
+      TypeError,
+      'should_skip_update_fn',
+      f'{value!r}, not callable',
+      'Give None or a function such as optax.skip_not_finite.',
+    )
 
 
 def axis_name(value) -> Union[tuple[str, ...], None]:
@@ -131,10 +185,17 @@ def axis_name(value) -> Union[tuple[str, ...], None]:
   if value is None:
     return None
   names = (value,) if isinstance(value, str) else value
-  if not (isinstance(names, tuple) and names and
-          all(isinstance(n, str) and n for n in names)):
-    fail(TypeError, 'axis_name', f'{value!r}', 'Give a mesh axis name (str) '
-         'or a tuple of them, as in jax.lax.psum.')
+  if not (
+    isinstance(names, tuple)
+    and names
+    and all(isinstance(n, str) and n for n in names)
+  ):
+    fail(
+      TypeError,
+      'axis_name',
+      f'{value!r}',
+      'Give a mesh axis name (str) or a tuple of them, as in jax.lax.psum.',
+    )
   return names
 
 
@@ -142,10 +203,17 @@ def transformation(value, argument: str) -> None:
   if not isinstance(value, optax.GradientTransformation):
     hint = 'If it is a factory such as optax.adamw, call it.'
     if hasattr(value, 'gradient_transformation'):
-      hint = ('For optax.MultiSteps(opt, k), write optax_accum.chain('
-              'optax_accum.accumulate(k), opt).')
-    fail(TypeError, argument, f'{value!r} of type {type(value).__name__}, '
-         'not an optax.GradientTransformation', hint)
+      hint = (
+        'For optax.MultiSteps(opt, k), write optax_accum.chain('
+        'optax_accum.accumulate(k), opt).'
+      )
+    fail(
+      TypeError,
+      argument,
+      f'{value!r} of type {type(value).__name__}, '
+      'not an optax.GradientTransformation',
+      hint,
+    )
 
 
 # ------------------------------------------------------------------------ init
@@ -154,15 +222,23 @@ def transformation(value, argument: str) -> None:
 def param_dtype(path, dtype, acc_dtype) -> None:
   """A param leaf is floating, and complex where its accumulator is."""
   if not jnp.issubdtype(dtype, jnp.inexact):
-    fail(TypeError, 'params', f'the leaf at {leaf_name(path)} has dtype '
-         f'{dtype}, which has no gradient', 'Filter integer and boolean '
-         'leaves out of the params (optax.masked, nnx.Param).')
+    fail(
+      TypeError,
+      'params',
+      f'the leaf at {leaf_name(path)} has dtype {dtype}, which has no gradient',
+      'Filter integer and boolean '
+      'leaves out of the params (optax.masked, nnx.Param).',
+    )
   if jnp.issubdtype(dtype, jnp.complexfloating) != jnp.issubdtype(
     acc_dtype, jnp.complexfloating
   ):
-    fail(TypeError, 'accumulator_dtype', f'{acc_dtype} for the {dtype} '
-         f'param at {leaf_name(path)}: a real sum drops the imaginary part',
-         'Leave accumulator_dtype=None, or give a matching dtype.')
+    fail(
+      TypeError,
+      'accumulator_dtype',
+      f'{acc_dtype} for the {dtype} '
+      f'param at {leaf_name(path)}: a real sum drops the imaginary part',
+      'Leave accumulator_dtype=None, or give a matching dtype.',
+    )
 
 
 def skip_result(result) -> Any:
@@ -170,9 +246,13 @@ def skip_result(result) -> Any:
   if not (isinstance(result, tuple) and len(result) == 2) or (
     jnp.shape(result[0]) != () or jnp.result_type(result[0]) != jnp.bool_
   ):
-    fail(ValueError, 'should_skip_update_fn', f'it returned {result!r}',
-         'Return (skip, skip_state) with skip a bool scalar, as '
-         'optax.skip_not_finite does.')
+    fail(
+      ValueError,
+      'should_skip_update_fn',
+      f'it returned {result!r}',
+      'Return (skip, skip_state) with skip a bool scalar, as '
+      'optax.skip_not_finite does.',
+    )
   return result
 
 
@@ -183,59 +263,100 @@ def updates(grads, acc_grads) -> None:
   """The gradients have the params' structure and shapes."""
   got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
   if got != want:
-    fail(ValueError, 'updates', f'structure {got}, but the state holds '
-         f'{want}', 'Pass gradients shaped like the params given to init '
-         '(for optax.lookahead, init with params.fast).')
-  for (path, g), a in zip(jax.tree.leaves_with_path(grads),
-                          jax.tree.leaves(acc_grads)):
+    fail(
+      ValueError,
+      'updates',
+      f'structure {got}, but the state holds {want}',
+      'Pass gradients shaped like the params given to init '
+      '(for optax.lookahead, init with params.fast).',
+    )
+  for (path, g), a in zip(
+    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
+  ):
     if jnp.shape(g) != jnp.shape(a):
-      fail(ValueError, 'updates', f'shape {jnp.shape(g)} at '
-           f'{leaf_name(path)}, but the accumulator has {jnp.shape(a)}',
-           'Pass gradients shaped like the params given to init.')
+      fail(
+        ValueError,
+        'updates',
+        f'shape {jnp.shape(g)} at '
+        f'{leaf_name(path)}, but the accumulator has {jnp.shape(a)}',
+        'Pass gradients shaped like the params given to init.',
+      )
     if jnp.issubdtype(jnp.result_type(g), jnp.complexfloating) and not (
       jnp.issubdtype(a.dtype, jnp.complexfloating)
     ):
-      fail(TypeError, 'updates', f'a complex gradient at {leaf_name(path)} '
-           f'for a real ({a.dtype}) accumulator drops its imaginary part',
-           'Use complex params, or pass the real gradient.')
+      fail(
+        TypeError,
+        'updates',
+        f'a complex gradient at {leaf_name(path)} '
+        f'for a real ({a.dtype}) accumulator drops its imaginary part',
+        'Use complex params, or pass the real gradient.',
+      )
 
 
 def params(value, grads) -> None:
   """Params of the gradients' structure have their shapes."""
   if value is None or jax.tree.structure(value) != jax.tree.structure(grads):
     return  # optax.lookahead's params hold more than the gradients
-  for (path, p), g in zip(jax.tree.leaves_with_path(value),
-                          jax.tree.leaves(grads)):
+  for (path, p), g in zip(
+    jax.tree.leaves_with_path(value), jax.tree.leaves(grads)
+  ):
     if jnp.shape(p) != jnp.shape(g):
-      fail(ValueError, 'params', f'shape {jnp.shape(p)} at {leaf_name(path)}'
-           f', but its gradient has {jnp.shape(g)}',
-           'Pass the params the gradient was taken at.')
+      fail(
+        ValueError,
+        'params',
+        f'shape {jnp.shape(p)} at {leaf_name(path)}'
+        f', but its gradient has {jnp.shape(g)}',
+        'Pass the params the gradient was taken at.',
+      )
 
 
-def weight(value):
-  """A real scalar >= 0 (concrete: finite); returns it as an array."""
+def weight(value, dtype=jnp.float32):
+  """A real scalar >= 0 (concrete: finite in ``dtype``, the dtype weights
+  are summed in); returns it as an array."""
   if value is None:
     return None
   dtype = None if isinstance(value, (str, bytes)) else jnp.result_type(value)
-  if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or
-                           jnp.issubdtype(dtype, jnp.floating)):
-    fail(TypeError, 'weight', f'{value!r}, not a real number',
-         "Pass the micro-batch's number of items (tokens), a scalar.")
-  if jnp.shape(value) != ():
-    fail(ValueError, 'weight', f'shape {jnp.shape(value)}, not a scalar',
-         "Pass the micro-batch's total number of items, jnp.sum(mask).")
-  if getattr(getattr(jax.typeof(value), 'sharding', None), 'spec', None) and (
-    jax.typeof(value).sharding.spec.unreduced
+  if dtype is None or not (
+    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
   ):
-    fail(ValueError, 'weight', f'typed {jax.typeof(value)}, unreduced',
-         'Reduce it first: jax.reshard(weight, P()).')
+    fail(
+      TypeError,
+      'weight',
+      f'{value!r}, not a real number',
+      "Pass the micro-batch's number of items (tokens), a scalar.",
+    )
+  if jnp.shape(value) != ():
+    fail(
+      ValueError,
+      'weight',
+      f'shape {jnp.shape(value)}, not a scalar',
+      "Pass the micro-batch's total number of items, jnp.sum(mask).",
+    )
+  if unreduced_axes(value):
+    fail(
+      ValueError,
+      'weight',
+      f'typed {jax.typeof(value)}, unreduced',
+      'Reduce it first: jax.reshard(weight, P()).',
+    )
   if not isinstance(value, Tracer):
     with np.errstate(all='ignore'):
-      concrete = np.asarray(value, np.float64)
+      concrete = np.asarray(value, np.float64).astype(dtype)
     if not np.isfinite(concrete) or concrete < 0:
-      fail(ValueError, 'weight', f'{value!r}, not a finite number >= 0',
-           "Pass the micro-batch's number of items; 0 adds nothing.")
-  return jnp.asarray(value)
+      fail(
+        ValueError,
+        'weight',
+        f'{value!r}, not a finite number >= 0 in {jnp.dtype(dtype)}',
+        "Pass the micro-batch's number of items; 0 adds nothing.",
+      )
+    return jnp.asarray(value)
+  # A traced negative or non-finite weight poisons the window with NaN.
+  value = jnp.asarray(
+    value, jnp.promote_types(jnp.result_type(value), jnp.float32)
+  )
+  return jnp.where(
+    (value >= 0) & jnp.isfinite(value), value, jnp.full_like(value, jnp.nan)
+  )
 
 
 def flush(value):
@@ -245,16 +366,24 @@ def flush(value):
     jnp.shape(value) == () and getattr(value, 'dtype', None) == jnp.bool_
   ):
     return jnp.asarray(value)
-  fail(TypeError, 'flush', f'{value!r}, not a bool scalar',
-       'Write flush=bool(...) or flush=(x > 0).')
+  fail(
+    TypeError,
+    'flush',
+    f'{value!r}, not a bool scalar',
+    'Write flush=bool(...) or flush=(x > 0).',
+  )
 
 
 def value(loss):
   if jnp.shape(loss) != () or not jnp.issubdtype(
     jnp.result_type(loss), jnp.number
   ):
-    fail(ValueError, 'value', f'{loss!r}, not a real scalar',
-         "Pass the micro-batch's mean loss, a scalar.")
+    fail(
+      ValueError,
+      'value',
+      f'{loss!r}, not a real scalar',
+      "Pass the micro-batch's mean loss, a scalar.",
+    )
   return jnp.asarray(loss)
 
 
@@ -270,7 +399,9 @@ def misspelt_keywords(extra_args) -> None:
       warnings.warn(
         f'accumulate got `{name}`, which it does not read: did you mean '
         f'`{close[0]}`? Silence this warning if an inner optimizer takes it.',
-        UserWarning, stacklevel=_user_stacklevel())
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+      )
 
 
 def _user_stacklevel() -> int:
@@ -289,9 +420,13 @@ def keywords_read(extra_args, holds_accumulator: bool) -> None:
   """``weight``/``flush`` reach no accumulator: they would be ignored."""
   given = [k for k in ('weight', 'flush') if extra_args.get(k) is not None]
   if given and not holds_accumulator:
-    fail(ValueError, given[0], 'given to an optimizer without an '
-         'accumulator, which would ignore it', 'Build it with '
-         'optax_accum.chain(optax_accum.accumulate(k), opt), or drop it.')
+    fail(
+      ValueError,
+      given[0],
+      'given to an optimizer without an accumulator, which would ignore it',
+      'Build it with '
+      'optax_accum.chain(optax_accum.accumulate(k), opt), or drop it.',
+    )
 
 
 def no_chainable_form(chainable: bool, argument: str) -> None:
@@ -299,82 +434,149 @@ def no_chainable_form(chainable: bool, argument: str) -> None:
   transformation this library did not build runs the elements after it on
   every mini-step's zeros, so it is refused."""
   if chainable:
-    fail(ValueError, argument, 'holds a chainable-form accumulate(k) (no '
-         'inner) inside a transformation that optax_accum did not build, '
-         'so what follows it runs on every mini-step, on zeros',
-         'Write the exact form: optax_accum.chain(..., accumulate(k), opt) '
-         'or accumulate(k, opt); keep optax.chain(accumulate(k), opt) only '
-         'with tx.update and optax.apply_updates.')
+    fail(
+      ValueError,
+      argument,
+      'holds a chainable-form accumulate(k) (no '
+      'inner) inside a transformation that optax_accum did not build, '
+      'so what follows it runs on every mini-step, on zeros',
+      'Write the exact form: optax_accum.chain(..., accumulate(k), opt) '
+      'or accumulate(k, opt); keep optax.chain(accumulate(k), opt) only '
+      'with tx.update and optax.apply_updates.',
+    )
 
 
 # ------------------------------------------- each call: parallel types
+
+
+def spec_of(x) -> P:
+  """The PartitionSpec in ``x``'s type (``P()`` where it has none)."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  return P() if spec is None else spec
+
+
+def unreduced_axes(x) -> frozenset:
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(spec_of(x).unreduced) | frozenset(
+    getattr(manual, 'unreduced', ()) or ()
+  )
+
+
+def varying_axes(x) -> frozenset:
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(getattr(manual, 'varying', ()) or ())
+
+
+def unreduced_without_accumulator(grads, holds_accumulator: bool) -> None:
+  axes = sorted(_axes_of(grads, unreduced_axes))
+  if axes and not holds_accumulator:
+    fail(
+      ValueError,
+      'grads',
+      f"each device's part of a sum over {axes}, "
+      'and `tx` holds no accumulator to reduce them',
+      'Use optax_accum.'
+      f'accumulate(k, opt, axis_name={_shown(axes)!r}), or reduce them '
+      'first with jax.reshard(g, P()).',
+    )
 
 
 def _axes_of(tree, axes_fn) -> set:
   return set().union(*(axes_fn(x) for x in jax.tree.leaves(tree)))
 
 
-def no_axis_call(grads, acc_grads, unreduced_axes, varying_axes) -> None:
+def no_axis_call(grads, acc_grads) -> None:
   """Without ``axis_name``: gradients that need one."""
   unreduced = _axes_of(grads, unreduced_axes)
   extra = _axes_of(grads, varying_axes) - _axes_of(acc_grads, varying_axes)
   if unreduced or (extra and jax.tree.leaves(acc_grads)):
     axes = sorted(unreduced or extra)
-    fail(ValueError, 'axis_name', f'None, but the gradients are each '
-         f"device's part of a sum over {axes}",
-         f'Write accumulate(..., axis_name={_shown(axes)!r}) and init '
-         'under jax.set_mesh, or pass a per-device (stacked) state.')
+    fail(
+      ValueError,
+      'axis_name',
+      f'None, but the gradients are each device\'s part of a sum over {axes}',
+      f'Write accumulate(..., axis_name={_shown(axes)!r}) and init '
+      'under jax.set_mesh, or pass a per-device (stacked) state.',
+    )
 
 
-def unreduced_state(names, acc_grads, acc_weight, unreduced_axes) -> None:
+def unreduced_state(names, acc_grads, acc_weight) -> None:
   """A state whose sums are unreduced over exactly ``axis_name``."""
   for path, a in jax.tree.leaves_with_path((acc_grads, acc_weight)):
     if set(unreduced_axes(a)) != set(names):
-      fail(ValueError, 'state', f'its sum at {leaf_name(path)} is typed '
-           f'{jax.typeof(a)}, not unreduced over {_shown(names)!r}',
-           'Make it with tx.init(params) (or restore_checkpoint) inside '
-           '`with jax.set_mesh(mesh)`; in shard_map give it the specs '
-           'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, state).')
+      fail(
+        ValueError,
+        'state',
+        f'its sum at {leaf_name(path)} is typed '
+        f'{jax.typeof(a)}, not unreduced over {_shown(names)!r}',
+        'Make it with tx.init(params) (or restore_checkpoint) inside '
+        '`with jax.set_mesh(mesh)`; in shard_map give it the specs '
+        'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, state).',
+      )
 
 
-def checked_call(names, grads, acc_grads, scalars, varying_axes) -> None:
+def checked_call(names, grads, acc_grads, scalars) -> None:
   """In ``shard_map(check_vma=True)``: each device's own gradient, and no
   value varying over axes the accumulator does not."""
-  for (path, g), a in zip(jax.tree.leaves_with_path(grads),
-                          jax.tree.leaves(acc_grads)):
+  for (path, g), a in zip(
+    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
+  ):
     if not set(names) <= varying_axes(g):
-      fail(ValueError, 'updates', f'the gradient at {leaf_name(path)} is '
-           f'invariant over {_shown(names)!r}: shard_map already summed it, '
-           'the reduction accumulation defers', 'Differentiate with respect '
-           f"to jax.lax.pcast(params, {_shown(names)!r}, to='varying').")
+      fail(
+        ValueError,
+        'updates',
+        f'the gradient at {leaf_name(path)} is '
+        f'invariant over {_shown(names)!r}: shard_map already summed it, '
+        'the reduction accumulation defers',
+        'Differentiate with respect '
+        f"to jax.lax.pcast(params, {_shown(names)!r}, to='varying').",
+      )
     extra = varying_axes(g) - set(names) - varying_axes(a)
     if extra:
-      fail(ValueError, 'updates', f'the gradient at {leaf_name(path)} '
-           f'varies over {sorted(extra)} besides axis_name, but its '
-           'accumulator does not', f'Reduce it first (jax.lax.psum(g, '
-           f'{_shown(sorted(extra))!r})), or add them to axis_name.')
+      fail(
+        ValueError,
+        'updates',
+        f'the gradient at {leaf_name(path)} '
+        f'varies over {sorted(extra)} besides axis_name, but its '
+        'accumulator does not',
+        f'Reduce it first (jax.lax.psum(g, '
+        f'{_shown(sorted(extra))!r})), or add them to axis_name.',
+      )
   for argument, x in scalars.items():
     extra = set() if x is None else varying_axes(x) - set(names)
     if argument == 'flush' and x is not None:
       extra = varying_axes(x)
     if extra:
-      fail(ValueError, argument, f'varies over {sorted(extra)}', 'Every '
-           'device must agree on it: compute it from values that are the '
-           'same on every device, or psum/pmax it over those axes.')
+      fail(
+        ValueError,
+        argument,
+        f'varies over {sorted(extra)}',
+        'Every '
+        'device must agree on it: compute it from values that are the '
+        'same on every device, or psum/pmax it over those axes.',
+      )
 
 
-def mesh_call(names, grads, value, unreduced_axes) -> None:
+def mesh_call(names, grads, value) -> None:
   """Under plain ``jax.jit`` on a mesh: gradients typed unreduced over
   ``axis_name``, a replicated ``value``."""
   for path, g in jax.tree.leaves_with_path(grads):
     if set(unreduced_axes(g)) != set(names):
-      fail(ValueError, 'updates', f'the gradient at {leaf_name(path)} is '
-           f'typed {jax.typeof(g)}, not unreduced over {_shown(names)!r}',
-           'Compute it with optax_accum.microbatched_value_and_grad('
-           f'loss_fn, axis_name={_shown(names)!r}), or drop axis_name.')
+      fail(
+        ValueError,
+        'updates',
+        f'the gradient at {leaf_name(path)} is '
+        f'typed {jax.typeof(g)}, not unreduced over {_shown(names)!r}',
+        'Compute it with optax_accum.microbatched_value_and_grad('
+        f'loss_fn, axis_name={_shown(names)!r}), or drop axis_name.',
+      )
   if value is not None and unreduced_axes(value):
-    fail(ValueError, 'value', f'typed {jax.typeof(value)}, unreduced',
-         "Pass the micro-batch's global mean loss, a replicated scalar.")
+    fail(
+      ValueError,
+      'value',
+      f'typed {jax.typeof(value)}, unreduced',
+      "Pass the micro-batch's global mean loss, a replicated scalar.",
+    )
 
 
 def _shown(names):

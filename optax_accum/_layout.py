@@ -40,14 +40,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_accum import _checks
+from optax_accum._checks import spec_of
+from optax_accum._checks import varying_axes
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
-
-
-def spec_of(x) -> P:
-  """The PartitionSpec in ``x``'s type (``P()`` where it has none)."""
-  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
-  return P() if spec is None else spec
 
 
 def entry_axes(entry) -> tuple[str, ...]:
@@ -69,18 +65,6 @@ def axes_size(names) -> int:
   return size
 
 
-def unreduced_axes(x) -> frozenset:
-  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
-  return frozenset(spec_of(x).unreduced) | frozenset(
-    getattr(manual, 'unreduced', ()) or ()
-  )
-
-
-def varying_axes(x) -> frozenset:
-  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
-  return frozenset(getattr(manual, 'varying', ()) or ())
-
-
 def vary(x, axes):
   """``x`` cast to varying over those of ``axes`` it does not vary over."""
   missing = tuple(a for a in axes if a not in varying_axes(x))
@@ -90,8 +74,11 @@ def vary(x, axes):
 def reduced(x):
   """``x`` resharded without its unreduced axes (their one reduction)."""
   spec = spec_of(x)
-  return jax.reshard(x, spec.update(unreduced=frozenset())) if (
-    spec.unreduced) else x
+  return (
+    jax.reshard(x, spec.update(unreduced=frozenset()))
+    if (spec.unreduced)
+    else x
+  )
 
 
 class Layout:
@@ -101,7 +88,7 @@ class Layout:
 
   def check(self, grads, state, weight, flush, value) -> None:
     del weight, flush, value
-    _checks.no_axis_call(grads, state.acc_grads, unreduced_axes, varying_axes)
+    _checks.no_axis_call(grads, state.acc_grads)
 
   def arrive(self, tree):
     """A micro-batch's values as this layout adds them."""
@@ -183,11 +170,13 @@ class Checked(_Axes):
   """``shard_map(check_vma=True)``: varying gradients, unreduced sums."""
 
   def check(self, grads, state, weight, flush, value) -> None:
-    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight,
-                            unreduced_axes)
-    _checks.checked_call(self.names, grads, state.acc_grads,
-                         {'weight': weight, 'value': value, 'flush': flush},
-                         varying_axes)
+    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
+    _checks.checked_call(
+      self.names,
+      grads,
+      state.acc_grads,
+      {'weight': weight, 'value': value, 'flush': flush},
+    )
 
   def term(self, x):
     return lax.pcast(vary(x, self.names), self.names, to='unreduced')
@@ -212,14 +201,16 @@ class Checked(_Axes):
   def reduced_like(self, g):
     return lax.psum(g, self.names)
 
+  def zeros(self, shape, g):  # invariant, as the reduced mean's update
+    return jnp.zeros(shape.shape, shape.dtype)
+
 
 class Mesh(_Axes):
   """Plain ``jax.jit`` on a mesh: unreduced gradients, global scalars."""
 
   def check(self, grads, state, weight, flush, value) -> None:
-    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight,
-                            unreduced_axes)
-    _checks.mesh_call(self.names, grads, value, unreduced_axes)
+    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
+    _checks.mesh_call(self.names, grads, value)
 
   def scalar(self, x):  # a global scalar, held as one unreduced part
     return jax.reshard(x, P(unreduced=frozenset(self.names)))
@@ -235,8 +226,11 @@ class Mesh(_Axes):
 
   def zeros(self, shape, g):
     if jnp.shape(g) == shape.shape:
-      return jnp.zeros(shape.shape, shape.dtype, out_sharding=spec_of(
-        g).update(unreduced=frozenset()))
+      return jnp.zeros(
+        shape.shape,
+        shape.dtype,
+        out_sharding=spec_of(g).update(unreduced=frozenset()),
+      )
     return jnp.zeros(shape.shape, shape.dtype)
 
 
@@ -252,9 +246,13 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
   mesh = jax.sharding.get_abstract_mesh()
   manual = [n in mesh.manual_axes for n in axis_names]
   if any(manual) and not all(manual):
-    fail(ValueError, 'axis_name', f'{axis_names}, of which only '
-         f'{sorted(mesh.manual_axes)} are mapped by this shard_map',
-         'Map over all of them, or name only the mapped ones.')
+    fail(
+      ValueError,
+      'axis_name',
+      f'{axis_names}, of which only '
+      f'{sorted(mesh.manual_axes)} are mapped by this shard_map',
+      'Map over all of them, or name only the mapped ones.',
+    )
   if any(manual):
     names = tuple(axis_names)
     checked = all(n in varying_axes(lax.axis_index(n)) for n in names)
@@ -264,18 +262,28 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
   if not mesh.empty and all(n in mesh.axis_names for n in axis_names):
     auto = [n for n in axis_names if n not in mesh.explicit_axes]
     if auto:
-      fail(ValueError, 'axis_name', f'{auto}, Auto axes of the mesh, where '
-           'JAX types no unreduced gradients', 'Make the mesh with '
-           'Explicit axes (jax.make_mesh\'s default), or use shard_map.')
-    return Single(axis_names) if axes_size(axis_names) == 1 else Mesh(
-      axis_names)
+      fail(
+        ValueError,
+        'axis_name',
+        f'{auto}, Auto axes of the mesh, where '
+        'JAX types no unreduced gradients',
+        'Make the mesh with '
+        'Explicit axes (jax.make_mesh\'s default), or use shard_map.',
+      )
+    return (
+      Single(axis_names) if axes_size(axis_names) == 1 else Mesh(axis_names)
+    )
   try:  # jax.pmap's axes are not in the abstract mesh
     for n in axis_names:
       lax.axis_index(n)
   except NameError:
-    fail(NameError, 'axis_name', f'{axis_names}: no such axis here',
-         'Call update inside jax.shard_map (or pmap) over it, or under '
-         'jax.jit inside `with jax.set_mesh(mesh)`.')
+    fail(
+      NameError,
+      'axis_name',
+      f'{axis_names}: no such axis here',
+      'Call update inside jax.shard_map (or pmap) over it, or under '
+      'jax.jit inside `with jax.set_mesh(mesh)`.',
+    )
   return Unchecked(axis_names)
 
 
@@ -283,8 +291,12 @@ def init_names(axis_names) -> Optional[tuple[str, ...]]:
   """The axes over which ``init`` types the sums unreduced, or None: under
   ``jax.set_mesh`` (outside shard_map) over Explicit axes of >1 device."""
   mesh = jax.sharding.get_abstract_mesh()
-  if axis_names is None or mesh.empty or any(
-    n in mesh.manual_axes or n not in mesh.explicit_axes for n in axis_names
+  if (
+    axis_names is None
+    or mesh.empty
+    or any(
+      n in mesh.manual_axes or n not in mesh.explicit_axes for n in axis_names
+    )
   ):
     return None
   return axis_names if axes_size(axis_names) > 1 else None
@@ -294,16 +306,21 @@ def unreduced_zeros(path, p, dtype, names):
   """Zeros shaped and partitioned like ``p``, unreduced over ``names``."""
   spec = spec_of(p)
   if spec_axes(spec) & set(names):
-    fail(ValueError, 'axis_name', f'{names}, but the param at '
-         f'{leaf_name(path)} is sharded {spec} over it (FSDP), whose '
-         'reduction runs every micro-batch', 'Defer only the replica axis '
-         'of a (replica, fsdp) mesh (HSDP), or drop axis_name.')
-  return jnp.zeros(jnp.shape(p), dtype,
-                   out_sharding=spec.update(unreduced=frozenset(names)))
+    fail(
+      ValueError,
+      'axis_name',
+      f'{names}, but the param at '
+      f'{leaf_name(path)} is sharded {spec} over it (FSDP), whose '
+      'reduction runs every micro-batch',
+      'Defer only the replica axis '
+      'of a (replica, fsdp) mesh (HSDP), or drop axis_name.',
+    )
+  return jnp.zeros(
+    jnp.shape(p), dtype, out_sharding=spec.update(unreduced=frozenset(names))
+  )
 
 
 def scalar_zeros(dtype, names):
   if names is None:
     return jnp.zeros([], dtype)
   return jnp.zeros([], dtype, out_sharding=P(unreduced=frozenset(names)))
-

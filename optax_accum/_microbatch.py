@@ -24,17 +24,23 @@ def _split(batch, num_microbatches: int, argnum: int):
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for _, x in leaves}
   for path, x in leaves:
     if jnp.ndim(x) == 0 or len(sizes) > 1 or jnp.shape(x)[0] % num_microbatches:
-      fail(ValueError, 'batch_argnums', f'argument {argnum} has the leaf at '
-           f'{leaf_name(path)} of shape {jnp.shape(x)} (leading sizes '
-           f'{sorted(sizes, key=str)}), which does not split into '
-           f'num_microbatches={num_microbatches}', 'Give every leaf of a '
-           'batch argument one leading size, divisible by num_microbatches; '
-           'pass other arrays as arguments outside batch_argnums.')
+      fail(
+        ValueError,
+        'batch_argnums',
+        f'argument {argnum} has the leaf at '
+        f'{leaf_name(path)} of shape {jnp.shape(x)} (leading sizes '
+        f'{sorted(sizes, key=str)}), which does not split into '
+        f'num_microbatches={num_microbatches}',
+        'Give every leaf of a '
+        'batch argument one leading size, divisible by num_microbatches; '
+        'pass other arrays as arguments outside batch_argnums.',
+      )
 
   def split(x):
     x = jnp.asarray(x)
-    return x.reshape(num_microbatches, x.shape[0] // num_microbatches,
-                     *x.shape[1:])
+    return x.reshape(
+      num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]
+    )
 
   return jax.tree.map(split, batch)
 
@@ -42,13 +48,21 @@ def _split(batch, num_microbatches: int, argnum: int):
 def check_args(num_microbatches, reduction, batch_argnums, key_argnum):
   """Checks the construction arguments; returns ``batch_argnums`` as a
   tuple."""
-  if isinstance(num_microbatches, bool) or not isinstance(
-    num_microbatches, numbers.Integral) or int(num_microbatches) < 1:
-    fail(ValueError, 'num_microbatches', f'{num_microbatches!r}',
-         'Give a positive int.')
+  if (
+    isinstance(num_microbatches, bool)
+    or not isinstance(num_microbatches, numbers.Integral)
+    or int(num_microbatches) < 1
+  ):
+    fail(
+      ValueError,
+      'num_microbatches',
+      f'{num_microbatches!r}',
+      'Give a positive int.',
+    )
   if reduction not in _REDUCTIONS:
-    fail(ValueError, 'reduction', f'{reduction!r}',
-         f'Give one of {_REDUCTIONS}.')
+    fail(
+      ValueError, 'reduction', f'{reduction!r}', f'Give one of {_REDUCTIONS}.'
+    )
   batch_argnums = (
     (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
   )
@@ -57,8 +71,12 @@ def check_args(num_microbatches, reduction, batch_argnums, key_argnum):
     ('key_argnum', () if key_argnum is None else (key_argnum,)),
   ):
     if any(not isinstance(n, int) or n < 1 for n in nums):
-      fail(ValueError, name, f'{nums!r}', 'Give argument positions >= 1 '
-           '(0 is the params).')
+      fail(
+        ValueError,
+        name,
+        f'{nums!r}',
+        'Give argument positions >= 1 (0 is the params).',
+      )
   return batch_argnums
 
 
@@ -72,8 +90,11 @@ def unreduced_value_and_grad(loss_fn, axis_name, num_microbatches=1, **kw):
     >>> callable(f)
     True
   """
-  return microbatched_value_and_grad(loss_fn, num_microbatches,
-                                     axis_name=axis_name, **kw)
+  if axis_name is None:
+    fail(TypeError, 'axis_name', 'None', 'Give the mesh axis to defer.')
+  return microbatched_value_and_grad(
+    loss_fn, num_microbatches, axis_name=axis_name, **kw
+  )
 
 
 def microbatched_value_and_grad(
@@ -186,8 +207,9 @@ def microbatched_value_and_grad(
   )
   names = _checks.axis_name(axis_name)
   if names is not None:
-    return _unreduced.value_and_grad(sums, names, int(num_microbatches),
-                                     has_aux, batch_argnums, key_argnum)
+    return _unreduced.value_and_grad(
+      sums, names, int(num_microbatches), has_aux, batch_argnums, key_argnum
+    )
 
   def value_and_grad(params, *args):
     g_sum, w_sum, l_sum, a_sum = sums(params, *args)
@@ -231,8 +253,12 @@ def window_sums(
     if not (isinstance(out, tuple) and len(out) == 2) or (
       has_aux and not (isinstance(out[1], tuple) and len(out[1]) == 2)
     ):
-      fail(ValueError, 'loss_fn', f'it returned {jax.tree.structure(out)}',
-           f'Return {form} (has_aux={has_aux}).')
+      fail(
+        ValueError,
+        'loss_fn',
+        f'it returned {jax.tree.structure(out)}',
+        f'Return {form} (has_aux={has_aux}).',
+      )
     loss, rest = out
     weight, aux = rest if has_aux else (rest, None)
     scalar = lambda x: (
@@ -241,9 +267,13 @@ def window_sums(
       and jnp.shape(x) == ()
     )
     if not (scalar(loss) and scalar(weight)):
-      fail(ValueError, 'loss_fn', f'it returned {jax.tree.structure(out)}, '
-           'not scalars', f'Return {form} with a scalar loss and a scalar '
-           "weight (the micro-batch's number of items).")
+      fail(
+        ValueError,
+        'loss_fn',
+        f'it returned {jax.tree.structure(out)}, not scalars',
+        f'Return {form} with a scalar loss and a scalar '
+        "weight (the micro-batch's number of items).",
+      )
     _checks.weight(weight)  # a concrete bad weight raises
     # A traced negative or non-finite weight poisons the result with NaN.
     weight = jnp.asarray(weight, jnp.float32)
@@ -261,9 +291,13 @@ def window_sums(
       [] if key_argnum is None else [('key_argnum', key_argnum)]
     ):
       if n > len(args):
-        fail(ValueError, name, f'argument {n}, but the function was '
-             f'called with {len(args) + 1} arguments', 'Count the params '
-             'as argument 0.')
+        fail(
+          ValueError,
+          name,
+          f'argument {n}, but the function was '
+          f'called with {len(args) + 1} arguments',
+          'Count the params as argument 0.',
+        )
     split = {n: _split(args[n - 1], num_microbatches, n) for n in batch_argnums}
     key = None if key_argnum is None else args[key_argnum - 1]
 

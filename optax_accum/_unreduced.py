@@ -6,6 +6,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from optax_accum import _checks
 from optax_accum import _layout
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
@@ -38,44 +39,63 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
   and the batch axes."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not all(n in mesh.explicit_axes for n in names):
-    fail(ValueError, 'axis_name', f'{axis_name!r}, not an Explicit axis of '
-         f'the mesh set here ({mesh})', 'Call it under jax.jit inside `with '
-         'jax.set_mesh(mesh)`; in jax.shard_map, differentiate w.r.t. '
-         f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead.")
-  param_specs = jax.tree.map(_layout.spec_of, params)
+    fail(
+      ValueError,
+      'axis_name',
+      f'{axis_name!r}, not an Explicit axis of the mesh set here ({mesh})',
+      'Call it under jax.jit inside `with '
+      'jax.set_mesh(mesh)`; in jax.shard_map, differentiate w.r.t. '
+      f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead.",
+    )
+  param_specs = jax.tree.map(_checks.spec_of, params)
   is_spec = lambda s: isinstance(s, P)
   for path, spec in jax.tree.leaves_with_path(param_specs, is_leaf=is_spec):
     if _layout.spec_axes(spec) & set(names):
-      fail(ValueError, 'axis_name', f'{axis_name!r}, but the param at '
-           f'{leaf_name(path)} is sharded {spec} over it (FSDP)', 'Defer '
-           'the replica axis of a (replica, fsdp) mesh instead.')
-  arg_specs = [jax.tree.map(_layout.spec_of, a) for a in args]
+      fail(
+        ValueError,
+        'axis_name',
+        f'{axis_name!r}, but the param at '
+        f'{leaf_name(path)} is sharded {spec} over it (FSDP)',
+        'Defer the replica axis of a (replica, fsdp) mesh instead.',
+      )
+  arg_specs = [jax.tree.map(_checks.spec_of, a) for a in args]
   batch_axes: tuple[str, ...] = ()
   for n in batch_argnums:
-    for path, x in jax.tree.leaves_with_path(args[n - 1] if n <= len(args)
-                                             else ()):
-      spec = _layout.spec_of(x) if jnp.ndim(x) else P()
+    for path, x in jax.tree.leaves_with_path(
+      args[n - 1] if n <= len(args) else ()
+    ):
+      spec = _checks.spec_of(x) if jnp.ndim(x) else P()
       lead = _layout.entry_axes(spec[0]) if len(spec) else ()
       per_device = jnp.shape(x)[0] // _layout.axes_size(lead) if lead else 0
       if not set(names) <= set(lead) or per_device % k:
-        fail(ValueError, 'batch_argnums', f'argument {n} at '
-             f'{leaf_name(path)} has shape {jnp.shape(x)} sharded {spec}',
-             f'Shard its leading axis over {axis_name!r} '
-             f"(jax.device_put(x, P({axis_name!r}))), {k} (num_microbatches)"
-             ' rows or a multiple of it per device.')
+        fail(
+          ValueError,
+          'batch_argnums',
+          f'argument {n} at '
+          f'{leaf_name(path)} has shape {jnp.shape(x)} sharded {spec}',
+          f'Shard its leading axis over {axis_name!r} '
+          f"(jax.device_put(x, P({axis_name!r}))), {k} (num_microbatches)"
+          ' rows or a multiple of it per device.',
+        )
       batch_axes = tuple(dict.fromkeys(batch_axes + lead))
   for path, spec in jax.tree.leaves_with_path(param_specs, is_leaf=is_spec):
     other = _layout.spec_axes(spec) - set(batch_axes)
     if other:
-      fail(ValueError, 'params', f'the param at {leaf_name(path)} is sharded '
-           f'{spec}, over {sorted(other)}, which do not shard the batch '
-           '(tensor parallelism)', 'Replicate it over those axes, or take '
-           "the gradient in your own jax.shard_map and pcast it to='unreduced'.")
+      fail(
+        ValueError,
+        'params',
+        f'the param at {leaf_name(path)} is sharded '
+        f'{spec}, over {sorted(other)}, which do not shard the batch '
+        '(tensor parallelism)',
+        'Replicate it over those axes, or take '
+        "the gradient in your own jax.shard_map and pcast it to='unreduced'.",
+      )
   return param_specs, arg_specs, batch_axes
 
 
-def value_and_grad(sums, names, num_microbatches, has_aux, batch_argnums,
-                   key_argnum):
+def value_and_grad(
+  sums, names, num_microbatches, has_aux, batch_argnums, key_argnum
+):
   """``microbatched_value_and_grad(..., axis_name=names)``: ``sums`` (the
   window sums of one device's shard) run in one ``jax.shard_map`` over the
   mesh; the gradients leave it typed unreduced over ``names``."""

@@ -12,8 +12,8 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 
-from optax_accum import _state
 from optax_accum import _apply
+from optax_accum import _state
 
 
 def _steps_taken(opt_state, dtype) -> jax.Array:
