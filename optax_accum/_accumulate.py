@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from optax_accum import _accumulator
+from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _layout
 from optax_accum._errors import fail
@@ -165,12 +166,12 @@ class Accumulator:
         'Make it with tx.init(params)'
         ', or restore into jax.eval_shape(tx.init, params).',
       )
-    _checks.updates(grads, state.acc_grads)
-    _checks.params(params, grads)
-    _checks.misspelt_keywords(extra)
-    weight = _checks.weight(weight, state.acc_weight.dtype)
-    flush = _checks.flush(flush)
-    value = None if 'value' not in extra else _checks.value(extra['value'])
+    _call_checks.updates(grads, state.acc_grads)
+    _call_checks.params(params, grads)
+    _call_checks.misspelt_keywords(extra)
+    weight = _call_checks.weight(weight, state.acc_weight.dtype)
+    flush = _call_checks.flush(flush)
+    value = None if 'value' not in extra else _call_checks.value(extra['value'])
     layout = _layout.of(self.names)
     layout.check(grads, state, weight, flush, value)
     grads = jax.tree.map(jnp.asarray, grads)
@@ -316,9 +317,9 @@ def accumulate(
   :math:`\bar g = \sum_{i=1}^{k} w_i g_i / \sum_{i=1}^{k} w_i`, the gradient
   of the large batch for a mean-reduced loss.
 
-  * Exact form, ``accumulate(k, opt)``: the k-th mini-step emits
-    ``opt.update(g_bar, ...)``; mid-steps emit zeros and never run ``opt``.
-  * Chainable form, ``accumulate(k)``: emits zeros, then :math:`\bar g`.
+  Exact form, ``accumulate(k, opt)``: the k-th mini-step emits
+  ``opt.update(g_bar, ...)``; mid-steps emit zeros and never run ``opt``.
+  Chainable form, ``accumulate(k)``: emits zeros, then :math:`\bar g`.
 
   .. warning::
     ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mid-step's
@@ -354,15 +355,13 @@ def accumulate(
       averages over; weight 0 adds nothing (even NaN). A window of total
       weight 0 takes no step; a bad traced weight makes the update NaN.
     flush: a bool scalar; true ends the window after this micro-batch.
-    value: a real scalar, the loss, for an ``inner`` that reads it
-      (``optax.contrib.reduce_on_plateau``): ``inner`` gets the window's
-      weighted mean. Other keywords reach ``inner`` as passed with the
-      window's last micro-batch.
+    value: a real scalar, the loss: ``inner`` (``reduce_on_plateau``) gets
+      the window's weighted mean. Other keywords reach ``inner`` as passed
+      with the window's last micro-batch.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`AccumulateState`. Called outside ``jax.jit`` it runs op by op
-    (``inner``'s Python logic runs as Python, as in optax).
+    :class:`AccumulateState`; outside ``jax.jit`` it runs op by op.
 
   Raises:
     TypeError: ``inner`` not a transformation (``inner=optax.adamw``), a

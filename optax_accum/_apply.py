@@ -5,6 +5,7 @@ from typing import Any
 import optax
 
 from optax_accum import _accumulate
+from optax_accum import _call_checks
 from optax_accum import _chain
 from optax_accum import _checks
 from optax_accum import _state
@@ -87,12 +88,12 @@ def apply_gradients(
   runner = _accumulate.accumulator_of(tx) or _chain.chain_of(tx)
   if runner is not None:
     return runner.apply(grads, opt_state, params, **extra_args)
-  _checks.no_chainable_form(_state.holds_chainable_form(opt_state), 'tx')
+  _call_checks.no_chainable_form(_state.holds_chainable_form(opt_state), 'tx')
   holds = bool(_state.accumulate_states(opt_state))
-  _checks.keywords_read(extra_args, holds)
+  _call_checks.keywords_read(extra_args, holds)
   if not holds:  # an accumulator inside warns itself
-    _checks.misspelt_keywords(extra_args)
-  _checks.unreduced_without_accumulator(grads, holds)
+    _call_checks.misspelt_keywords(extra_args)
+  _call_checks.unreduced_without_accumulator(grads, holds)
   updates, opt_state = optax.with_extra_args_support(tx).update(
     grads, opt_state, params, **extra_args
   )

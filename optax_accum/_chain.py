@@ -7,6 +7,7 @@ from typing import Any, Optional
 import optax
 
 from optax_accum import _accumulate
+from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _state
 from optax_accum._errors import fail
@@ -22,13 +23,13 @@ class Chain:
   acc: Optional[_accumulate.Accumulator]
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
-    return optax.GradientTransformationExtraArgs(self.init, self.update)
+    return optax.GradientTransformationExtraArgs(self.init, self.update)  # type: ignore
 
   def init(self, params):
     """The elements' states, as a tuple; refuses a hidden chainable form."""
     states = tuple(t.init(params) for t in self.head)
     for i, s in enumerate(states):
-      _checks.no_chainable_form(
+      _call_checks.no_chainable_form(
         _state.holds_chainable_form(s), f'transforms[{i}]'
       )
     if self.acc is None:
@@ -53,7 +54,7 @@ class Chain:
         f'{size} states this init makes',
         'Make it with tx.init(params).',
       )
-    _checks.keywords_read(
+    _call_checks.keywords_read(
       extra_args, self.acc is not None or bool(_state.accumulate_states(state))
     )
     new_state = list(state)
@@ -149,7 +150,7 @@ def chain(
   assert acc is not None
   after = ([] if acc.inner is None else [acc.inner]) + list(transforms[i + 1 :])
   if i == 0 and len(transforms) == 1:
-    return transforms[0]
+    return transforms[0]  # type: ignore
   if after:
     inner = after[0] if len(after) == 1 else optax.chain(*after)
     acc = dataclasses.replace(acc, inner=inner)

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from optax_accum import _checks
+from optax_accum import _call_checks
 from optax_accum._errors import fail
 
 
@@ -25,60 +25,46 @@ def _flat(tree, is_leaf=None) -> dict[tuple[str, ...], Any]:
 
 
 def _check_against_metadata(saved_tree, abstract_state, path):
-  """Raises ValueError where the checkpoint and the target disagree."""
+  """Raises where the checkpoint and the target disagree, leaf by leaf."""
   is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-  saved = _flat(saved_tree, is_leaf=is_meta)
-  want = _flat(abstract_state)
-  missing = sorted(set(want) - set(saved))
-  extra = sorted(set(saved) - set(want))
+  saved, want = _flat(saved_tree, is_leaf=is_meta), _flat(abstract_state)
+  missing, extra = (
+    sorted(set(want) - set(saved)),
+    sorted(set(saved) - set(want)),
+  )
   if missing or extra:
     show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) or "none"
-    if missing and all(k[-1] == "acc_value" for k in missing) and not extra:
-      raise ValueError(
-        f"The checkpoint at {path} was written by optax_accum 0.1, whose "
-        "AccumulateState has no acc_value field (added in 0.2). Finish "
-        "the window in flight with 0.1, or restore it with orbax into 0.1's "
-        "state and copy its fields into tx.init(params)._replace(...)."
-      )
     items = [
       d
       for d in (sorted(os.listdir(path)) if os.path.isdir(path) else [])
       if os.path.exists(os.path.join(path, d, "_METADATA"))
     ]
     hint = (
-      f" It holds the items {items}: for a CheckpointManager step "
-      "directory, pass the item's folder, e.g. "
+      f"For a CheckpointManager step, pass an item's folder: "
       f"{os.path.join(str(path), items[0])}."
       if items
-      else ""
+      else "Restore into jax.eval_shape(tx.init, params) of the run that "
+      "saved it."
     )
-    under = {k[0] for k in extra if k[1:] in want}
-    if not hint and len(under) == 1:
-      (key,) = under
-      hint = (
-        f" The state sits under {key!r} in a saved dict: restore that dict "
-        f"with orbax into a target with {key!r}: jax.eval_shape(tx.init, "
-        "params), as the README shows, or save the state as its own item."
-      )
-    raise ValueError(
-      f"The checkpoint at {path} holds an optimizer state of another "
-      "structure than `tx.init(params)`: the optimizer, the params or the "
-      "accumulate(...) configuration differ. "
-      f"Missing from the checkpoint: {show(missing)}. "
-      f"Not in this optimizer's state: {show(extra)}.{hint}"
+    fail(
+      ValueError,
+      "tx",
+      f"a state of another structure than the "
+      f"checkpoint at {path} (missing from it: {show(missing)}; not in "
+      f"tx's state: {show(extra)})",
+      hint,
     )
   for key, target in want.items():
     meta = saved[key]
-    if tuple(meta.shape) != tuple(target.shape) or np.dtype(
-      meta.dtype
-    ) != np.dtype(target.dtype):
-      raise ValueError(
-        f"The checkpoint at {path} holds {'/'.join(key)} as "
-        f"{np.dtype(meta.dtype).name}{list(meta.shape)}, but this "
-        f"optimizer's state has {np.dtype(target.dtype).name}"
-        f"{list(target.shape)}. This is because the params or the "
-        "accumulator_dtype differ from the run that saved it; restoring "
-        "would cast or fail silently."
+    got = f"{np.dtype(meta.dtype).name}{list(meta.shape)}"
+    if got != f"{np.dtype(target.dtype).name}{list(target.shape)}":
+      fail(
+        ValueError,
+        "params",
+        f"{'/'.join(key)} is {got} in the "
+        f"checkpoint at {path} but {np.dtype(target.dtype).name}"
+        f"{list(target.shape)} here",
+        "Pass the params (and accumulator_dtype) of the run that saved it.",
       )
 
 
@@ -90,28 +76,12 @@ def restore_checkpoint(
 ) -> Any:
   """Restores an optimizer state saved with orbax, checked against ``tx``.
 
-  Save the optimizer state as its own orbax item, for example
-  ``orbax.checkpoint.StandardCheckpointer().save(path, opt_state)``, at any
-  mini-step, also in the middle of a window. This function reads the
-  checkpoint's metadata, compares it with ``jax.eval_shape(tx.init, params)``
-  leaf by leaf (path, shape, dtype) and restores into that target, with any
-  number and nesting of accumulators (``optax.partition`` of several). A
-  window in flight finishes with the k it was saved with
-  (``AccumulateState.every_k``), also when ``tx`` has another schedule; the
-  windows after it take ``tx``'s. Training continued from the restored
-  state is bit for bit the uninterrupted run (with ``axis_name`` on a
-  mesh, mid-window: to float32 rounding, as the saved sum is reduced and
-  meets the window's later terms in another order).
-
-  With ``accumulate(..., axis_name=...)`` on a mesh, save
-  ``optax_accum.reduced_state(opt_state)``: this function restores it and
-  reshards it back to the unreduced types of ``tx.init(params)``.
-
-  Plain orbax restores (``CheckpointManager`` with ``ocp.args.Composite``,
-  Flax NNX's ``nnx.state(optimizer)``) work as well: pass
-  ``jax.eval_shape(tx.init, params)`` (or the NNX abstract state) as the
-  target, as the README shows. This function adds the leaf-by-leaf check
-  and its clear error.
+  Reads the checkpoint's metadata, compares it leaf by leaf (path, shape,
+  dtype) with ``jax.eval_shape(tx.init, params)`` and restores into it, at
+  any mini-step (a window in flight finishes with its saved k). A state
+  saved with :func:`reduced_state` (``axis_name`` on a mesh) is resharded
+  back to its unreduced types. Plain orbax restores into
+  ``jax.eval_shape(tx.init, params)`` work too; this adds the check.
 
   Args:
     path: the checkpoint directory (a str or ``pathlib.Path``).
@@ -196,7 +166,7 @@ def _reduced_leaf(x):
     return jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
     )
-  spec = _checks.spec_of(x)
+  spec = _call_checks.spec_of(x)
   if not spec.unreduced:
     return x
   return jax.reshard(x, spec.update(unreduced=frozenset()))
@@ -240,7 +210,7 @@ def reduced_state(opt_state: Any) -> Any:
   leaves = jax.tree.leaves(opt_state)
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
     return jax.tree.map(_reduced_leaf, opt_state)
-  unreduced = [x for x in leaves if _checks.unreduced_axes(x)]
+  unreduced = [x for x in leaves if _call_checks.unreduced_axes(x)]
   if not unreduced:
     return opt_state
   reduce = jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))
@@ -295,10 +265,10 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     )
 
   def leaf(x, t):
-    spec = _checks.spec_of(t)
+    spec = _call_checks.spec_of(t)
     return jax.reshard(x, spec) if spec.unreduced else x
 
-  if not any(_checks.unreduced_axes(t) for t in jax.tree.leaves(like)):
+  if not any(_call_checks.unreduced_axes(t) for t in jax.tree.leaves(like)):
     return opt_state
   if jax.sharding.get_abstract_mesh().empty:
     fail(

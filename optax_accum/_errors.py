@@ -1,10 +1,6 @@
-"""The one helper through which every check of optax_accum raises.
-
-Messages read alike: the argument, what it received, what it must be, and
-what to write instead. The exception carries the argument's name as
-``argument``, so tests and callers can tell errors apart without reading
-their prose (as chex routes every assertion through one helper).
-"""
+"""The one helper through which every check raises (as chex routes its
+assertions through one): messages name the argument, what it received and
+what to write instead; the exception carries the name as ``argument``."""
 
 from typing import NoReturn
 
@@ -16,14 +12,8 @@ def fail(
 ) -> NoReturn:
   """Raises ``exc_type`` naming ``argument``.
 
-  Args:
-    exc_type: ``ValueError``, ``TypeError`` or ``NameError``.
-    argument: the argument, as the caller wrote it (``weight``, ``inner``).
-    received: what was received, and why it cannot be used.
-    instead: what to write instead.
-
   Raises:
-    exc_type: always, with ``.argument`` set.
+    exc_type: always, with ``.argument`` set to ``argument``.
   """
   error = exc_type(f'`{argument}`: {received}. {instead}')
   error.argument = argument  # type: ignore[attr-defined]

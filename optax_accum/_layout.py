@@ -39,9 +39,9 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from optax_accum import _checks
-from optax_accum._checks import spec_of
-from optax_accum._checks import varying_axes
+from optax_accum import _call_checks
+from optax_accum._call_checks import spec_of
+from optax_accum._call_checks import varying_axes
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
 
@@ -88,7 +88,7 @@ class Layout:
 
   def check(self, grads, state, weight, flush, value) -> None:
     del weight, flush, value
-    _checks.no_axis_call(grads, state.acc_grads)
+    _call_checks.no_axis_call(grads, state.acc_grads)
 
   def arrive(self, tree):
     """A micro-batch's values as this layout adds them."""
@@ -170,8 +170,8 @@ class Checked(_Axes):
   """``shard_map(check_vma=True)``: varying gradients, unreduced sums."""
 
   def check(self, grads, state, weight, flush, value) -> None:
-    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
-    _checks.checked_call(
+    _call_checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
+    _call_checks.checked_call(
       self.names,
       grads,
       state.acc_grads,
@@ -209,8 +209,8 @@ class Mesh(_Axes):
   """Plain ``jax.jit`` on a mesh: unreduced gradients, global scalars."""
 
   def check(self, grads, state, weight, flush, value) -> None:
-    _checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
-    _checks.mesh_call(self.names, grads, value)
+    _call_checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
+    _call_checks.mesh_call(self.names, grads, value)
 
   def scalar(self, x):  # a global scalar, held as one unreduced part
     return jax.reshard(x, P(unreduced=frozenset(self.names)))

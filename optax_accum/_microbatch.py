@@ -1,6 +1,8 @@
 """In-step micro-batching: the window's gradient inside one jitted step."""
 
 from collections.abc import Callable, Sequence
+import dataclasses
+import functools
 import numbers
 from typing import Any, Union
 
@@ -9,6 +11,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from optax_accum import _accumulator
+from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _layout
 from optax_accum import _unreduced
@@ -124,12 +127,9 @@ def microbatched_value_and_grad(
   and with ``reduction="sum"`` (:math:`L_i` is the sum over its items)
   :math:`L = \sum_i L_i / \sum_i w_i`, :math:`g = \sum_i \nabla L_i /
   \sum_i w_i`: either way the gradient of the mean over all items of the
-  window, however unevenly they fall into micro-batches. A window of total
-  weight 0 gives a zero gradient and loss. The gradient sum is kept in
-  float32 (or the param dtype when wider). The returned ``weight`` feeds
-  ``accumulate(...).update(grads, ..., weight=weight)`` unchanged, so
-  ``k1`` micro-batches per step and ``k2`` steps per update compose into
-  the mean over all ``k1 * k2`` micro-batches.
+  window. A window of total weight 0 gives a zero gradient and loss. The
+  gradient sum is kept in float32 (or the param dtype when wider). The
+  returned ``weight`` feeds ``accumulate``'s ``weight``, so both compose.
 
   Args:
     loss_fn: ``loss_fn(params, *args) -> (loss, weight)``, or with
@@ -145,10 +145,7 @@ def microbatched_value_and_grad(
       0) of the arguments to split; the others are passed whole.
     key_argnum: the position of a ``jax.random`` key; micro-batch ``i`` gets
       ``jax.random.fold_in(key, i)``.
-    unroll: ``lax.scan``'s ``unroll``. ``True`` compiles the micro-batches
-      as straight-line code: faster where the backend handles an operation
-      poorly inside a loop (convolutions on XLA:CPU), at the cost of
-      compile time, and XLA may then keep more activations alive at once.
+    unroll: ``lax.scan``'s ``unroll`` (``True``: straight-line code).
     axis_name: None, or an Explicit mesh axis (or tuple of them) of the
       mesh set with ``jax.set_mesh``, over which the batch's leading axis
       is sharded. The function then runs ``loss_fn`` on each device's shard
@@ -196,20 +193,18 @@ def microbatched_value_and_grad(
   batch_argnums = check_args(
     num_microbatches, reduction, batch_argnums, key_argnum
   )
-  sums = window_sums(
+  sums = WindowSums(
     loss_fn,
-    num_microbatches,
-    has_aux=has_aux,
-    reduction=reduction,
-    batch_argnums=batch_argnums,
-    key_argnum=key_argnum,
-    unroll=unroll,
+    int(num_microbatches),
+    has_aux,
+    reduction,
+    batch_argnums,
+    key_argnum,
+    unroll,
   )
   names = _checks.axis_name(axis_name)
   if names is not None:
-    return _unreduced.value_and_grad(
-      sums, names, int(num_microbatches), has_aux, batch_argnums, key_argnum
-    )
+    return _unreduced.value_and_grad(sums, names)
 
   def value_and_grad(params, *args):
     g_sum, w_sum, l_sum, a_sum = sums(params, *args)
@@ -230,145 +225,133 @@ def microbatched_value_and_grad(
   return value_and_grad
 
 
-def window_sums(
-  loss_fn,
-  num_microbatches,
-  *,
-  has_aux,
-  reduction,
-  batch_argnums,
-  key_argnum,
-  unroll,
-):
-  """The checked arguments of `microbatched_value_and_grad` to a function
-  returning the window's sums ``(sum_i w_i g_i, sum_i w_i, sum_i w_i L_i,
-  sum_i w_i aux_i)`` (``g_i``, ``L_i`` unweighted with ``reduction="sum"``),
-  the gradient sum in float32 or the param dtype when wider. Inside
-  ``shard_map(check_vma=True)`` the sums are typed varying where the
-  per-micro-batch terms are."""
-  form = '(loss, (weight, aux))' if has_aux else '(loss, weight)'
+@dataclasses.dataclass(frozen=True)
+class WindowSums:
+  """The checked arguments of ``microbatched_value_and_grad``; called, the
+  window's sums ``(sum_i w_i g_i, sum_i w_i, sum_i w_i L_i, sum_i w_i
+  aux_i)`` (``g_i``, ``L_i`` unweighted with ``reduction="sum"``), the
+  gradient sum in float32 or the param dtype when wider. Inside
+  ``shard_map(check_vma=True)`` the sums vary where their terms do."""
 
-  def weighted_loss(params, args):
-    out = loss_fn(params, *args)
+  loss_fn: Callable[..., Any]
+  num_microbatches: int
+  has_aux: bool
+  reduction: str
+  batch_argnums: tuple[int, ...]
+  key_argnum: Union[int, None]
+  unroll: Union[int, bool]
+
+  def weighted_loss(self, params, args):
+    """``(loss, (weight, loss, aux))`` of one micro-batch, checked."""
+    out = self.loss_fn(params, *args)
+    form = '(loss, (weight, aux))' if self.has_aux else '(loss, weight)'
     if not (isinstance(out, tuple) and len(out) == 2) or (
-      has_aux and not (isinstance(out[1], tuple) and len(out[1]) == 2)
+      self.has_aux and not (isinstance(out[1], tuple) and len(out[1]) == 2)
     ):
       fail(
         ValueError,
         'loss_fn',
         f'it returned {jax.tree.structure(out)}',
-        f'Return {form} (has_aux={has_aux}).',
+        f'Return {form} (has_aux={self.has_aux}).',
       )
     loss, rest = out
-    weight, aux = rest if has_aux else (rest, None)
-    scalar = lambda x: (
+    weight, aux = rest if self.has_aux else (rest, None)
+    if not all(
       x is not None
       and not isinstance(x, (tuple, list, dict))
       and jnp.shape(x) == ()
-    )
-    if not (scalar(loss) and scalar(weight)):
+      for x in (loss, weight)
+    ):
       fail(
         ValueError,
         'loss_fn',
         f'it returned {jax.tree.structure(out)}, not scalars',
-        f'Return {form} with a scalar loss and a scalar '
-        "weight (the micro-batch's number of items).",
+        f'Return {form} with a scalar loss and weight.',
       )
-    _checks.weight(weight)  # a concrete bad weight raises
-    # A traced negative or non-finite weight poisons the result with NaN.
-    weight = jnp.asarray(weight, jnp.float32)
-    weight = jnp.where((weight >= 0) & jnp.isfinite(weight), weight, jnp.nan)
+    # A concrete bad weight raises; a traced one poisons the sums with NaN.
     # The unweighted loss is differentiated; the weight multiplies the
-    # float32 gradient afterwards, so a large token count never overflows a
+    # float32 gradient afterwards, so a large count never overflows a
     # low-precision loss's cotangent.
+    weight = _call_checks.weight(weight).astype(jnp.float32)  # type: ignore
     return loss, (weight, loss, aux)
 
-  grad_fn = jax.grad(weighted_loss, has_aux=True)
+  def call_args(self, args, micro, i):
+    """The arguments of micro-batch ``i``."""
+    call_args = list(args)
+    for n, value in micro.items():
+      call_args[n - 1] = value
+    if self.key_argnum is not None:
+      key = args[self.key_argnum - 1]
+      call_args[self.key_argnum - 1] = jax.random.fold_in(key, i)
+    return call_args
 
-  def sums(params, *args):
-    args = list(args)
-    for name, n in [('batch_argnums', n) for n in batch_argnums] + (
-      [] if key_argnum is None else [('key_argnum', key_argnum)]
+  def body(self, params, args, carry, xs):
+    """Adds one micro-batch's terms into the carried sums."""
+    i, micro = xs
+    grads, (weight, loss, aux) = jax.grad(self.weighted_loss, has_aux=True)(
+      params, self.call_args(args, micro, i)
+    )
+    g_sum, w_sum, l_sum, a_sum = carry
+    # sum_i w_i dL_i (mean) or sum_i dL_i (sum), divided once at the end.
+    # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
+    scale = weight if self.reduction == 'mean' else jnp.ones([], jnp.float32)
+    zero = weight == 0
+    add = lambda a, x, s: (
+      a + jnp.where(zero, 0, x.astype(a.dtype) * s.astype(a.dtype))
+    )
+    g_sum = jax.tree.map(lambda a, g: add(a, g, scale), g_sum, grads)
+    a_sum = jax.tree.map(lambda a, x: add(a, x, weight), a_sum, aux)
+    return (g_sum, w_sum + weight, add(l_sum, loss, scale), a_sum), None
+
+  def __call__(self, params, *args):
+    for name, n in [('batch_argnums', n) for n in self.batch_argnums] + (
+      [] if self.key_argnum is None else [('key_argnum', self.key_argnum)]
     ):
       if n > len(args):
         fail(
           ValueError,
           name,
-          f'argument {n}, but the function was '
-          f'called with {len(args) + 1} arguments',
-          'Count the params as argument 0.',
+          f'argument {n}, but the function was called '
+          f'with {len(args) + 1} arguments',
+          'Count params as argument 0.',
         )
-    split = {n: _split(args[n - 1], num_microbatches, n) for n in batch_argnums}
-    key = None if key_argnum is None else args[key_argnum - 1]
-
-    acc_dtype = lambda p: _accumulator.default_dtype(jnp.result_type(p))
-    grads0 = jax.tree.map(
-      lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)), params
+    split = {
+      n: _split(args[n - 1], self.num_microbatches, n)
+      for n in self.batch_argnums
+    }
+    first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
+    loss0, aux0 = jax.eval_shape(
+      lambda p: self.weighted_loss(p, self.call_args(args, first[1], 0))[1][1:],
+      params,
     )
     # The loss and aux sums in float32, or their own dtype when wider.
-    loss0, aux0 = jax.tree.map(
-      lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
-      _first_outputs(weighted_loss, params, args, split, key, key_argnum),
-    )
-    carry0 = (grads0, jnp.zeros([], jnp.float32), loss0, aux0)
-
-    def body(carry, xs):
-      i, micro = xs
-      call_args = list(args)
-      for n, value in micro.items():
-        call_args[n - 1] = value
-      if key is not None and key_argnum is not None:
-        call_args[key_argnum - 1] = jax.random.fold_in(key, i)
-      grads, (weight, loss, aux) = grad_fn(params, call_args)
-      g_sum, w_sum, l_sum, a_sum = carry
-      # sum_i w_i dL_i (mean) or sum_i dL_i (sum), divided once at the end.
-      # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
-      scale = weight if reduction == 'mean' else jnp.ones([], jnp.float32)
-      zero = weight == 0
-      g_sum = jax.tree.map(
-        lambda a, g: (
-          a + jnp.where(zero, 0, g.astype(a.dtype) * scale.astype(a.dtype))
+    zeros = lambda s, d: jnp.zeros(s.shape, jnp.promote_types(s.dtype, d))
+    carry0 = (
+      jax.tree.map(
+        lambda p: jnp.zeros_like(
+          p, dtype=(_accumulator.default_dtype(jnp.result_type(p)))
         ),
-        g_sum,
-        grads,
-      )
-      l_sum = l_sum + jnp.where(zero, 0, scale * loss.astype(l_sum.dtype))
-      a_sum = jax.tree.map(
-        lambda a, x: a + jnp.where(zero, 0, weight * x.astype(a.dtype)),
-        a_sum,
-        aux,
-      )
-      return (g_sum, w_sum + weight, l_sum, a_sum), None
-
+        params,
+      ),
+      jnp.zeros([], jnp.float32),
+      zeros(loss0, jnp.float32),
+      jax.tree.map(lambda s: zeros(s, jnp.float32), aux0),
+    )
+    body = functools.partial(self.body, params, args)
     # Inside shard_map(check_vma=True) a sum varies across devices where its
     # terms do: the initial carry takes the types of one step's output.
-    first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
     out = jax.eval_shape(lambda c, x: body(c, x)[0], carry0, first)
     carry0 = jax.tree.map(_vary_like, carry0, out)
-    (g_sum, w_sum, l_sum, a_sum), _ = lax.scan(
-      body, carry0, (jnp.arange(num_microbatches), split), unroll=unroll
+    sums, _ = lax.scan(
+      body,
+      carry0,
+      (jnp.arange(self.num_microbatches), split),
+      unroll=self.unroll,
     )
-    return g_sum, w_sum, l_sum, a_sum
-
-  return sums
+    return sums
 
 
 def _vary_like(x, like):
   """`x` cast to varying over the mesh axes `like`'s type varies over."""
   manual = getattr(like, 'manual_axis_type', None)
   return _layout.vary(x, tuple(sorted(getattr(manual, 'varying', ()) or ())))
-
-
-def _first_outputs(weighted_loss, params, args, split, key, key_argnum):
-  """The shapes and dtypes of the loss and of aux, from one abstract call."""
-
-  def first(params):
-    call_args = list(args)
-    for n, value in split.items():
-      call_args[n - 1] = jax.tree.map(lambda x: x[0], value)
-    if key is not None:
-      call_args[key_argnum - 1] = jax.random.fold_in(key, 0)
-    loss, (_, _, aux) = weighted_loss(params, call_args)
-    return loss, aux
-
-  return jax.eval_shape(first, params)

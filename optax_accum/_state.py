@@ -18,13 +18,10 @@ class AccumulateState(NamedTuple):
     gradient_step: int32 scalar, the gradient steps taken; the
       ``every_k_schedule`` is evaluated on it.
     every_k: int32 scalar, the k of the window in flight, fixed by its first
-      micro-batch (so a window ends with the k it started with, also after a
-      restore into another schedule); with no window in flight, the
-      schedule's k for the next.
+      micro-batch; with no window in flight, the schedule's k for the next.
     acc_grads: pytree shaped like the params, :math:`\\sum_i w_i g_i` over
-      the window in flight, in the accumulator dtype. When ``mini_step`` is
-      0 it still holds the last window's sum: the next micro-batch
-      overwrites it in the pass that would add to it.
+      the window in flight, in the accumulator dtype (the last window's
+      when ``mini_step`` is 0; the next micro-batch overwrites it).
     acc_compensation: None, or in the ``"kahan_bfloat16"`` mode Kahan's
       bfloat16 error terms; the sum is ``acc_grads - acc_compensation``.
     acc_weight: scalar :math:`\\sum_i w_i` of the window in flight (its
@@ -88,11 +85,9 @@ def holds_chainable_form(tree) -> bool:
 def has_updated(opt_state: Any) -> jax.Array:
   """Tells whether the last mini-step took a gradient step.
 
-  Reads the ``has_updated`` flag of the first :class:`AccumulateState`
-  inside ``opt_state`` (a bare state, a chain's, Flax
-  ``nnx.Optimizer.opt_state``). Unlike ``optax.MultiSteps.has_updated``,
-  which infers it from the counters, the flag is stored, so it stays true
-  to what happened after a rejected window, a weight-0 window or a flush.
+  Reads the stored ``has_updated`` flag of the first
+  :class:`AccumulateState` inside ``opt_state`` (unlike
+  ``optax.MultiSteps.has_updated``, which infers it from the counters).
 
   Args:
     opt_state: an optimizer state pytree holding an ``AccumulateState``.
@@ -124,5 +119,5 @@ def has_updated(opt_state: Any) -> jax.Array:
       'optax_accum.accumulate or optax_accum.chain.',
     )
   flag = states[0].has_updated
-  flag = flag.get_value() if hasattr(flag, 'get_value') else flag  # nnx
+  flag = flag.get_value() if hasattr(flag, 'get_value') else flag  # nnx  # type: ignore
   return jnp.asarray(flag)

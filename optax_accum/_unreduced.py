@@ -1,12 +1,14 @@
 """Gradients typed unreduced over a mesh axis: the ``axis_name`` path of
 ``microbatched_value_and_grad``, for any model."""
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from optax_accum import _checks
+from optax_accum import _call_checks
 from optax_accum import _layout
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
@@ -47,7 +49,7 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
       'jax.set_mesh(mesh)`; in jax.shard_map, differentiate w.r.t. '
       f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead.",
     )
-  param_specs = jax.tree.map(_checks.spec_of, params)
+  param_specs = jax.tree.map(_call_checks.spec_of, params)
   is_spec = lambda s: isinstance(s, P)
   for path, spec in jax.tree.leaves_with_path(param_specs, is_leaf=is_spec):
     if _layout.spec_axes(spec) & set(names):
@@ -58,13 +60,13 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
         f'{leaf_name(path)} is sharded {spec} over it (FSDP)',
         'Defer the replica axis of a (replica, fsdp) mesh instead.',
       )
-  arg_specs = [jax.tree.map(_checks.spec_of, a) for a in args]
+  arg_specs = [jax.tree.map(_call_checks.spec_of, a) for a in args]
   batch_axes: tuple[str, ...] = ()
   for n in batch_argnums:
     for path, x in jax.tree.leaves_with_path(
       args[n - 1] if n <= len(args) else ()
     ):
-      spec = _checks.spec_of(x) if jnp.ndim(x) else P()
+      spec = _call_checks.spec_of(x) if jnp.ndim(x) else P()
       lead = _layout.entry_axes(spec[0]) if len(spec) else ()
       per_device = jnp.shape(x)[0] // _layout.axes_size(lead) if lead else 0
       if not set(names) <= set(lead) or per_device % k:
@@ -93,77 +95,77 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
   return param_specs, arg_specs, batch_axes
 
 
-def value_and_grad(
-  sums, names, num_microbatches, has_aux, batch_argnums, key_argnum
-):
-  """``microbatched_value_and_grad(..., axis_name=names)``: ``sums`` (the
-  window sums of one device's shard) run in one ``jax.shard_map`` over the
-  mesh; the gradients leave it typed unreduced over ``names``."""
+def _local(sums, names, param_specs, batch_axes, single, p_local, *args):
+  """One device's part, inside the shard_map: the whole params gathered and
+  differentiated as this device's own (varying) copy; its gradient sum
+  reduced over the batch axes but ``names`` (fsdp), once per call, and left
+  unreduced over ``names``."""
+  args = list(args)
+  if sums.key_argnum is not None and sums.key_argnum <= len(args):
+    key = args[sums.key_argnum - 1]
+    args[sums.key_argnum - 1] = jax.random.fold_in(
+      key, lax.axis_index(batch_axes)
+    )
+  is_spec = lambda s: isinstance(s, P)
+  p_var = jax.tree.map(
+    lambda x, spec: _layout.vary(_gather(x, spec), batch_axes + names),
+    p_local,
+    param_specs,
+    is_leaf=is_spec,
+  )
+  g_sum, w_sum, l_sum, a_sum = sums(p_var, *args)
+  total, l_tot, a_tot = lax.psum((w_sum, l_sum, a_sum), batch_axes)
+  denom = jnp.where(total == 0, 1.0, total)  # NaN stays NaN
+  now_axes = tuple(a for a in batch_axes if a not in names)
+
+  def finish(g, p, spec):
+    g = _reduce_to_shard(g, spec, now_axes)
+    g = (g * (1 / denom.astype(g.dtype))).astype(jnp.result_type(p))
+    if single:  # typed unreduced outside (jax cannot pcast here)
+      return lax.psum(g, names)
+    return lax.pcast(g, names, to='unreduced')
+
+  grads = jax.tree.map(finish, g_sum, p_local, param_specs, is_leaf=is_spec)
+  loss = l_tot / denom
+  if sums.has_aux:
+    return (loss, jax.tree.map(lambda a: a / denom, a_tot)), grads, total
+  return loss, grads, total
+
+
+def value_and_grad(sums, names):
+  """``microbatched_value_and_grad(..., axis_name=names)``: ``sums`` (a
+  ``WindowSums`` of one device's shard) run in one ``jax.shard_map`` over
+  the mesh; the gradients leave it typed unreduced over ``names``."""
   axis_name = names[0] if len(names) == 1 else names
+  is_spec = lambda s: isinstance(s, P)
 
   def value_and_grad(params, *args):
-    args = list(args)
     param_specs, arg_specs, batch_axes = _check_call(
-      axis_name, names, params, args, batch_argnums, num_microbatches
+      axis_name,
+      names,
+      params,
+      list(args),
+      sums.batch_argnums,
+      sums.num_microbatches,
     )
     # An axis of size 1 has nothing to defer; JAX (0.10) cannot lower a
-    # pcast to unreduced over it, so the gradient is typed unreduced by a
-    # reshard outside the shard_map instead.
+    # pcast to unreduced over it: the gradient is typed outside instead.
     single = _layout.axes_size(names) == 1
-    # Reduced every call: the batch axes other than `axis_name` (fsdp).
-    now_axes = tuple(a for a in batch_axes if a not in names)
-
-    def local(p_local, *call_args):
-      call_args = list(call_args)
-      if key_argnum is not None and key_argnum <= len(call_args):
-        call_args[key_argnum - 1] = jax.random.fold_in(
-          call_args[key_argnum - 1], lax.axis_index(batch_axes)
-        )
-      # The whole params on every device, differentiated as each device's
-      # own (varying) copy: each gradient is one device's own sum, reduced
-      # below, once per call, over the batch axes but `axis_name`.
-      p_var = jax.tree.map(
-        lambda x, spec: _layout.vary(_gather(x, spec), batch_axes + names),
-        p_local,
-        param_specs,
-        is_leaf=lambda s: isinstance(s, P),
-      )
-      g_sum, w_sum, l_sum, a_sum = sums(p_var, *call_args)
-      total, l_tot, a_tot = lax.psum((w_sum, l_sum, a_sum), batch_axes)
-      denom = jnp.where(total == 0, 1.0, total)  # NaN stays NaN
-
-      def finish(g, p, spec):
-        g = _reduce_to_shard(g, spec, now_axes)
-        g = (g * (1 / denom.astype(g.dtype))).astype(jnp.result_type(p))
-        if single:  # typed unreduced outside (jax cannot pcast here)
-          return lax.psum(g, names)
-        return lax.pcast(g, names, to='unreduced')
-
-      grads = jax.tree.map(
-        finish, g_sum, p_local, param_specs, is_leaf=lambda s: isinstance(s, P)
-      )
-      loss = l_tot / denom
-      if has_aux:
-        aux = jax.tree.map(lambda a: a / denom, a_tot)
-        return (loss, aux), grads, total
-      return loss, grads, total
-
-    unreduced = frozenset(names)
     grad_specs = jax.tree.map(
-      lambda s: s.update(unreduced=unreduced),
+      lambda s: s.update(unreduced=frozenset(names)),
       param_specs,
-      is_leaf=lambda s: isinstance(s, P),
+      is_leaf=is_spec,
     )
-    out_specs = (P(), param_specs if single else grad_specs, P())
+    local = functools.partial(
+      _local, sums, names, param_specs, batch_axes, single
+    )
     value, grads, total = jax.shard_map(
       local,
       in_specs=(param_specs, *arg_specs),
-      out_specs=out_specs,
+      out_specs=(P(), param_specs if single else grad_specs, P()),
     )(params, *args)
     if single:
-      grads = jax.tree.map(
-        jax.reshard, grads, grad_specs, is_leaf=lambda s: isinstance(s, P)
-      )
+      grads = jax.tree.map(jax.reshard, grads, grad_specs, is_leaf=is_spec)
     return value, grads, total
 
   return value_and_grad

@@ -24,15 +24,11 @@ _SHARED = (
 def share_counters(opt_state: Any) -> tuple[Any, Any]:
   """Splits an ensemble's optimizer state for ``jax.vmap``: shared counters.
 
-  ``jax.vmap(tx.init)(members)`` stacks every field of the
-  :class:`optax_accum.AccumulateState` along axis 0, so under ``jax.vmap``
-  the window's end is a batched predicate and ``lax.cond`` becomes a
-  select: the inner optimizer runs on every mini-step. When all members
-  follow the same schedule, the counters are equal; this takes them from
-  member 0 and returns the ``in_axes``/``out_axes`` that keep them
-  unbatched, so the conditional stays a conditional. Pass ``weight`` and
-  ``flush`` unbatched (``in_axes=None``, one value for all members);
-  per-member ``value`` is fine.
+  Stacked counters make the window's end a batched predicate under
+  ``jax.vmap``, so ``lax.cond`` becomes a select and the inner optimizer
+  runs on every mini-step. This takes the counters from member 0 and
+  returns ``in_axes``/``out_axes`` that keep them unbatched. Pass
+  ``weight`` and ``flush`` unbatched (``in_axes=None``).
 
   Args:
     opt_state: a state stacked along axis 0 (``jax.vmap(tx.init)``), with
@@ -45,11 +41,9 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
     for ``jax.vmap``'s ``in_axes`` and ``out_axes``.
 
   Raises:
-    ValueError: a state not stacked per member (``mini_step`` not of shape
-      ``(members,)``); concrete counters that differ between members; an
-      accumulator with ``should_skip_update_fn`` (each member decides its
-      own skips, so windows cannot end together: vmap without this); or a
-      state with no ``AccumulateState``.
+    ValueError: a state not stacked per member, counters that differ
+      between members, a ``should_skip_update_fn`` (its verdict is per
+      member), or no ``AccumulateState`` (``.argument``: ``opt_state``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum

@@ -192,12 +192,11 @@ def test_accumulators_under_partition_labels_are_exact(problem):
 
 
 def _tuple_wrapper(tx):
-  return optax.GradientTransformationExtraArgs(
-    lambda p: (tx.init(p),),
-    lambda u, s, p=None, **kw: (lambda r: (r[0], (r[1],)))(
-      tx.update(u, s[0], p, **kw)
-    ),
-  )
+  def update(u, s, p=None, **kw):
+    u, inner = tx.update(u, s[0], p, **kw)
+    return u, (inner,)
+
+  return optax.GradientTransformationExtraArgs(lambda p: (tx.init(p),), update)
 
 
 @pytest.mark.parametrize(

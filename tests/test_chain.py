@@ -6,7 +6,6 @@ from helpers import train_accumulated
 from helpers import train_large_batch
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 

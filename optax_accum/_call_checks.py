@@ -1,0 +1,344 @@
+"""The checks each call runs, before it adds a micro-batch: structure and
+shape (as ``optax.chain`` checks them), concrete ``weight``, ``flush`` and
+``value``, what ``apply_gradients`` can tell from a state, and the parallel
+types that would otherwise give wrong numbers. Construction and init checks
+are in ``_checks``; every raise goes through ``_errors.fail``.
+"""
+
+import difflib
+import sys
+import warnings
+
+import jax
+from jax.core import Tracer
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from optax_accum._errors import fail
+from optax_accum._errors import leaf_name
+
+
+def updates(grads, acc_grads) -> None:
+  """The gradients have the params' structure and shapes."""
+  got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
+  if got != want:
+    fail(
+      ValueError,
+      'updates',
+      f'structure {got}, but the state holds {want}',
+      'Pass gradients shaped like the params given to init '
+      '(for optax.lookahead, init with params.fast).',
+    )
+  for (path, g), a in zip(
+    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
+  ):
+    if jnp.shape(g) != jnp.shape(a):
+      fail(
+        ValueError,
+        'updates',
+        f'shape {jnp.shape(g)} at '
+        f'{leaf_name(path)}, but the accumulator has {jnp.shape(a)}',
+        'Pass gradients shaped like the params given to init.',
+      )
+    if jnp.issubdtype(jnp.result_type(g), jnp.complexfloating) and not (
+      jnp.issubdtype(a.dtype, jnp.complexfloating)
+    ):
+      fail(
+        TypeError,
+        'updates',
+        f'a complex gradient at {leaf_name(path)} '
+        f'for a real ({a.dtype}) accumulator drops its imaginary part',
+        'Use complex params, or pass the real gradient.',
+      )
+
+
+def params(value, grads) -> None:
+  """Params of the gradients' structure have their shapes."""
+  if value is None or jax.tree.structure(value) != jax.tree.structure(grads):
+    return  # optax.lookahead's params hold more than the gradients
+  for (path, p), g in zip(
+    jax.tree.leaves_with_path(value), jax.tree.leaves(grads)
+  ):
+    if jnp.shape(p) != jnp.shape(g):
+      fail(
+        ValueError,
+        'params',
+        f'shape {jnp.shape(p)} at {leaf_name(path)}'
+        f', but its gradient has {jnp.shape(g)}',
+        'Pass the params the gradient was taken at.',
+      )
+
+
+def weight(value, dtype=jnp.float32):
+  """A real scalar >= 0 (concrete: finite in ``dtype``, the dtype weights
+  are summed in); returns it as an array."""
+  if value is None:
+    return None
+  dtype = None if isinstance(value, (str, bytes)) else jnp.result_type(value)
+  if dtype is None or not (
+    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+  ):
+    fail(
+      TypeError,
+      'weight',
+      f'{value!r}, not a real number',
+      "Pass the micro-batch's number of items (tokens), a scalar.",
+    )
+  if jnp.shape(value) != ():  # type: ignore
+    fail(
+      ValueError,
+      'weight',
+      f'shape {jnp.shape(value)}, not a scalar',  # type: ignore
+      "Pass the micro-batch's total number of items, jnp.sum(mask).",
+    )
+  if unreduced_axes(value):
+    fail(
+      ValueError,
+      'weight',
+      f'typed {jax.typeof(value)}, unreduced',
+      'Reduce it first: jax.reshard(weight, P()).',
+    )
+  if not isinstance(value, Tracer):
+    with np.errstate(all='ignore'):
+      concrete = np.asarray(value, np.float64).astype(dtype)
+    if not np.isfinite(concrete) or concrete < 0:
+      fail(
+        ValueError,
+        'weight',
+        f'{value!r}, not a finite number >= 0 in {jnp.dtype(dtype)}',
+        "Pass the micro-batch's number of items; 0 adds nothing.",
+      )
+    return jnp.asarray(value)
+  # A traced negative or non-finite weight poisons the window with NaN.
+  value = jnp.asarray(
+    value, jnp.promote_types(jnp.result_type(value), jnp.float32)
+  )
+  return jnp.where(
+    (value >= 0) & jnp.isfinite(value), value, jnp.full_like(value, jnp.nan)
+  )
+
+
+def flush(value):
+  if value is None:
+    return None
+  if isinstance(value, bool) or (
+    jnp.shape(value) == () and getattr(value, 'dtype', None) == jnp.bool_
+  ):
+    return jnp.asarray(value)
+  fail(
+    TypeError,
+    'flush',
+    f'{value!r}, not a bool scalar',
+    'Write flush=bool(...) or flush=(x > 0).',
+  )
+
+
+def value(loss):
+  if jnp.shape(loss) != () or not jnp.issubdtype(
+    jnp.result_type(loss), jnp.number
+  ):
+    fail(
+      ValueError,
+      'value',
+      f'{loss!r}, not a real scalar',
+      "Pass the micro-batch's mean loss, a scalar.",
+    )
+  return jnp.asarray(loss)
+
+
+_OWN_KEYWORDS = ('weight', 'flush', 'value')
+
+
+def misspelt_keywords(extra_args) -> None:
+  """Warns of a keyword close to ``weight``, ``flush`` or ``value``: optax
+  passes unknown keywords on to transformations that ignore them."""
+  for name in extra_args:
+    close = difflib.get_close_matches(name, _OWN_KEYWORDS, n=1, cutoff=0.8)
+    if name not in _OWN_KEYWORDS and close:
+      warnings.warn(
+        f'accumulate got `{name}`, which it does not read: did you mean '
+        f'`{close[0]}`? Silence this warning if an inner optimizer takes it.',
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+      )
+
+
+def _user_stacklevel() -> int:
+  """The stacklevel of the first frame outside optax_accum, jax, optax and
+  flax, so a warning points at the user's line on every path."""
+  frame, level = sys._getframe(1), 1  # pylint: disable=protected-access
+  while frame is not None:
+    module = frame.f_globals.get('__name__', '').split('.')[0]
+    if module not in ('optax_accum', 'jax', 'jaxlib', 'optax', 'flax'):
+      return level
+    frame, level = frame.f_back, level + 1
+  return 1
+
+
+def keywords_read(extra_args, holds_accumulator: bool) -> None:
+  """``weight``/``flush`` reach no accumulator: they would be ignored."""
+  given = [k for k in ('weight', 'flush') if extra_args.get(k) is not None]
+  if given and not holds_accumulator:
+    fail(
+      ValueError,
+      given[0],
+      'given to an optimizer without an accumulator, which would ignore it',
+      'Build it with '
+      'optax_accum.chain(optax_accum.accumulate(k), opt), or drop it.',
+    )
+
+
+def no_chainable_form(chainable: bool, argument: str) -> None:
+  """The presence rule: a chainable-form accumulator inside a
+  transformation this library did not build runs the elements after it on
+  every mini-step's zeros, so it is refused."""
+  if chainable:
+    fail(
+      ValueError,
+      argument,
+      'holds a chainable-form accumulate(k) (no '
+      'inner) inside a transformation that optax_accum did not build, '
+      'so what follows it runs on every mini-step, on zeros',
+      'Write the exact form: optax_accum.chain(..., accumulate(k), opt) '
+      'or accumulate(k, opt); keep optax.chain(accumulate(k), opt) only '
+      'with tx.update and optax.apply_updates.',
+    )
+
+
+# ------------------------------------------- each call: parallel types
+
+
+def spec_of(x) -> P:
+  """The PartitionSpec in ``x``'s type (``P()`` where it has none)."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  return P() if spec is None else spec
+
+
+def unreduced_axes(x) -> frozenset:
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(spec_of(x).unreduced) | frozenset(
+    getattr(manual, 'unreduced', ()) or ()
+  )
+
+
+def varying_axes(x) -> frozenset:
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return frozenset(getattr(manual, 'varying', ()) or ())
+
+
+def unreduced_without_accumulator(grads, holds_accumulator: bool) -> None:
+  axes = sorted(_axes_of(grads, unreduced_axes))
+  if axes and not holds_accumulator:
+    fail(
+      ValueError,
+      'grads',
+      f"each device's part of a sum over {axes}, "
+      'and `tx` holds no accumulator to reduce them',
+      'Use optax_accum.'
+      f'accumulate(k, opt, axis_name={_shown(axes)!r}), or reduce them '
+      'first with jax.reshard(g, P()).',
+    )
+
+
+def _axes_of(tree, axes_fn) -> set:
+  return set().union(*(axes_fn(x) for x in jax.tree.leaves(tree)))
+
+
+def no_axis_call(grads, acc_grads) -> None:
+  """Without ``axis_name``: gradients that need one."""
+  unreduced = _axes_of(grads, unreduced_axes)
+  extra = _axes_of(grads, varying_axes) - _axes_of(acc_grads, varying_axes)
+  if unreduced or (extra and jax.tree.leaves(acc_grads)):
+    axes = sorted(unreduced or extra)
+    fail(
+      ValueError,
+      'axis_name',
+      f'None, but the gradients are each device\'s part of a sum over {axes}',
+      f'Write accumulate(..., axis_name={_shown(axes)!r}) and init '
+      'under jax.set_mesh, or pass a per-device (stacked) state.',
+    )
+
+
+def unreduced_state(names, acc_grads, acc_weight) -> None:
+  """A state whose sums are unreduced over exactly ``axis_name``."""
+  for path, a in jax.tree.leaves_with_path((acc_grads, acc_weight)):
+    if set(unreduced_axes(a)) != set(names):
+      fail(
+        ValueError,
+        'state',
+        f'its sum at {leaf_name(path)} is typed '
+        f'{jax.typeof(a)}, not unreduced over {_shown(names)!r}',
+        'Make it with tx.init(params) (or restore_checkpoint) inside '
+        '`with jax.set_mesh(mesh)`; in shard_map give it the specs '
+        'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, state).',
+      )
+
+
+def checked_call(names, grads, acc_grads, scalars) -> None:
+  """In ``shard_map(check_vma=True)``: each device's own gradient, and no
+  value varying over axes the accumulator does not."""
+  for (path, g), a in zip(
+    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
+  ):
+    if not set(names) <= varying_axes(g):
+      fail(
+        ValueError,
+        'updates',
+        f'the gradient at {leaf_name(path)} is '
+        f'invariant over {_shown(names)!r}: shard_map already summed it, '
+        'the reduction accumulation defers',
+        'Differentiate with respect '
+        f"to jax.lax.pcast(params, {_shown(names)!r}, to='varying').",
+      )
+    extra = varying_axes(g) - set(names) - varying_axes(a)
+    if extra:
+      fail(
+        ValueError,
+        'updates',
+        f'the gradient at {leaf_name(path)} '
+        f'varies over {sorted(extra)} besides axis_name, but its '
+        'accumulator does not',
+        f'Reduce it first (jax.lax.psum(g, '
+        f'{_shown(sorted(extra))!r})), or add them to axis_name.',
+      )
+  for argument, x in scalars.items():
+    extra = set() if x is None else varying_axes(x) - set(names)
+    if argument == 'flush' and x is not None:
+      extra = varying_axes(x)
+    if extra:
+      fail(
+        ValueError,
+        argument,
+        f'varies over {sorted(extra)}',
+        'Every '
+        'device must agree on it: compute it from values that are the '
+        'same on every device, or psum/pmax it over those axes.',
+      )
+
+
+def mesh_call(names, grads, value) -> None:
+  """Under plain ``jax.jit`` on a mesh: gradients typed unreduced over
+  ``axis_name``, a replicated ``value``."""
+  for path, g in jax.tree.leaves_with_path(grads):
+    if set(unreduced_axes(g)) != set(names):
+      fail(
+        ValueError,
+        'updates',
+        f'the gradient at {leaf_name(path)} is '
+        f'typed {jax.typeof(g)}, not unreduced over {_shown(names)!r}',
+        'Compute it with optax_accum.microbatched_value_and_grad('
+        f'loss_fn, axis_name={_shown(names)!r}), or drop axis_name.',
+      )
+  if value is not None and unreduced_axes(value):
+    fail(
+      ValueError,
+      'value',
+      f'typed {jax.typeof(value)}, unreduced',
+      "Pass the micro-batch's global mean loss, a replicated scalar.",
+    )
+
+
+def _shown(names):
+  names = tuple(names)
+  return names[0] if len(names) == 1 else names
