@@ -11,12 +11,13 @@ samples, k in {1, 4, 16}:
   shard_map deferral  `jax.shard_map` (check_vma=True, JAX's default), the
                       gradient w.r.t. `pcast(params, 'data', to='varying')`,
                       `accumulate(k, adamw, axis_name='data')`;
-  jit deferral        plain jit, `unreduced_value_and_grad(loss, 'data')`,
+  jit deferral        plain jit, `microbatched_value_and_grad` with
+                      `axis_name='data'`,
                       `accumulate(k, adamw, axis_name='data')`;
   HSDP per micro-batch / HSDP deferral
                       a (replica=2, fsdp=4) mesh with the weight matrices
                       sharded over fsdp: `jax.grad` of the global loss, or
-                      `unreduced_value_and_grad(loss, 'replica')` with
+                      `microbatched_value_and_grad` with
                       `axis_name='replica'` (the fsdp reduce-scatter runs
                       every micro-batch, the replica all-reduce once).
 
@@ -91,8 +92,8 @@ def step_per_micro_batch(tx):
 
 
 def step_jit_deferral(tx, axis):
-  vg = optax_accum.unreduced_value_and_grad(
-    counted_loss, axis, batch_argnums=(1, 2)
+  vg = optax_accum.microbatched_value_and_grad(
+    counted_loss, 1, batch_argnums=(1, 2), axis_name=axis
   )
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))

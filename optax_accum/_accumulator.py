@@ -28,6 +28,11 @@ def default_dtype(param_dtype) -> jnp.dtype:
   return floor
 
 
+def widest(*dtypes) -> jnp.dtype:
+  """The widest of float dtypes, without promotion (strict-mode safe)."""
+  return max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+
+
 def init(params, accumulator_dtype, names):
   """``(acc_grads, acc_compensation, weight_dtype)`` for ``params``.
 
@@ -64,7 +69,7 @@ def init(params, accumulator_dtype, names):
 
   acc_grads = jax.tree.map_with_path(zeros, params)
   real = [jnp.finfo(a.dtype).dtype for a in jax.tree.leaves(acc_grads)]
-  weight_dtype = jnp.result_type(jnp.float32, *real)
+  weight_dtype = widest(jnp.float32, *real)
   compensation = jax.tree.map(jnp.zeros_like, acc_grads) if kahan else None
   return acc_grads, compensation, weight_dtype
 
@@ -156,11 +161,10 @@ def mean(acc_sum, total_weight, like):
 
 
 def norm(tree, complete) -> jax.Array:
-  """The global L2 norm in float32 or wider; ``complete`` sums a leaf's
-  squares over the devices holding its shards."""
+  """The global L2 norm; ``complete`` sums squares over shards."""
   leaves = [jnp.abs(x) for x in jax.tree.leaves(tree)]
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  dtype = jnp.result_type(jnp.float32, *leaves)
+  dtype = widest(jnp.float32, *(x.dtype for x in leaves))
   squares = [complete(jnp.sum(jnp.square(x.astype(dtype)))) for x in leaves]
   return jnp.sqrt(sum(squares[1:], squares[0])).astype(jnp.float32)

@@ -288,8 +288,7 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
 
 
 def init_names(axis_names) -> Optional[tuple[str, ...]]:
-  """The axes over which ``init`` types the sums unreduced, or None: under
-  ``jax.set_mesh`` (outside shard_map) over Explicit axes of >1 device."""
+  """The Explicit axes of >1 device ``init`` types the sums unreduced on."""
   mesh = jax.sharding.get_abstract_mesh()
   if (
     axis_names is None

@@ -98,7 +98,8 @@ def main():
 
 def train_under_jit(process_id):
   """The same training under plain jit on an Explicit mesh: gradients from
-  unreduced_value_and_grad, reduced once per window across processes."""
+  microbatched_value_and_grad(..., axis_name=...), reduced once per window
+  across processes."""
   mesh = jax.make_mesh((8,), ("data",))  # Explicit axes
   params, xs, ys = make_problem(steps=STEPS, batch=BATCH, dim=8, out=4)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
@@ -106,7 +107,9 @@ def train_under_jit(process_id):
   def loss(p, x, y):
     return jnp.mean((x @ p["w"] + p["b"] - y) ** 2), x.shape[0]
 
-  vg = optax_accum.unreduced_value_and_grad(loss, "data", batch_argnums=(1, 2))
+  vg = optax_accum.microbatched_value_and_grad(
+    loss, 1, batch_argnums=(1, 2), axis_name="data"
+  )
 
   def global_array(local_data, spec):
     return jax.make_array_from_process_local_data(

@@ -268,8 +268,8 @@ def test_checked_shard_map_window_of_weight_zero_takes_no_step():
 
 def _masked_vg():
   """`masked_loss`'s gradients, unreduced over "data"."""
-  return optax_accum.unreduced_value_and_grad(
-    masked_loss, "data", batch_argnums=(1, 2, 3)
+  return optax_accum.microbatched_value_and_grad(
+    masked_loss, 1, batch_argnums=(1, 2, 3), axis_name="data"
   )
 
 
@@ -304,8 +304,8 @@ def test_jit_on_a_mesh_is_exact_and_defers_the_axis_reduction(
   params, xs, ys, ms = _masked_problem()
   want = _large_batch(optax.adamw(1e-2), params, xs, ys, ms)
   tx = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name=axis)
-  vg = optax_accum.unreduced_value_and_grad(
-    masked_loss, axis, num_microbatches, batch_argnums=(1, 2, 3)
+  vg = optax_accum.microbatched_value_and_grad(
+    masked_loss, num_microbatches, batch_argnums=(1, 2, 3), axis_name=axis
   )
   mesh = jax.make_mesh(shape, names)
   with jax.set_mesh(mesh):
@@ -471,8 +471,8 @@ def test_nnx_optimizer_on_a_mesh_is_exact_and_counts_gradient_steps():
     def loss(p, x, y, m):
       return loss_of(nnx.merge(graphdef, p, rest), x, y, m), jnp.sum(m)
 
-    vg = optax_accum.unreduced_value_and_grad(
-      loss, "data", batch_argnums=(1, 2, 3)
+    vg = optax_accum.microbatched_value_and_grad(
+      loss, 1, batch_argnums=(1, 2, 3), axis_name="data"
     )
 
     @nnx.jit

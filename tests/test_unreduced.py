@@ -1,4 +1,5 @@
-"""unreduced_value_and_grad: gradients unreduced over a mesh axis."""
+"""microbatched_value_and_grad(..., axis_name=...) (and its 0.3 spelling,
+unreduced_value_and_grad): gradients unreduced over a mesh axis."""
 
 import chex
 from helpers import MESH_LAYOUTS

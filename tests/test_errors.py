@@ -1,0 +1,151 @@
+"""Errors as a table: (call, exception type, argument named). The prose is
+free to change; the type and the argument named are the contract."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_accum
+
+acc = optax_accum.accumulate
+P0 = {"w": jnp.zeros(3)}
+
+
+def _update(tx, **kw):
+  return lambda: tx.update({"w": jnp.ones(3)}, tx.init(P0), P0, **kw)
+
+
+CASES = {
+  "k zero": (lambda: acc(0), ValueError, "every_k_schedule"),
+  "k string": (lambda: acc("4"), TypeError, "every_k_schedule"),
+  "inner factory": (lambda: acc(2, optax.adam), TypeError, "inner"),
+  "nested accumulate": (lambda: acc(2, acc(2)), ValueError, "inner"),
+  "float16 sum": (
+    lambda: acc(2, accumulator_dtype=jnp.float16),
+    ValueError,
+    "accumulator_dtype",
+  ),
+  "skip not callable": (
+    lambda: acc(2, should_skip_update_fn=True),
+    TypeError,
+    "should_skip_update_fn",
+  ),
+  "axis_name int": (lambda: acc(2, axis_name=3), TypeError, "axis_name"),
+  "integer param": (
+    lambda: acc(2).init({"w": jnp.zeros(3, jnp.int32)}),
+    TypeError,
+    "params",
+  ),
+  "negative weight": (_update(acc(2), weight=-1.0), ValueError, "weight"),
+  "string weight": (_update(acc(2), weight="a"), TypeError, "weight"),
+  "vector weight": (_update(acc(2), weight=jnp.ones(2)), ValueError, "weight"),
+  "weight beyond float32": (_update(acc(2), weight=1e39), ValueError, "weight"),
+  "int flush": (_update(acc(2), flush=1), TypeError, "flush"),
+  "vector value": (_update(acc(2), value=jnp.ones(2)), ValueError, "value"),
+  "updates of another shape": (
+    lambda: acc(2).update({"w": jnp.ones(4)}, acc(2).init(P0)),
+    ValueError,
+    "updates",
+  ),
+  "state of another optimizer": (
+    lambda: acc(2).update(P0, optax.sgd(1.0).init(P0)),
+    TypeError,
+    "state",
+  ),
+  "params None": (
+    lambda: optax_accum.apply_gradients(acc(2), P0, acc(2).init(P0), None),
+    ValueError,
+    "params",
+  ),
+  "weight without an accumulator": (
+    lambda: optax_accum.apply_gradients(
+      optax.sgd(1.0), P0, optax.sgd(1.0).init(P0), P0, weight=2.0
+    ),
+    ValueError,
+    "weight",
+  ),
+  "chainable form in optax.chain": (
+    lambda: optax_accum.apply_gradients(
+      (tx := optax.chain(acc(2), optax.adam(0.1))), P0, tx.init(P0), P0
+    ),
+    ValueError,
+    "tx",
+  ),
+  "chainable form one wrapper deeper": (
+    lambda: optax_accum.apply_gradients(
+      (
+        tx := optax.masked(
+          optax.chain(optax.chain(acc(2)), optax.adam(0.1)), {"w": True}
+        )
+      ),
+      P0,
+      tx.init(P0),
+      P0,
+    ),
+    ValueError,
+    "tx",
+  ),
+  "two accumulators in chain": (
+    lambda: optax_accum.chain(acc(2), acc(3)),
+    ValueError,
+    "transforms[1]",
+  ),
+  "chain element not a transformation": (
+    lambda: optax_accum.chain(optax.adam),
+    TypeError,
+    "transforms[0]",
+  ),
+  "has_updated without an accumulator": (
+    lambda: optax_accum.has_updated(optax.sgd(1.0).init(P0)),
+    ValueError,
+    "opt_state",
+  ),
+  "microbatches zero": (
+    lambda: optax_accum.microbatched_value_and_grad(lambda p, x: (p, 1), 0),
+    ValueError,
+    "num_microbatches",
+  ),
+  "batch leaves of two sizes": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, b: (jnp.sum(b["x"] * p) + jnp.sum(b["c"]), 1.0), 2
+    )(1.0, {"x": jnp.ones(8), "c": jnp.ones(4)}),
+    ValueError,
+    "batch_argnums",
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_an_error_names_its_argument(name):
+  call, error, argument = CASES[name]
+  with pytest.raises(error) as e:
+    call()
+  assert e.value.argument == argument
+  assert f"`{argument}`" in str(e.value)
+
+
+def test_the_chainable_form_message_names_the_exact_spelling():
+  tx = optax.chain(acc(2), optax.adam(0.1))
+  with pytest.raises(ValueError, match=r"optax_accum\.chain\(.*accumulate"):
+    optax_accum.apply_gradients(tx, P0, tx.init(P0), P0)
+
+
+def test_x64_with_strict_promotion_trains_and_is_exact():
+  """Weights and the mean in the accumulator's dtype: float64 windows with
+  fractional weights match the float64 large batch to 1e-12."""
+  with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=3))}
+    grads = [jnp.asarray(rng.normal(size=3)) for _ in range(3)]
+    weights = [0.1, 0.7, 1.3]
+    tx = acc(3, optax.sgd(1.0))
+    state = tx.init(params)
+    for g, w in zip(grads, weights):
+      new, state = optax_accum.apply_gradients(
+        tx, {"w": g}, state, params, weight=w
+      )
+    mean = sum(w * g for w, g in zip(weights, grads)) / sum(weights)
+    np.testing.assert_allclose(new["w"], params["w"] - mean, rtol=1e-12)
+    assert new["w"].dtype == jnp.float64
