@@ -95,9 +95,6 @@ class Accumulator:
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(self.init, self.update)  # type: ignore[arg-type]
 
-  def with_inner(self, inner) -> optax.GradientTransformationExtraArgs:
-    return dataclasses.replace(self, inner=inner).transformation()
-
   def init(self, params: optax.Params) -> AccumulateState:
     """The initial :class:`AccumulateState` for ``params``."""
     names = _layout.init_names(self.names)
@@ -171,7 +168,9 @@ class Accumulator:
     _call_checks.misspelt_keywords(extra)
     weight = _call_checks.weight(weight, state.acc_weight.dtype)
     flush = _call_checks.flush(flush)
-    value = None if 'value' not in extra else _call_checks.value(extra['value'])
+    value = None
+    if 'value' in extra:
+      value = _call_checks.value(extra['value']).astype(state.acc_value.dtype)
     layout = _layout.of(self.names)
     layout.check(grads, state, weight, flush, value)
     grads = jax.tree.map(jnp.asarray, grads)
@@ -243,7 +242,7 @@ class Accumulator:
       stepped = stepped & ~rejected
       skip_state = _strong(skip_state)
     if 'value' in extra:  # the window's weighted mean reaches inner
-      dtype = jnp.promote_types(jnp.result_type(extra['value']), jnp.float32)
+      dtype = _accumulator.promote(extra['value'], jnp.float32)
       extra = {
         **extra,
         'value': (value / weight.astype(value.dtype)).astype(dtype),

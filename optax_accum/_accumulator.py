@@ -28,9 +28,11 @@ def default_dtype(param_dtype) -> jnp.dtype:
   return floor
 
 
-def widest(*dtypes) -> jnp.dtype:
-  """The widest of float dtypes, without promotion (strict-mode safe)."""
-  return max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+def promote(*dtypes) -> jnp.dtype:
+  """JAX's standard promotion of ``dtypes``, whatever the user's promotion
+  mode: our dtypes are decided here, and every operand cast to them."""
+  with jax.numpy_dtype_promotion('standard'):
+    return jnp.dtype(jnp.result_type(*dtypes))
 
 
 def init(params, accumulator_dtype, names):
@@ -69,7 +71,7 @@ def init(params, accumulator_dtype, names):
 
   acc_grads = jax.tree.map_with_path(zeros, params)
   real = [jnp.finfo(a.dtype).dtype for a in jax.tree.leaves(acc_grads)]
-  weight_dtype = widest(jnp.float32, *real)
+  weight_dtype = promote(jnp.float32, *real)
   compensation = jax.tree.map(jnp.zeros_like, acc_grads) if kahan else None
   return acc_grads, compensation, weight_dtype
 
@@ -153,7 +155,7 @@ def mean(acc_sum, total_weight, like):
   ``like``."""
 
   def one(a, g):
-    wide = jnp.promote_types(a.dtype, total_weight.dtype)
+    wide = promote(a.dtype, total_weight.dtype)
     inverse = (1 / total_weight).astype(wide)
     return (a.astype(wide) * inverse).astype(jnp.result_type(g))
 
@@ -165,6 +167,6 @@ def norm(tree, complete) -> jax.Array:
   leaves = [jnp.abs(x) for x in jax.tree.leaves(tree)]
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  dtype = widest(jnp.float32, *(x.dtype for x in leaves))
+  dtype = promote(jnp.float32, *(x.dtype for x in leaves))
   squares = [complete(jnp.sum(jnp.square(x.astype(dtype)))) for x in leaves]
   return jnp.sqrt(sum(squares[1:], squares[0])).astype(jnp.float32)

@@ -7,6 +7,7 @@ are in ``_checks``; every raise goes through ``_errors.fail``.
 
 import difflib
 import sys
+from typing import Any
 import warnings
 
 import jax
@@ -70,28 +71,36 @@ def params(value, grads) -> None:
       )
 
 
-def weight(value, dtype=jnp.float32):
-  """A real scalar >= 0 (concrete: finite in ``dtype``, the dtype weights
-  are summed in); returns it as an array."""
-  if value is None:
-    return None
-  dtype = None if isinstance(value, (str, bytes)) else jnp.result_type(value)
+def _real_scalar(value: Any, argument: str) -> None:
+  """A real (integer or floating) scalar, not a string, bool or list."""
+  try:
+    dtype = None if isinstance(value, (str, bytes)) else jnp.result_type(value)
+  except TypeError:
+    dtype = None
   if dtype is None or not (
     jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
   ):
     fail(
       TypeError,
-      'weight',
+      argument,
       f'{value!r}, not a real number',
-      "Pass the micro-batch's number of items (tokens), a scalar.",
+      'Pass a real scalar (weight: the micro-batch\'s number of items).',
     )
-  if jnp.shape(value) != ():  # type: ignore
+  if np.shape(value) != ():
     fail(
       ValueError,
-      'weight',
-      f'shape {jnp.shape(value)}, not a scalar',  # type: ignore
-      "Pass the micro-batch's total number of items, jnp.sum(mask).",
+      argument,
+      f'shape {np.shape(value)}, not a scalar',
+      'Pass a scalar (weight: the total, jnp.sum(mask)).',
     )
+
+
+def weight(value, dtype=jnp.float32):
+  """A real scalar >= 0, returned in ``dtype`` (the dtype weights are
+  summed in): a concrete one finite there, a traced bad one NaN."""
+  if value is None:
+    return None
+  _real_scalar(value, 'weight')
   if unreduced_axes(value):
     fail(
       ValueError,
@@ -107,13 +116,10 @@ def weight(value, dtype=jnp.float32):
         ValueError,
         'weight',
         f'{value!r}, not a finite number >= 0 in {jnp.dtype(dtype)}',
-        "Pass the micro-batch's number of items; 0 adds nothing.",
+        "Pass the micro-batch's number of items.",
       )
-    return jnp.asarray(value)
   # A traced negative or non-finite weight poisons the window with NaN.
-  value = jnp.asarray(
-    value, jnp.promote_types(jnp.result_type(value), jnp.float32)
-  )
+  value = jnp.asarray(value).astype(dtype)
   return jnp.where(
     (value >= 0) & jnp.isfinite(value), value, jnp.full_like(value, jnp.nan)
   )
@@ -135,15 +141,7 @@ def flush(value):
 
 
 def value(loss):
-  if jnp.shape(loss) != () or not jnp.issubdtype(
-    jnp.result_type(loss), jnp.number
-  ):
-    fail(
-      ValueError,
-      'value',
-      f'{loss!r}, not a real scalar',
-      "Pass the micro-batch's mean loss, a scalar.",
-    )
+  _real_scalar(loss, 'value')
   return jnp.asarray(loss)
 
 

@@ -123,8 +123,7 @@ class Layout:
     return g
 
   def zeros(self, shape, g):
-    """Zeros of ``shape`` (a ShapeDtypeStruct) typed like the emitted
-    update for gradient ``g``: sharded like it where shapes match."""
+    """Zeros of ``shape`` typed like the update emitted for ``g``."""
     if jnp.shape(g) == shape.shape:
       return jnp.zeros_like(g, dtype=shape.dtype)
     return jnp.zeros(shape.shape, shape.dtype)
@@ -235,12 +234,8 @@ class Mesh(_Axes):
 
 
 def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
-  """The layout of an ``update`` with these axes, where it runs now.
-
-  Raises:
-    NameError: no such axis here. ValueError: an Auto axis under plain jit,
-    or a shard_map over only some of the axes.
-  """
+  """The layout of an ``update`` with these axes, where it runs now (raises
+  NameError for an axis not here, ValueError for an Auto or partial one)."""
   if axis_names is None:
     return Layout()
   mesh = jax.sharding.get_abstract_mesh()

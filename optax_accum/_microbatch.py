@@ -160,7 +160,8 @@ def microbatched_value_and_grad(
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
     weight)``, or ``((loss, aux), grads, weight)`` with ``has_aux``:
     ``grads`` shaped and typed like the params, ``loss`` and ``aux`` in
-    float32 (or their own dtype when wider), ``weight`` the float32 total.
+    float32 (or their own dtype when wider), ``weight`` the total in
+    float32 (float64 for float64 params).
 
   Raises:
     ValueError: ``num_microbatches`` is not a positive int, ``reduction``
@@ -216,9 +217,9 @@ def microbatched_value_and_grad(
       g_sum,
       params,
     )
-    loss = l_sum / denom
+    loss = l_sum / denom.astype(l_sum.dtype)
     if has_aux:
-      aux = jax.tree.map(lambda a: a / denom, a_sum)
+      aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_sum)
       return (loss, aux), grads, w_sum
     return loss, grads, w_sum
 
@@ -272,8 +273,18 @@ class WindowSums:
     # The unweighted loss is differentiated; the weight multiplies the
     # float32 gradient afterwards, so a large count never overflows a
     # low-precision loss's cotangent.
-    weight = _call_checks.weight(weight).astype(jnp.float32)  # type: ignore
+    weight = _call_checks.weight(weight, self.weight_dtype(params))
     return loss, (weight, loss, aux)
+
+  def weight_dtype(self, params):
+    """float32, or the widest accumulator dtype of the params."""
+    return _accumulator.promote(
+      jnp.float32,
+      *(
+        jnp.finfo(_accumulator.default_dtype(jnp.result_type(p))).dtype
+        for p in jax.tree.leaves(params)
+      ),
+    )
 
   def call_args(self, args, micro, i):
     """The arguments of micro-batch ``i``."""
@@ -294,7 +305,7 @@ class WindowSums:
     g_sum, w_sum, l_sum, a_sum = carry
     # sum_i w_i dL_i (mean) or sum_i dL_i (sum), divided once at the end.
     # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
-    scale = weight if self.reduction == 'mean' else jnp.ones([], jnp.float32)
+    scale = weight if self.reduction == 'mean' else jnp.ones_like(weight)
     zero = weight == 0
     add = lambda a, x, s: (
       a + jnp.where(zero, 0, x.astype(a.dtype) * s.astype(a.dtype))
@@ -325,7 +336,7 @@ class WindowSums:
       params,
     )
     # The loss and aux sums in float32, or their own dtype when wider.
-    zeros = lambda s, d: jnp.zeros(s.shape, jnp.promote_types(s.dtype, d))
+    zeros = lambda s, d: jnp.zeros(s.shape, _accumulator.promote(s.dtype, d))
     carry0 = (
       jax.tree.map(
         lambda p: jnp.zeros_like(
@@ -333,7 +344,7 @@ class WindowSums:
         ),
         params,
       ),
-      jnp.zeros([], jnp.float32),
+      jnp.zeros([], self.weight_dtype(params)),
       zeros(loss0, jnp.float32),
       jax.tree.map(lambda s: zeros(s, jnp.float32), aux0),
     )

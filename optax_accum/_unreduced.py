@@ -126,9 +126,10 @@ def _local(sums, names, param_specs, batch_axes, single, p_local, *args):
     return lax.pcast(g, names, to='unreduced')
 
   grads = jax.tree.map(finish, g_sum, p_local, param_specs, is_leaf=is_spec)
-  loss = l_tot / denom
+  loss = l_tot / denom.astype(l_tot.dtype)
   if sums.has_aux:
-    return (loss, jax.tree.map(lambda a: a / denom, a_tot)), grads, total
+    aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_tot)
+    return (loss, aux), grads, total
   return loss, grads, total
 
 

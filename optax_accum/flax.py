@@ -37,13 +37,9 @@ class Optimizer(nnx.Optimizer):
 
   A drop-in for ``nnx.Optimizer(model, tx, wrt=...)``. ``update(model,
   grads, weight=..., flush=..., **extra_args)`` is one mini-step through
-  :func:`optax_accum.apply_gradients`: ``weight`` (the micro-batch's number
-  of tokens or samples, a scalar) and ``flush`` (a bool scalar; true ends
-  the window after this micro-batch, which it includes) reach the
-  accumulator. ``step`` (uint32) advances only on mini-steps that take a
-  gradient step (``nnx.Optimizer``'s counts every call, i.e. micro-batches);
-  the number of micro-batches in the window in flight is
-  ``opt_state.mini_step``.
+  :func:`optax_accum.apply_gradients` (``weight``, ``flush``: see
+  :func:`optax_accum.accumulate`). ``step`` (uint32) counts gradient steps,
+  where ``nnx.Optimizer``'s counts calls (micro-batches).
 
   Args:
     model: the NNX module to train.
@@ -51,7 +47,7 @@ class Optimizer(nnx.Optimizer):
     wrt: the filter of the trained variables, as for ``nnx.Optimizer``.
 
   Raises:
-    The errors of :func:`optax_accum.accumulate`'s ``update``.
+    The errors of :func:`optax_accum.apply_gradients`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
@@ -96,11 +92,9 @@ class TrainState(train_state.TrainState):
   A drop-in for ``flax.training.train_state.TrainState.create(apply_fn=...,
   params=..., tx=...)``. ``apply_gradients(grads=..., weight=...,
   flush=..., extra_args=..., **kwargs)`` is one mini-step through
-  :func:`optax_accum.apply_gradients`; ``weight`` and ``flush`` reach the
-  accumulator (see :class:`Optimizer`), ``extra_args`` (a dict) the rest of
-  ``tx``, and ``**kwargs`` replace fields as in flax. ``step`` advances only
-  on mini-steps that take a gradient step; the micro-batches of the window
-  in flight are ``optax_accum``'s ``AccumulateState.mini_step``.
+  :func:`optax_accum.apply_gradients` (``extra_args``, a dict, reach the
+  rest of ``tx``; ``**kwargs`` replace fields). ``step`` counts gradient
+  steps.
 
   Raises:
     The errors of :func:`optax_accum.accumulate`'s ``update``.

@@ -149,3 +149,51 @@ def test_x64_with_strict_promotion_trains_and_is_exact():
     mean = sum(w * g for w, g in zip(weights, grads)) / sum(weights)
     np.testing.assert_allclose(new["w"], params["w"] - mean, rtol=1e-12)
     assert new["w"].dtype == jnp.float64
+
+
+@pytest.mark.parametrize("value", ["a", 1j, [1.0]])
+def test_a_value_or_weight_that_is_not_a_real_scalar_names_it(value):
+  for name in ("weight", "value"):
+    with pytest.raises((TypeError, ValueError)) as e:
+      _update(acc(2), **{name: value})()
+    assert e.value.argument == name
+
+
+def test_strict_promotion_takes_mixed_weight_and_value_dtypes():
+  """Integer and float64 weights and values reach the accumulator cast to
+  its dtypes, under strict promotion, jitted, with and without x64."""
+  for x64 in (False, True):
+    with jax.enable_x64(x64), jax.numpy_dtype_promotion("strict"):
+      tx = acc(2, optax.sgd(1.0))
+      step = jax.jit(
+        lambda g, s, p, w, v, tx=tx: optax_accum.apply_gradients(
+          tx, g, s, p, weight=w, value=v
+        )
+      )
+      params = {"w": jnp.zeros(3)}
+      state = tx.init(params)
+      for w, v in ((jnp.int32(3), jnp.int32(2)), (1.0, 4.0)):
+        params, state = step({"w": jnp.ones(3)}, state, params, w, v)
+      np.testing.assert_allclose(params["w"], -1.0)
+      assert int(state.gradient_step) == 1
+
+
+def test_microbatched_float64_is_exact_with_fractional_weights():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(24, 3)))
+    mask = jnp.asarray(rng.uniform(size=24))
+
+    def loss_fn(w, x, m):
+      n = jnp.sum(m)
+      return jnp.sum(m * (x @ w) ** 2) / n, n
+
+    w = jnp.asarray(rng.normal(size=3))
+    f = optax_accum.microbatched_value_and_grad(
+      loss_fn, 4, batch_argnums=(1, 2)
+    )
+    loss, g, n = jax.jit(f)(w, x, mask)
+    want_loss, want_g = jax.value_and_grad(lambda w: loss_fn(w, x, mask)[0])(w)
+    np.testing.assert_allclose(g, want_g, rtol=1e-12)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    assert n.dtype == jnp.float64
