@@ -28,9 +28,7 @@ from optax_accum._state import accumulate_states
 
 
 class Output(NamedTuple):
-  """What a mini-step returns: ``step(updates, params)`` when it takes a
-  gradient step, ``hold(zeros, params)`` when not (``zeros`` a thunk of
-  zero updates)."""
+  """What a mini-step returns on a gradient step, and when it holds."""
 
   step: Callable[[Any, Any], Any]
   hold: Callable[[Callable[[], Any], Any], Any]
@@ -43,8 +41,7 @@ APPLY = Output(
 
 
 def cond(pred, true_fn, false_fn, *operands):
-  """``lax.cond``, or the chosen branch run as Python on a concrete
-  ``pred`` (eager calls: no hidden jit, inner's Python runs as Python)."""
+  """``lax.cond``; on a concrete ``pred`` (eager), the branch as Python."""
   if isinstance(pred, Tracer):
     return lax.cond(pred, true_fn, false_fn, *operands)
   return (true_fn if bool(pred) else false_fn)(*operands)
@@ -155,26 +152,10 @@ class Accumulator:
 
   def mini_step(self, grads, state, params, weight, flush, extra, output):
     """The pipeline: arrive, add, decide, one conditional, next state."""
-    if not isinstance(state, AccumulateState):
-      fail(
-        TypeError,
-        'state',
-        f'a {type(state).__name__}, not the AccumulateState this init makes',
-        'Make it with tx.init(params)'
-        ', or restore into jax.eval_shape(tx.init, params).',
-      )
-    _call_checks.updates(grads, state.acc_grads)
-    _call_checks.params(params, grads)
-    _call_checks.misspelt_keywords(extra)
-    weight = _call_checks.weight(weight, state.acc_weight.dtype)
-    flush = _call_checks.flush(flush)
-    value = None
-    if 'value' in extra:
-      value = _call_checks.value(extra['value']).astype(state.acc_value.dtype)
+    arrived = _call_checks.mini_step(grads, state, params, weight, flush, extra)
     layout = _layout.of(self.names)
-    layout.check(grads, state, weight, flush, value)
-    grads = jax.tree.map(jnp.asarray, grads)
-    grads, weight, flush, value = layout.arrive((grads, weight, flush, value))
+    layout.check(state, *arrived)
+    grads, weight, flush, value = layout.arrive(arrived)
     fresh = state.mini_step == 0
     k = jnp.where(fresh, self.schedule(state.gradient_step), state.every_k)
     sums = _accumulator.add(state, grads, weight, value, fresh, layout)

@@ -20,6 +20,31 @@ from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
 
 
+def mini_step(grads, state, params, weight, flush, extra):
+  """The checks of one mini-step; returns ``(grads, weight, flush, value)``
+  as arrays, the weight and value in the state's dtypes for them."""
+  if not (hasattr(state, 'acc_grads') and hasattr(state, 'inner_opt_state')):
+    fail(
+      TypeError,
+      'state',
+      f'a {type(state).__name__}, not the AccumulateState this init makes',
+      'Make it with tx.init(params), '
+      'or restore into jax.eval_shape(tx.init, params).',
+    )
+  updates(grads, state.acc_grads)
+  params_like(params, grads)
+  misspelt_keywords(extra)
+  if 'value' in extra:
+    _real_scalar(extra['value'], 'value')
+    extra = {'value': jnp.asarray(extra['value'], state.acc_value.dtype)}
+  return (
+    jax.tree.map(jnp.asarray, grads),
+    weight_of(weight, state.acc_weight.dtype),
+    flush_of(flush),
+    extra.get('value'),
+  )
+
+
 def updates(grads, acc_grads) -> None:
   """The gradients have the params' structure and shapes."""
   got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
@@ -54,7 +79,7 @@ def updates(grads, acc_grads) -> None:
       )
 
 
-def params(value, grads) -> None:
+def params_like(value, grads) -> None:
   """Params of the gradients' structure have their shapes."""
   if value is None or jax.tree.structure(value) != jax.tree.structure(grads):
     return  # optax.lookahead's params hold more than the gradients
@@ -95,7 +120,7 @@ def _real_scalar(value: Any, argument: str) -> None:
     )
 
 
-def weight(value, dtype=jnp.float32):
+def weight_of(value, dtype=jnp.float32):
   """A real scalar >= 0, returned in ``dtype`` (the dtype weights are
   summed in): a concrete one finite there, a traced bad one NaN."""
   if value is None:
@@ -125,7 +150,7 @@ def weight(value, dtype=jnp.float32):
   )
 
 
-def flush(value):
+def flush_of(value):
   if value is None:
     return None
   if isinstance(value, bool) or (
@@ -138,11 +163,6 @@ def flush(value):
     f'{value!r}, not a bool scalar',
     'Write flush=bool(...) or flush=(x > 0).',
   )
-
-
-def value(loss):
-  _real_scalar(loss, 'value')
-  return jnp.asarray(loss)
 
 
 _OWN_KEYWORDS = ('weight', 'flush', 'value')

@@ -86,7 +86,7 @@ class Layout:
 
   names: tuple[str, ...] = ()
 
-  def check(self, grads, state, weight, flush, value) -> None:
+  def check(self, state, grads, weight, flush, value) -> None:
     del weight, flush, value
     _call_checks.no_axis_call(grads, state.acc_grads)
 
@@ -137,7 +137,7 @@ class _Axes(Layout):
 class Single(_Axes):
   """Axes of one device: reduced on arrival (no communication)."""
 
-  def check(self, grads, state, weight, flush, value) -> None:
+  def check(self, state, grads, weight, flush, value) -> None:
     pass
 
   def arrive(self, tree):
@@ -152,7 +152,7 @@ class Single(_Axes):
 class Unchecked(_Axes):
   """``shard_map(check_vma=False)`` or ``pmap``: a stacked state."""
 
-  def check(self, grads, state, weight, flush, value) -> None:
+  def check(self, state, grads, weight, flush, value) -> None:
     pass
 
   def arrive(self, tree):
@@ -168,7 +168,7 @@ class Unchecked(_Axes):
 class Checked(_Axes):
   """``shard_map(check_vma=True)``: varying gradients, unreduced sums."""
 
-  def check(self, grads, state, weight, flush, value) -> None:
+  def check(self, state, grads, weight, flush, value) -> None:
     _call_checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
     _call_checks.checked_call(
       self.names,
@@ -207,7 +207,7 @@ class Checked(_Axes):
 class Mesh(_Axes):
   """Plain ``jax.jit`` on a mesh: unreduced gradients, global scalars."""
 
-  def check(self, grads, state, weight, flush, value) -> None:
+  def check(self, state, grads, weight, flush, value) -> None:
     _call_checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
     _call_checks.mesh_call(self.names, grads, value)
 

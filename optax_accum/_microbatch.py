@@ -273,7 +273,7 @@ class WindowSums:
     # The unweighted loss is differentiated; the weight multiplies the
     # float32 gradient afterwards, so a large count never overflows a
     # low-precision loss's cotangent.
-    weight = _call_checks.weight(weight, self.weight_dtype(params))
+    weight = _call_checks.weight_of(weight, self.weight_dtype(params))
     return loss, (weight, loss, aux)
 
   def weight_dtype(self, params):

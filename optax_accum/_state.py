@@ -40,10 +40,8 @@ class AccumulateState(NamedTuple):
     inner_opt_state: the inner optimizer's state, in the dtypes its init
       gave; ``None`` in the chainable form (``inner=None``).
 
-  With ``axis_name`` and ``init`` under ``jax.set_mesh``, ``acc_grads``,
-  ``acc_weight`` and ``acc_value`` are typed unreduced over the axis (each
-  device holds its part of the sum); :func:`optax_accum.reduced_state`
-  gives them in a layout numpy, ``jax.device_put`` and orbax read.
+  With ``axis_name`` (``init`` under ``jax.set_mesh``) the three sums are
+  typed unreduced; :func:`optax_accum.reduced_state` gives them reduced.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
