@@ -490,7 +490,9 @@ def test_nnx_optimizer_on_a_mesh_is_exact_and_counts_gradient_steps():
 
 
 @pytest.mark.parametrize("at", [2, K])
-@pytest.mark.parametrize("how", ["restore_checkpoint", "CheckpointManager"])
+@pytest.mark.parametrize(
+  "how", ["restore_checkpoint", "CheckpointManager", "whole_train_state"]
+)
 def test_an_unreduced_state_saved_reduced_resumes(how, at, tmp_path):
   """At a window boundary bit for bit; mid-window the saved part-sums are
   their total, which later additions meet in another order (float32
@@ -522,6 +524,18 @@ def test_an_unreduced_state_saved_reduced_resumes(how, at, tmp_path):
       restored = optax_accum.restore_checkpoint(
         tmp_path / "opt_state", tx, params, ckptr
       )
+    elif how == "whole_train_state":  # one reduced_state call each way
+      mgr = ocp.CheckpointManager(tmp_path / "train")
+      train = optax_accum.reduced_state({"params": p, "opt_state": state})
+      mgr.save(1, args=ocp.args.StandardSave(train))
+      mgr.wait_until_finished()
+      like = {"params": jax.eval_shape(lambda: p), "opt_state": target}
+      back = mgr.restore(
+        1, args=ocp.args.StandardRestore(optax_accum.reduced_state(like))
+      )
+      back = optax_accum.unreduced_state(back, like)
+      chex.assert_trees_all_equal(back["params"], p)
+      restored = back["opt_state"]
     else:
       mgr = ocp.CheckpointManager(tmp_path / "ckpt")
       mgr.save(
