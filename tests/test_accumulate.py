@@ -437,3 +437,30 @@ def test_migrating_a_multisteps_state_between_windows(problem):
       updates, state = update(grad_fn(p, xm, ym), state, p)
       p = optax.apply_updates(p, updates)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_update_runs_inner_python_logic_as_python():
+  """No hidden jit: an inner that branches on a Python extra argument, or
+  reads Python state, sees them as they are on every eager call."""
+  seen = []
+  scale = {"now": 1.0}
+
+  def update(updates, state, params=None, *, double=False):
+    del params
+    seen.append(double)  # runs as Python on every gradient step
+    factor = 2.0 * scale["now"] if double else scale["now"]
+    return jax.tree.map(lambda u: factor * u, updates), state
+
+  inner = optax.GradientTransformationExtraArgs(
+    lambda p: optax.EmptyState(), update
+  )
+  tx = optax_accum.accumulate(2, inner)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  out = []
+  for double, now in ((False, 1.0), (True, 1.0), (True, 3.0), (False, 3.0)):
+    scale["now"] = now
+    u, state = tx.update(jnp.ones(2), state, params, double=double)
+    out.append(float(u[0]))
+  assert out == [0.0, 2.0, 0.0, 3.0]
+  assert True in seen and False in seen
