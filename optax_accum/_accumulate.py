@@ -344,14 +344,11 @@ def accumulate(
     :class:`AccumulateState`; outside ``jax.jit`` it runs op by op.
 
   Raises:
-    TypeError: ``inner`` not a transformation (``inner=optax.adamw``), a
-      bad ``every_k_schedule``, ``accumulator_dtype``, ``axis_name``,
-      ``flush`` or ``weight`` type, an integer param, a complex gradient
-      for a real accumulator.
-    ValueError: a value out of range (k, ``weight``, ``value`` not a
-      scalar), a nested accumulator, updates or params of another
-      structure or shape; with ``axis_name``, gradients, states or meshes
-      that do not fit it. Each error names its argument (``.argument``).
+    TypeError: a wrong type (``inner=optax.adamw``, ``flush=1``, an integer
+      param). ValueError: a value out of range (k, ``weight``), a nested
+      accumulator, updates of another structure or shape; with
+      ``axis_name``, gradients or states that do not fit it. Each error
+      names its argument (``.argument``).
     NameError: ``axis_name`` is not an axis where ``update`` runs.
 
   Examples:

@@ -36,13 +36,9 @@ def promote(*dtypes) -> jnp.dtype:
 
 
 def init(params, accumulator_dtype, names):
-  """``(acc_grads, acc_compensation, weight_dtype)`` for ``params``.
-
-  ``acc_grads`` are zeros shaped (and sharded) like the params, unreduced
-  over ``names`` when given; ``acc_compensation`` is None but in the Kahan
-  mode; ``weight_dtype`` is the widest real accumulator dtype (float32 at
-  least), in which weights and the mean are computed.
-  """
+  """``(acc_grads, acc_compensation, weight_dtype)``: zeros like the params
+  (unreduced over ``names``), Kahan's terms or None, and the widest real
+  accumulator dtype (float32 at least): weights' and the mean's."""
   kahan = accumulator_dtype == _checks.KAHAN_BFLOAT16
   if kahan and names is not None:
     fail(
@@ -77,13 +73,9 @@ def init(params, accumulator_dtype, names):
 
 
 def add(state, grads, weight, value, fresh, layout):
-  """Adds ``weight * grads`` into the window's sums; starts over where
-  ``fresh`` (the old sums are overwritten in the same pass, never zeroed
-  separately). A weight-0 micro-batch adds nothing, even a NaN gradient.
-
-  Returns:
-    ``(acc_grads, acc_compensation, acc_weight, acc_value)``.
-  """
+  """``(acc_grads, acc_compensation, acc_weight, acc_value)`` with ``weight
+  * grads`` added; overwritten where ``fresh`` (in the same pass, never
+  zeroed apart). Weight 0 adds nothing, even a NaN gradient."""
   wdtype = state.acc_weight.dtype
   w = jnp.ones([], wdtype) if weight is None else weight.astype(wdtype)
 
@@ -149,10 +141,8 @@ def total(acc_grads, acc_compensation):
 
 
 def mean(acc_sum, total_weight, like):
-  """``acc_sum / total_weight`` as a multiply by the inverse (which XLA
-  fuses into each consumer; a divide it would write to a temporary),
-  computed in the sum's dtype or the weight's when wider, cast like
-  ``like``."""
+  """``acc_sum / total_weight`` as a multiply (XLA fuses it into each
+  consumer; a divide it writes to a temporary), cast like ``like``."""
 
   def one(a, g):
     wide = promote(a.dtype, total_weight.dtype)

@@ -94,7 +94,11 @@ def apply_gradients(
   if not holds:  # an accumulator inside warns itself
     _call_checks.misspelt_keywords(extra_args)
   _call_checks.unreduced_without_accumulator(grads, holds)
-  updates, opt_state = optax.with_extra_args_support(tx).update(
-    grads, opt_state, params, **extra_args
-  )
+  try:
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+      grads, opt_state, params, **extra_args
+    )
+  except Exception as e:  # JAX types what touches each device's part
+    _call_checks.acted_on_parts(grads, e)
+    raise
   return optax.apply_updates(params, updates), opt_state

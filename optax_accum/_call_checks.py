@@ -259,6 +259,25 @@ def unreduced_without_accumulator(grads, holds_accumulator: bool) -> None:
     )
 
 
+def acted_on_parts(grads, error: Exception) -> None:
+  """Names the cause when JAX refused an operation on unreduced gradients
+  inside a transformation optax_accum did not build: an element before
+  the accumulator (a clip, a scale) saw each device's part of the sum."""
+  axes = sorted(_axes_of(grads, unreduced_axes))
+  if axes and 'reduced' in str(error):
+    fail(
+      ValueError,
+      'tx',
+      f'an element that acted on gradients typed '
+      f"unreduced over {axes} (each device's part of the sum) before the "
+      'accumulator, which JAX refused (above)',
+      'Put it after the '
+      'accumulator, where it sees the reduced mean: optax_accum.chain('
+      f'accumulate(k, axis_name={_shown(axes)!r}), clip, opt).',
+      error,
+    )
+
+
 def _axes_of(tree, axes_fn) -> set:
   return set().union(*(axes_fn(x) for x in jax.tree.leaves(tree)))
 

@@ -125,16 +125,24 @@ def restore_checkpoint(
     try:
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ImportError(
-        "restore_checkpoint needs orbax-checkpoint: pip install "
-        "'optax_accum[checkpoint]'."
-      ) from e
+      fail(
+        ImportError,
+        "checkpointer",
+        "None and orbax-checkpoint is not installed",
+        "pip install 'optax_accum[checkpoint]'.",
+        e,
+      )
 
     checkpointer = ocp.StandardCheckpointer()
   # A fresh function, so no trace cache stands between `params` and `init`.
   abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # noqa: PLW0108
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No checkpoint at {path}.")
+    fail(
+      FileNotFoundError,
+      "path",
+      f"{path}, where nothing exists",
+      "Pass the checkpoint's directory.",
+    )
   metadata = checkpointer.metadata(path)
   saved_tree = getattr(
     getattr(metadata, "item_metadata", metadata), "tree", metadata
@@ -175,23 +183,19 @@ def _reduced_leaf(x):
 def reduced_state(opt_state: Any) -> Any:
   """The optimizer state with every leaf typed unreduced reduced.
 
-  With ``accumulate(..., axis_name=AXIS)`` and ``init`` under
-  ``jax.set_mesh``, ``acc_grads``, ``acc_weight`` and ``acc_value`` are
-  typed unreduced over AXIS: each device holds its part of the sum, which
-  orbax cannot save and ``numpy`` cannot read. This returns the same
-  logical values resharded to the leaves' partitioning without AXIS
-  (``jax.reshard``: one all-reduce per unreduced leaf); other leaves are
-  returned as they are. On ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape
-  (tx.init, params)`` under ``jax.set_mesh``) it gives the matching target
-  for an orbax restore, on the concrete mesh that is set (orbax cannot
-  place arrays on the abstract mesh ``eval_shape`` records).
+  With ``axis_name`` on a mesh, the sums are typed unreduced (each device
+  holds its part), which orbax, numpy and ``jax.device_put`` cannot take.
+  This gives the same logical values without the unreduced axes (one
+  all-reduce per such leaf), for any pytree holding states (``{"params":
+  ..., "opt_state": ...}``); on ``jax.ShapeDtypeStruct`` leaves, the
+  matching restore target on the mesh that is set.
   :func:`unreduced_state` is its inverse.
 
   Args:
-    opt_state: an optimizer state (arrays or ``jax.ShapeDtypeStruct``).
+    opt_state: a pytree of arrays or ``jax.ShapeDtypeStruct``.
 
   Returns:
-    The state, structured as ``opt_state``, with no unreduced leaf.
+    The pytree, structured as ``opt_state``, with no unreduced leaf.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
@@ -231,12 +235,10 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
       ``jax.set_mesh``, whose leaves give the types.
 
   Returns:
-    ``opt_state`` with each leaf resharded to the unreduced type of the
-    matching leaf of ``like`` (``jax.reshard``: the logical value is kept,
-    held by one device of each group; no communication). Restored at a
-    window boundary, training continues bit for bit; mid-window, the
-    window's later terms meet the saved total in another order than the
-    per-device parts they would have met (equal to float32 rounding).
+    ``opt_state`` resharded to the unreduced types of ``like``'s leaves (no
+    communication). Training resumes bit for bit at a window boundary, to
+    float32 rounding mid-window (the saved total meets later terms in
+    another order).
 
   Raises:
     ValueError: ``opt_state`` and ``like`` have different structures, or no

@@ -31,10 +31,8 @@ ScheduleLike = Union[int, jax.Array, Callable[[jax.Array], Any]]
 
 
 def window_k(value) -> jax.Array:
-  """A schedule value as the k of a window: an int32 in [1, 2**31 - 1].
-
-  Floats are rounded; below 1 and NaN mean 1; beyond int32, 2**31 - 1.
-  """
+  """A schedule value as an int32 k in [1, 2**31 - 1]: rounded; below 1
+  and NaN mean 1."""
   if isinstance(value, int):  # a Python int of any size
     value = min(max(value, 1), INT32_MAX)
   k = jnp.asarray(value)
@@ -143,17 +141,13 @@ def accumulator_dtype(value):
       f'{value!r}, not a floating dtype',
       f'Give None, jnp.float32, jnp.bfloat16 or "{KAHAN_BFLOAT16}".',
     )
-  allowed = [
-    jnp.dtype(d)
-    for d in (
-      jnp.float32,
-      jnp.float64,
-      jnp.bfloat16,
-      jnp.complex64,
-      jnp.complex128,
-    )
-  ]
-  if dtype not in allowed:
+  if dtype.name not in (
+    'float32',
+    'float64',
+    'bfloat16',
+    'complex64',
+    'complex128',
+  ):
     fail(
       ValueError,
       'accumulator_dtype',
@@ -197,10 +191,7 @@ def transformation(value, argument: str) -> None:
   if not isinstance(value, optax.GradientTransformation):
     hint = 'If it is a factory such as optax.adamw, call it.'
     if hasattr(value, 'gradient_transformation'):
-      hint = (
-        'For optax.MultiSteps(opt, k), write optax_accum.chain('
-        'optax_accum.accumulate(k), opt).'
-      )
+      hint = 'For optax.MultiSteps(opt, k), write accumulate(k, opt).'
     fail(
       TypeError,
       argument,

@@ -2,13 +2,17 @@
 assertions through one): messages name the argument, what it received and
 what to write instead; the exception carries the name as ``argument``."""
 
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import jax
 
 
 def fail(
-  exc_type: type[Exception], argument: str, received: str, instead: str
+  exc_type: type[Exception],
+  argument: str,
+  received: str,
+  instead: str,
+  cause: Optional[BaseException] = None,
 ) -> NoReturn:
   """Raises ``exc_type`` naming ``argument``.
 
@@ -17,7 +21,7 @@ def fail(
   """
   error = exc_type(f'`{argument}`: {received}. {instead}')
   error.argument = argument  # type: ignore[attr-defined]
-  raise error
+  raise error from cause
 
 
 def leaf_name(path) -> str:

@@ -32,6 +32,7 @@ same logical values in a layout every tool takes, and
 it back; the docs show both on every path that saves or reads a state.
 """
 
+import math
 from typing import Optional
 
 import jax
@@ -59,10 +60,7 @@ def spec_axes(spec: P) -> set[str]:
 
 def axes_size(names) -> int:
   mesh = jax.sharding.get_abstract_mesh()
-  size = 1
-  for n in names:
-    size *= mesh.shape[n]
-  return size
+  return math.prod(mesh.shape[n] for n in names)
 
 
 def vary(x, axes):
@@ -74,11 +72,8 @@ def vary(x, axes):
 def reduced(x):
   """``x`` resharded without its unreduced axes (their one reduction)."""
   spec = spec_of(x)
-  return (
-    jax.reshard(x, spec.update(unreduced=frozenset()))
-    if (spec.unreduced)
-    else x
-  )
+  unreduced = spec.update(unreduced=frozenset())
+  return jax.reshard(x, unreduced) if spec.unreduced else x
 
 
 class Layout:
@@ -133,12 +128,12 @@ class _Axes(Layout):
   def __init__(self, names):
     self.names = names
 
+  def check(self, state, grads, weight, flush, value) -> None:
+    pass  # JAX types no per-device values here (Single, Unchecked)
+
 
 class Single(_Axes):
   """Axes of one device: reduced on arrival (no communication)."""
-
-  def check(self, state, grads, weight, flush, value) -> None:
-    pass
 
   def arrive(self, tree):
     def one(x):
@@ -151,9 +146,6 @@ class Single(_Axes):
 
 class Unchecked(_Axes):
   """``shard_map(check_vma=False)`` or ``pmap``: a stacked state."""
-
-  def check(self, state, grads, weight, flush, value) -> None:
-    pass
 
   def arrive(self, tree):
     grads, weight, flush, value = tree
@@ -170,12 +162,8 @@ class Checked(_Axes):
 
   def check(self, state, grads, weight, flush, value) -> None:
     _call_checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
-    _call_checks.checked_call(
-      self.names,
-      grads,
-      state.acc_grads,
-      {'weight': weight, 'value': value, 'flush': flush},
-    )
+    scalars = {'weight': weight, 'value': value, 'flush': flush}
+    _call_checks.checked_call(self.names, grads, state.acc_grads, scalars)
 
   def term(self, x):
     return lax.pcast(vary(x, self.names), self.names, to='unreduced')
@@ -224,13 +212,11 @@ class Mesh(_Axes):
     return reduced(g)
 
   def zeros(self, shape, g):
-    if jnp.shape(g) == shape.shape:
-      return jnp.zeros(
-        shape.shape,
-        shape.dtype,
-        out_sharding=spec_of(g).update(unreduced=frozenset()),
-      )
-    return jnp.zeros(shape.shape, shape.dtype)
+    spec = spec_of(g).update(unreduced=frozenset())
+    like = jnp.shape(g) == shape.shape  # sharded as the emitted update
+    return jnp.zeros(
+      shape.shape, shape.dtype, out_sharding=spec if like else None
+    )
 
 
 def of(axis_names: Optional[tuple[str, ...]]) -> Layout:

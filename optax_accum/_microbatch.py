@@ -124,10 +124,9 @@ def microbatched_value_and_grad(
     L = \frac{\sum_i w_i L_i}{\sum_i w_i}, \qquad
     g = \frac{\sum_i w_i \nabla L_i}{\sum_i w_i},
 
-  and with ``reduction="sum"`` (:math:`L_i` is the sum over its items)
-  :math:`L = \sum_i L_i / \sum_i w_i`, :math:`g = \sum_i \nabla L_i /
-  \sum_i w_i`: either way the gradient of the mean over all items of the
-  window. A window of total weight 0 gives a zero gradient and loss. The
+  and with ``reduction="sum"`` (:math:`L_i` the sum over its items) the
+  same with :math:`w_i L_i` replaced by :math:`L_i`. A window of total
+  weight 0 gives a zero gradient and loss. The
   gradient sum is kept in float32 (or the param dtype when wider). The
   returned ``weight`` feeds ``accumulate``'s ``weight``, so both compose.
 

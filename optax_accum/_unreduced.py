@@ -24,10 +24,8 @@ def _gather(x, spec: P):
 
 
 def _reduce_to_shard(g, spec: P, reduce_axes: tuple[str, ...]):
-  """A whole per-device gradient to this device's shard of its sum over
-  `reduce_axes` (the batch axes but `axis_name`, which shard the params it
-  does shard: `_check_call`): a reduce-scatter along each sharded dim, an
-  all-reduce over the rest."""
+  """A per-device gradient to this device's shard of its sum over
+  ``reduce_axes``: reduce-scatters along sharded dims, an all-reduce else."""
   for dim, entry in enumerate(spec):
     axes = _layout.entry_axes(entry)
     if axes:
@@ -61,25 +59,7 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
         'Defer the replica axis of a (replica, fsdp) mesh instead.',
       )
   arg_specs = [jax.tree.map(_call_checks.spec_of, a) for a in args]
-  batch_axes: tuple[str, ...] = ()
-  for n in batch_argnums:
-    for path, x in jax.tree.leaves_with_path(
-      args[n - 1] if n <= len(args) else ()
-    ):
-      spec = _call_checks.spec_of(x) if jnp.ndim(x) else P()
-      lead = _layout.entry_axes(spec[0]) if len(spec) else ()
-      per_device = jnp.shape(x)[0] // _layout.axes_size(lead) if lead else 0
-      if not set(names) <= set(lead) or per_device % k:
-        fail(
-          ValueError,
-          'batch_argnums',
-          f'argument {n} at '
-          f'{leaf_name(path)} has shape {jnp.shape(x)} sharded {spec}',
-          f'Shard its leading axis over {axis_name!r} '
-          f"(jax.device_put(x, P({axis_name!r}))), {k} (num_microbatches)"
-          ' rows or a multiple of it per device.',
-        )
-      batch_axes = tuple(dict.fromkeys(batch_axes + lead))
+  batch_axes = _batch_axes(axis_name, names, args, batch_argnums, k)
   for path, spec in jax.tree.leaves_with_path(param_specs, is_leaf=is_spec):
     other = _layout.spec_axes(spec) - set(batch_axes)
     if other:
@@ -93,6 +73,36 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
         "the gradient in your own jax.shard_map and pcast it to='unreduced'.",
       )
   return param_specs, arg_specs, batch_axes
+
+
+def _batch_axes(axis_name, names, args, batch_argnums, k):
+  """The mesh axes sharding the batch arguments' leading axis, checked."""
+  batch_axes: tuple[str, ...] = ()
+  for n in batch_argnums:
+    for path, x in jax.tree.leaves_with_path(
+      args[n - 1] if n <= len(args) else ()
+    ):
+      spec = _call_checks.spec_of(x) if jnp.ndim(x) else P()
+      lead = _layout.entry_axes(spec[0]) if len(spec) else ()
+      per_device = jnp.shape(x)[0] // _layout.axes_size(lead) if lead else 0
+      if not set(names) <= set(lead):
+        fail(
+          ValueError,
+          'batch_argnums',
+          f'argument {n} at {leaf_name(path)}'
+          f' is sharded {spec}, not over {axis_name!r}',
+          f'Shard its leading axis: jax.device_put(x, P({axis_name!r})).',
+        )
+      if per_device % k:
+        fail(
+          ValueError,
+          'num_microbatches',
+          f'{k}, but argument {n} at '
+          f'{leaf_name(path)} has {per_device} rows per device',
+          'Give each device a multiple of num_microbatches rows.',
+        )
+      batch_axes = tuple(dict.fromkeys(batch_axes + lead))
+  return batch_axes
 
 
 def _local(sums, names, param_specs, batch_axes, single, p_local, *args):

@@ -24,12 +24,11 @@ def _steps_taken(opt_state, dtype) -> jax.Array:
 
 
 def _extra(weight, flush, extra_args) -> dict[str, Any]:
-  extra = dict(extra_args or {})
-  if weight is not None:
-    extra['weight'] = weight
-  if flush is not None:
-    extra['flush'] = flush
-  return extra
+  given = {'weight': weight, 'flush': flush}
+  return {
+    **(extra_args or {}),
+    **{k: v for k, v in given.items() if v is not None},
+  }
 
 
 class Optimizer(nnx.Optimizer):

@@ -433,6 +433,22 @@ def test_jit_on_a_mesh_through_wrappers_is_exact(name):
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
 
 
+def test_an_element_before_the_accumulator_in_optax_chain_names_tx():
+  """In a chain optax_accum did not build, JAX refuses the clip on each
+  device's part of the gradient; the error names the cause and the fix."""
+  params, xs, ys, ms = _masked_problem(steps=1)
+  acc = optax_accum.accumulate(K, optax.adamw(1e-2), axis_name="data")
+  tx = optax.chain(optax.clip_by_global_norm(1.0), acc)
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    state = tx.init(p)
+    args = [jax.device_put(a[0, :16], P("data")) for a in (xs, ys, ms)]
+    with pytest.raises(ValueError) as e:
+      _mesh_step(tx, _masked_vg())(p, state, *args)
+  assert e.value.argument == "tx"
+  assert "optax_accum.chain(accumulate(k, axis_name='data')" in str(e.value)
+
+
 def test_elements_before_an_accumulator_with_axis_name_raise():
   """They would see each device's part of a gradient: refused when the
   chain is built, on every parallel path."""

@@ -96,10 +96,9 @@ def test_a_batch_not_sharded_over_the_axis_raises_naming_it():
     mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
   )
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
-    with pytest.raises(
-      ValueError,
-    ):
+    with pytest.raises(ValueError) as e:
       jax.jit(vg)(params, x, jax.device_put(y, P("data")), m)
+  assert e.value.argument == "batch_argnums"
 
 
 def test_without_a_mesh_raises_saying_how_to_call_it():
@@ -150,8 +149,9 @@ def test_batch_leaves_that_cannot_be_split_raise_saying_why():
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     batch = {k: jax.device_put(a, P("data")) for k, a in zip("xym", (x, y, m))}
     vg3 = optax_accum.unreduced_value_and_grad(loss, "data", 3, has_aux=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as e:
       jax.jit(vg3)(params, batch)
+    assert e.value.argument == "num_microbatches"  # sharded right, rows not
     vg = optax_accum.unreduced_value_and_grad(loss, "data", has_aux=True)
     with pytest.raises(ValueError):
       jax.jit(vg)(params, {**batch, "s": jnp.float32(1.0)})
