@@ -331,9 +331,10 @@ def accumulate(
       ``shard_map(check_vma=False)`` and ``jax.pmap``.
 
   Keyword arguments of ``update``:
-    weight: a real scalar >= 0, the items (tokens) the micro-batch's loss
-      averages over; weight 0 adds nothing (even NaN). A window of total
-      weight 0 takes no step; a bad traced weight makes the update NaN.
+    weight: the items (tokens) the micro-batch's loss averages over, 0 or
+      in [2**-64, 2**64] (only ratios matter); weight 0 adds nothing (even
+      NaN), a window of total weight 0 takes no step, a bad traced weight
+      makes the update NaN.
     flush: a bool scalar; true ends the window after this micro-batch.
     value: a real scalar, the loss: ``inner`` (``reduce_on_plateau``) gets
       the window's weighted mean. Other keywords reach ``inner`` as passed

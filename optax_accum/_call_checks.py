@@ -121,8 +121,9 @@ def _real_scalar(value: Any, argument: str) -> None:
 
 
 def weight_of(value, dtype=jnp.float32):
-  """A real scalar >= 0, returned in ``dtype`` (the dtype weights are
-  summed in): a concrete one finite there, a traced bad one NaN."""
+  """A real scalar, 0 or in [2**-64, 2**64] (so weight x gradient neither
+  overflows nor underflows where the mean would not), in ``dtype``: a bad
+  concrete one raises, a bad traced one is NaN."""
   if value is None:
     return None
   _real_scalar(value, 'weight')
@@ -134,20 +135,17 @@ def weight_of(value, dtype=jnp.float32):
       'Reduce it first: jax.reshard(weight, P()).',
     )
   if not isinstance(value, Tracer):
-    with np.errstate(all='ignore'):
-      concrete = np.asarray(value, np.float64).astype(dtype)
-    if not np.isfinite(concrete) or concrete < 0:
+    concrete = np.asarray(value, np.float64)
+    if not (concrete == 0 or 2.0**-64 <= concrete <= 2.0**64):
       fail(
         ValueError,
         'weight',
-        f'{value!r}, not a finite number >= 0 in {jnp.dtype(dtype)}',
-        "Pass the micro-batch's number of items.",
+        f'{value!r}, not 0 nor in [2**-64, 2**64]',
+        "Pass the micro-batch's number of items (only ratios matter).",
       )
-  # A traced negative or non-finite weight poisons the window with NaN.
   value = jnp.asarray(value).astype(dtype)
-  return jnp.where(
-    (value >= 0) & jnp.isfinite(value), value, jnp.full_like(value, jnp.nan)
-  )
+  good = (value == 0) | ((value >= 2.0**-64) & (value <= 2.0**64))
+  return jnp.where(good, value, jnp.full_like(value, jnp.nan))
 
 
 def flush_of(value):

@@ -42,6 +42,9 @@ CASES = {
   "string weight": (_update(acc(2), weight="a"), TypeError, "weight"),
   "vector weight": (_update(acc(2), weight=jnp.ones(2)), ValueError, "weight"),
   "weight beyond float32": (_update(acc(2), weight=1e39), ValueError, "weight"),
+  # weight x gradient would overflow (1e30 x 1e9) or underflow float32.
+  "weight of 1e30": (_update(acc(2), weight=1e30), ValueError, "weight"),
+  "weight of 1e-30": (_update(acc(2), weight=1e-30), ValueError, "weight"),
   "int flush": (_update(acc(2), flush=1), TypeError, "flush"),
   "vector value": (_update(acc(2), value=jnp.ones(2)), ValueError, "value"),
   "updates of another shape": (
