@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import optax_accum
 import optax_accum.flax as optax_accum_flax
@@ -160,3 +161,19 @@ def test_linen_front_end_passes_weight_flush_and_replaces_fields():
   )
   np.testing.assert_allclose(state.params["w"], -4.0)
   assert int(state.step) == 1 and state.apply_fn is len
+
+
+def test_both_front_ends_refuse_the_chainable_form_in_optax_chain():
+  tx = optax.chain(optax_accum.accumulate(K), optax.adam(1e-2))
+  model = MLP(nnx.Rngs(0))
+  optimizer = optax_accum_flax.Optimizer(model, tx, wrt=nnx.Param)
+  grads = nnx.grad(_nnx_loss)(model, *[a[0] for a in _data()])
+  with pytest.raises(ValueError) as e:
+    optimizer.update(model, grads)
+  assert e.value.argument == "tx"
+  state = optax_accum_flax.TrainState.create(
+    apply_fn=None, params={"w": jnp.ones(3)}, tx=tx
+  )
+  with pytest.raises(ValueError) as e:
+    state.apply_gradients(grads={"w": jnp.ones(3)})
+  assert e.value.argument == "tx"
