@@ -49,14 +49,13 @@ def cond(pred, true_fn, false_fn, *operands):
 
 def _strong(tree):
   """Every array leaf with a strong dtype, so branches agree on types."""
-  return jax.tree.map(
-    lambda x: (
-      jnp.asarray(x, jnp.result_type(x))
-      if isinstance(x, (jax.Array, np.ndarray, np.generic))
-      else x
-    ),
-    tree,
-  )
+  array = lambda x: isinstance(x, (jax.Array, np.ndarray, np.generic))
+  strong = lambda x: jnp.asarray(x, jnp.result_type(x)) if array(x) else x
+  return jax.tree.map(strong, tree)
+
+
+class _NoneState(NamedTuple):
+  """An exact form's inner state that is None (None marks no inner)."""
 
 
 def _derived() -> Any:
@@ -99,16 +98,17 @@ class Accumulator:
       params, self.accumulator_dtype, names
     )
     gradient_step = jnp.zeros([], jnp.int32)
-    skip_state = ()
+    skip_state = None  # None: no should_skip_update_fn
     if self.should_skip_update_fn is not None:
       _, skip_state = _checks.skip_result(
         self.should_skip_update_fn(
           optax.tree.zeros_like(params), gradient_step, params
         )
       )
-    inner_state = None
+    inner_state = None  # None: the chainable form
     if self.inner_tx is not None:
       inner_state = _strong(self.inner_tx.init(params))
+      inner_state = _NoneState() if inner_state is None else inner_state
       if accumulate_states(inner_state):
         fail(
           ValueError,
@@ -193,6 +193,8 @@ class Accumulator:
   def _inner_update(self, mean, inner_state, params, extra):
     if self.inner_tx is None:
       return mean, None
+    if isinstance(inner_state, _NoneState):  # an inner whose state is None
+      return self.inner_tx.update(mean, None, params, **extra)[0], inner_state  # type: ignore
     new_updates, new_state = self.inner_tx.update(
       mean, inner_state, params, **extra
     )
@@ -260,6 +262,11 @@ class Accumulator:
     """No gradient step: ``output.hold`` and the inner state untouched."""
 
     def zeros():
+      if not any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
+        # Eager: the inner is not run, even abstractly; zeros typed like
+        # the gradients, as optax.MultiSteps' mid-steps.
+        like = lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype)
+        return jax.tree.map(lambda g: layout.zeros(like(g), g), grads)
       shapes, _ = jax.eval_shape(
         lambda g, s, p: self._inner_update(
           jax.tree.map(layout.reduced_like, g), s, p, extra
@@ -342,7 +349,9 @@ def accumulate(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`AccumulateState`; outside ``jax.jit`` it runs op by op.
+    :class:`AccumulateState`. Outside ``jax.jit`` it runs op by op, and
+    mid-steps return zeros typed like the gradients without running
+    ``inner``.
 
   Raises:
     TypeError: a wrong type (``inner=optax.adamw``, ``flush=1``, an integer

@@ -213,12 +213,10 @@ def no_chainable_form(chainable: bool, argument: str) -> None:
     fail(
       ValueError,
       argument,
-      'holds a chainable-form accumulate(k) (no '
-      'inner) inside a transformation that optax_accum did not build, '
-      'so what follows it runs on every mini-step, on zeros',
-      'Write the exact form: optax_accum.chain(..., accumulate(k), opt) '
-      'or accumulate(k, opt); keep optax.chain(accumulate(k), opt) only '
-      'with tx.update and optax.apply_updates.',
+      'holds a chainable-form accumulate(k) (no inner) that optax_accum '
+      'did not chain: what follows it would run on every mini-step',
+      'Write optax_accum.chain(..., accumulate(k), opt) or '
+      'accumulate(k, opt) (the exact form).',
     )
 
 

@@ -12,16 +12,13 @@ from optax_accum import _call_checks
 from optax_accum._errors import fail
 
 
-def _path_name(entry) -> str:
-  for attr in ("name", "key", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def _flat(tree, is_leaf=None) -> dict[tuple[str, ...], Any]:
+  """Leaves by path of names, whatever the node types (dict or tuple)."""
+  name = lambda e: str(
+    getattr(e, "name", getattr(e, "key", getattr(e, "idx", e)))
+  )
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-  return {tuple(_path_name(e) for e in path): x for path, x in leaves}
+  return {tuple(name(e) for e in path): x for path, x in leaves}
 
 
 def _check_against_metadata(saved_tree, abstract_state, path):

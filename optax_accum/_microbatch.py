@@ -49,19 +49,10 @@ def _split(batch, num_microbatches: int, argnum: int):
 
 
 def check_args(num_microbatches, reduction, batch_argnums, key_argnum):
-  """Checks the construction arguments; returns ``batch_argnums`` as a
-  tuple."""
-  if (
-    isinstance(num_microbatches, bool)
-    or not isinstance(num_microbatches, numbers.Integral)
-    or int(num_microbatches) < 1
-  ):
-    fail(
-      ValueError,
-      'num_microbatches',
-      f'{num_microbatches!r}',
-      'Give a positive int.',
-    )
+  """Checks the construction arguments; returns ``batch_argnums``, a tuple."""
+  k = num_microbatches
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+    fail(ValueError, 'num_microbatches', f'{k!r}', 'Give a positive int.')
   if reduction not in _REDUCTIONS:
     fail(
       ValueError, 'reduction', f'{reduction!r}', f'Give one of {_REDUCTIONS}.'

@@ -36,7 +36,7 @@ class AccumulateState(NamedTuple):
     grad_norm: float32 scalar, the L2 norm of the last window's mean
       gradient; 0 before the first.
     skip_state: what ``should_skip_update_fn`` returned for the last
-      window (``()`` without one).
+      window (None without one).
     inner_opt_state: the inner optimizer's state, in the dtypes its init
       gave; ``None`` in the chainable form (``inner=None``).
 

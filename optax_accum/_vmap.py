@@ -73,7 +73,7 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
   def unstack(node):
     if not is_acc(node):
       return node
-    if jax.tree.leaves(node.skip_state):
+    if node.skip_state is not None:
       fail(
         ValueError,
         'opt_state',

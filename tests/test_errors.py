@@ -200,3 +200,46 @@ def test_microbatched_float64_is_exact_with_fractional_weights():
     np.testing.assert_allclose(g, want_g, rtol=1e-12)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     assert n.dtype == jnp.float64
+
+
+def test_an_inner_whose_state_is_none_is_an_exact_form():
+  """None marks the chainable form; an inner's own None state does not."""
+  none_state = optax.GradientTransformation(
+    lambda p: None, lambda u, s, p=None: (u, s)
+  )
+  tx = optax.chain(acc(2, none_state))
+  params, state = P0, tx.init(P0)
+  for g in (1.0, 3.0):
+    params, state = optax_accum.apply_gradients(
+      tx, {"w": jnp.full(3, g)}, state, params
+    )
+  np.testing.assert_allclose(params["w"], 2.0)
+
+
+def test_share_counters_refuses_any_skip_function():
+  skip = lambda m, s, p: (jnp.sum(m) > 0, ())  # noqa: E731
+  tx = acc(2, optax.sgd(1.0), should_skip_update_fn=skip)
+  with pytest.raises(ValueError) as e:
+    optax_accum.share_counters(jax.vmap(tx.init)(jnp.zeros((2, 3))))
+  assert e.value.argument == "opt_state"
+
+
+def test_eager_mid_steps_do_not_trace_the_inner():
+  """An inner branching in Python on values works eagerly: mid-steps do not
+  run it, even abstractly."""
+  calls = []
+
+  def update(u, s, p=None):
+    calls.append(1)
+    scale = 0.5 if float(jnp.sum(u["w"])) > 0 else 2.0
+    return jax.tree.map(lambda x: -scale * x, u), s
+
+  tx = acc(
+    2, optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+  )
+  state = tx.init(P0)
+  outs = []
+  for g in (1.0, 3.0, -1.0, -3.0):
+    u, state = tx.update({"w": jnp.full(3, g)}, state, P0)
+    outs.append(float(u["w"][0]))
+  assert outs == [0.0, -1.0, 0.0, 4.0] and len(calls) == 2
