@@ -95,8 +95,11 @@ def add(state, grads, weight, value, fresh, layout):
     compensation = None
   else:
     acc_grads, compensation = _kahan_add(state, grads, weighted, fresh)
-  acc_weight = state.acc_weight + layout.scalar(w)
-  acc_value = state.acc_value
+  # The scalar sums start over with the window too (0 after a window ends
+  # anyway; a restored state of another version may hold more).
+  fresh_sum = lambda acc, x: jnp.where(fresh, x, acc + x)
+  acc_weight = fresh_sum(state.acc_weight, layout.scalar(w))
+  acc_value = jnp.where(fresh, jnp.zeros_like(state.acc_value), state.acc_value)
   if value is not None:
     vdtype = acc_value.dtype
     term = jnp.where(
