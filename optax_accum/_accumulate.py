@@ -310,9 +310,8 @@ def accumulate(
 
   .. warning::
     ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mid-step's
-    zeros, so a stateful ``opt`` (Adam, weight decay) drifts from
-    large-batch training, as with ``optax.apply_every``. Write the exact
-    form, or :func:`optax_accum.chain`, which makes that spelling exact.
+    zeros: Adam drifts, as with ``optax.apply_every``. Write
+    :func:`optax_accum.chain`, which makes that spelling exact.
 
   Args:
     every_k_schedule: micro-batches per window, an int in [1, 2**31 - 1] or
@@ -324,9 +323,8 @@ def accumulate(
       params, or the param dtype when wider), float32, float64, bfloat16,
       ``"kahan_bfloat16"`` or a complex dtype.
     should_skip_update_fn: ``fn(mean, gradient_step, params) -> (skip,
-      skip_state)``, as in ``optax.MultiSteps``, called once per window on
-      the window's mean gradient (the large batch's): a skipped window
-      takes no gradient step (``num_rejected`` counts it).
+      skip_state)`` (as ``optax.MultiSteps``), once per window on its mean:
+      a skipped window takes no gradient step.
     axis_name: the data-parallel mesh axis (or tuple of axes) whose
       reduction is deferred to once per window. ``init`` under
       ``jax.set_mesh`` (Explicit axes) types the sums unreduced over it,
@@ -334,8 +332,7 @@ def accumulate(
       ``microbatched_value_and_grad(..., axis_name=...)``, ``weight`` the
       global count) or in ``jax.shard_map`` (gradients w.r.t.
       ``lax.pcast(params, axis_name, to='varying')``, ``weight`` this
-      device's count). Stacked per device, the state serves
-      ``shard_map(check_vma=False)`` and ``jax.pmap``.
+      device's count); stacked per device, in ``jax.pmap``.
 
   Keyword arguments of ``update``:
     weight: the items (tokens) the micro-batch's loss averages over, 0 or

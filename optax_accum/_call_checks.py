@@ -46,7 +46,7 @@ def mini_step(grads, state, params, weight, flush, extra):
 
 
 def updates(grads, acc_grads) -> None:
-  """The gradients have the params' structure and shapes."""
+  """The gradients have the params' structure, shapes and kind."""
   got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
   if got != want:
     fail(
@@ -56,17 +56,10 @@ def updates(grads, acc_grads) -> None:
       'Pass gradients shaped like the params given to init '
       '(for optax.lookahead, init with params.fast).',
     )
+  _shapes('updates', grads, acc_grads)
   for (path, g), a in zip(
     jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
   ):
-    if jnp.shape(g) != jnp.shape(a):
-      fail(
-        ValueError,
-        'updates',
-        f'shape {jnp.shape(g)} at '
-        f'{leaf_name(path)}, but the accumulator has {jnp.shape(a)}',
-        'Pass gradients shaped like the params given to init.',
-      )
     if jnp.issubdtype(jnp.result_type(g), jnp.complexfloating) and not (
       jnp.issubdtype(a.dtype, jnp.complexfloating)
     ):
@@ -80,19 +73,25 @@ def updates(grads, acc_grads) -> None:
 
 
 def params_like(value, grads) -> None:
-  """Params of the gradients' structure have their shapes."""
-  if value is None or jax.tree.structure(value) != jax.tree.structure(grads):
-    return  # optax.lookahead's params hold more than the gradients
-  for (path, p), g in zip(
-    jax.tree.leaves_with_path(value), jax.tree.leaves(grads)
+  """Params of the gradients' structure have their shapes (optax.lookahead's
+  params hold more than the gradients)."""
+  if value is not None and jax.tree.structure(value) == jax.tree.structure(
+    grads
   ):
-    if jnp.shape(p) != jnp.shape(g):
+    _shapes('params', value, grads)
+
+
+def _shapes(argument, tree, like) -> None:
+  for (path, x), y in zip(
+    jax.tree.leaves_with_path(tree), jax.tree.leaves(like)
+  ):
+    if jnp.shape(x) != jnp.shape(y):
       fail(
         ValueError,
-        'params',
-        f'shape {jnp.shape(p)} at {leaf_name(path)}'
-        f', but its gradient has {jnp.shape(g)}',
-        'Pass the params the gradient was taken at.',
+        argument,
+        f'shape {jnp.shape(x)} at {leaf_name(path)}'
+        f' where the params given to init have {jnp.shape(y)}',
+        'Pass gradients and params shaped like those params.',
       )
 
 

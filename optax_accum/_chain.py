@@ -85,16 +85,13 @@ def chain(
   ``chain(a, accumulate(k), b, c)`` is ``optax.chain(a, accumulate(k,
   optax.chain(b, c)))``: ``a`` runs on every micro-batch gradient, ``b``
   and ``c`` once per gradient step, as on the large batch.
-  ``chain(accumulate(k), opt)`` is ``accumulate(k, opt)``, the exact form
-  of the card's ``optax.chain(accumulate(k), opt)``. Without an
-  accumulator it is ``optax.chain(*transforms)``.
+  ``chain(accumulate(k), opt)`` is ``accumulate(k, opt)``, the exact form.
+  Without an accumulator it is ``optax.chain(*transforms)``.
 
-  Only an accumulator that is an element itself is recognised; an element
-  that holds one in the chainable form inside another transformation
-  (``optax.chain(accumulate(k))``, ``optax.masked(...)``) is refused at
-  ``init``. Schedules injected with ``optax.inject_hyperparams`` count the
-  calls of what they wrap: put them after the accumulator, where calls are
-  gradient steps.
+  Only an accumulator that is an element itself is folded; an element
+  hiding a chainable-form one (``optax.masked(accumulate(k), ...)``) is
+  refused at ``init``. Put schedules (``optax.inject_hyperparams``) after
+  the accumulator, where their calls are gradient steps.
 
   Args:
     *transforms: ``optax.GradientTransformation`` instances, at most one
@@ -108,10 +105,9 @@ def chain(
 
   Raises:
     TypeError: an element is not a ``GradientTransformation``.
-    ValueError: more than one accumulator; elements before an accumulator
-      with ``axis_name`` (they would see each device's part of a
-      gradient); at ``init``, an element that hides a chainable-form
-      accumulator. Each error names its argument (``.argument``).
+    ValueError: two accumulators; elements before one with ``axis_name``
+      (they would see each device's part of a gradient); at ``init``, an
+      element hiding a chainable-form one. ``.argument`` names it.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum

@@ -234,12 +234,11 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
       f'{sorted(mesh.manual_axes)} are mapped by this shard_map',
       'Map over all of them, or name only the mapped ones.',
     )
-  if any(manual):
-    names = tuple(axis_names)
-    checked = all(n in varying_axes(lax.axis_index(n)) for n in names)
-    if not checked:
-      return Unchecked(names)
-    return Single(names) if axes_size(names) == 1 else Checked(names)
+  if any(manual):  # shard_map: typed per device where check_vma is on
+    if not all(n in varying_axes(lax.axis_index(n)) for n in axis_names):
+      return Unchecked(axis_names)
+    one = axes_size(axis_names) == 1
+    return Single(axis_names) if one else Checked(axis_names)
   if not mesh.empty and all(n in mesh.axis_names for n in axis_names):
     auto = [n for n in axis_names if n not in mesh.explicit_axes]
     if auto:
@@ -251,9 +250,8 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
         'Make the mesh with '
         'Explicit axes (jax.make_mesh\'s default), or use shard_map.',
       )
-    return (
-      Single(axis_names) if axes_size(axis_names) == 1 else Mesh(axis_names)
-    )
+    one = axes_size(axis_names) == 1
+    return Single(axis_names) if one else Mesh(axis_names)
   try:  # jax.pmap's axes are not in the abstract mesh
     for n in axis_names:
       lax.axis_index(n)

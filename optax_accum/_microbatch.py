@@ -21,22 +21,20 @@ from optax_accum._errors import leaf_name
 _REDUCTIONS = ('mean', 'sum')
 
 
-def _split(batch, num_microbatches: int, argnum: int):
-  """(B, ...) leaves -> (num_microbatches, B // num_microbatches, ...)."""
-  leaves = jax.tree.leaves_with_path(batch)
+def _split(batches, num_microbatches: int):
+  """``{argnum: batch}`` with (B, ...) leaves, one B for all, to (k, B / k,
+  ...) leaves."""
+  leaves = jax.tree.leaves_with_path(batches)
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for _, x in leaves}
   for path, x in leaves:
     if jnp.ndim(x) == 0 or len(sizes) > 1 or jnp.shape(x)[0] % num_microbatches:
       fail(
         ValueError,
         'batch_argnums',
-        f'argument {argnum} has the leaf at '
-        f'{leaf_name(path)} of shape {jnp.shape(x)} (leading sizes '
-        f'{sorted(sizes, key=str)}), which does not split into '
-        f'num_microbatches={num_microbatches}',
-        'Give every leaf of a '
-        'batch argument one leading size, divisible by num_microbatches; '
-        'pass other arrays as arguments outside batch_argnums.',
+        f'the leaf at {leaf_name(path)} (argument, path) has shape '
+        f'{jnp.shape(x)}; the leading sizes are {sorted(sizes, key=str)}',
+        'Give every batch leaf one leading size, divisible by '
+        'num_microbatches; pass other arrays outside batch_argnums.',
       )
 
   def split(x):
@@ -45,33 +43,35 @@ def _split(batch, num_microbatches: int, argnum: int):
       num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]
     )
 
-  return jax.tree.map(split, batch)
+  return jax.tree.map(split, batches)
 
 
-def check_args(num_microbatches, reduction, batch_argnums, key_argnum):
+def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
   """Checks the construction arguments; returns ``batch_argnums``, a tuple."""
   k = num_microbatches
+  if not callable(loss_fn):
+    fail(TypeError, 'loss_fn', f'{loss_fn!r}', 'Give a function of params.')
   if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
     fail(ValueError, 'num_microbatches', f'{k!r}', 'Give a positive int.')
   if reduction not in _REDUCTIONS:
     fail(
       ValueError, 'reduction', f'{reduction!r}', f'Give one of {_REDUCTIONS}.'
     )
-  batch_argnums = (
-    (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
-  )
-  for name, nums in (
-    ('batch_argnums', batch_argnums),
-    ('key_argnum', () if key_argnum is None else (key_argnum,)),
-  ):
-    if any(not isinstance(n, int) or n < 1 for n in nums):
+  one = isinstance(batch_argnums, numbers.Integral)
+  batch_argnums = (batch_argnums,) if one else tuple(batch_argnums)
+  keys = () if key_argnum is None else (key_argnum,)
+  for name, nums in (('batch_argnums', batch_argnums), ('key_argnum', keys)):
+    if any(
+      isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
+      for n in nums
+    ) or (name == 'key_argnum' and set(nums) & set(batch_argnums)):
       fail(
         ValueError,
         name,
         f'{nums!r}',
-        'Give argument positions >= 1 (0 is the params).',
+        'Give distinct argument positions >= 1 (0 is the params).',
       )
-  return batch_argnums
+  return tuple(int(n) for n in batch_argnums)
 
 
 def unreduced_value_and_grad(loss_fn, axis_name, num_microbatches=1, **kw):
@@ -134,7 +134,8 @@ def microbatched_value_and_grad(
     batch_argnums: the positions (in ``loss_fn``'s arguments, params being
       0) of the arguments to split; the others are passed whole.
     key_argnum: the position of a ``jax.random`` key; micro-batch ``i`` gets
-      ``jax.random.fold_in(key, i)``.
+      ``jax.random.fold_in(key, i)`` (with ``axis_name``, of the key folded
+      with the device's index first).
     unroll: ``lax.scan``'s ``unroll`` (``True``: straight-line code).
     axis_name: None, or an Explicit mesh axis (or tuple of them) of the
       mesh set with ``jax.set_mesh``, over which the batch's leading axis
@@ -182,7 +183,7 @@ def microbatched_value_and_grad(
     gradient accumulation.
   """
   batch_argnums = check_args(
-    num_microbatches, reduction, batch_argnums, key_argnum
+    loss_fn, num_microbatches, reduction, batch_argnums, key_argnum
   )
   sums = WindowSums(
     loss_fn,
@@ -316,10 +317,21 @@ class WindowSums:
           f'with {len(args) + 1} arguments',
           'Count params as argument 0.',
         )
-    split = {
-      n: _split(args[n - 1], self.num_microbatches, n)
-      for n in self.batch_argnums
-    }
+    split = _split(
+      {n: args[n - 1] for n in self.batch_argnums}, self.num_microbatches
+    )
+    key = None if self.key_argnum is None else args[self.key_argnum - 1]
+    if key is not None and not (
+      jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+      or (jnp.result_type(key) == jnp.uint32 and jnp.shape(key)[-1:] == (2,))
+    ):
+      fail(
+        TypeError,
+        'key_argnum',
+        f'argument {self.key_argnum} is '
+        f'{jax.typeof(key)}, not a jax.random key',
+        'Point it at the key.',
+      )
     first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
     loss0, aux0 = jax.eval_shape(
       lambda p: self.weighted_loss(p, self.call_args(args, first[1], 0))[1][1:],

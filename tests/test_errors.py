@@ -110,6 +110,41 @@ CASES = {
     ValueError,
     "num_microbatches",
   ),
+  "batch arguments of two sizes": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x, m: (jnp.sum(x * p) + jnp.sum(m), 1.0),
+      2,
+      batch_argnums=(1, 2),
+    )(1.0, jnp.ones(8), jnp.ones(4)),
+    ValueError,
+    "batch_argnums",
+  ),
+  "key_argnum among batch_argnums": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x: (p, 1.0), 2, batch_argnums=(1, 2), key_argnum=2
+    ),
+    ValueError,
+    "key_argnum",
+  ),
+  "key_argnum at a float": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x, k: (jnp.sum(x * p), 1.0), 2, key_argnum=2
+    )(1.0, jnp.ones(4), jnp.float32(3.0)),
+    TypeError,
+    "key_argnum",
+  ),
+  "batch_argnums True": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x: (p, 1.0), 2, batch_argnums=True
+    ),
+    ValueError,
+    "batch_argnums",
+  ),
+  "loss_fn not callable": (
+    lambda: optax_accum.microbatched_value_and_grad("loss", 2),
+    TypeError,
+    "loss_fn",
+  ),
   "batch leaves of two sizes": (
     lambda: optax_accum.microbatched_value_and_grad(
       lambda p, b: (jnp.sum(b["x"] * p) + jnp.sum(b["c"]), 1.0), 2
