@@ -18,12 +18,13 @@ import numpy as np
 
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
+from optax_accum._state import AccumulateState
 
 
 def mini_step(grads, state, params, weight, flush, extra):
   """The checks of one mini-step; returns ``(grads, weight, flush, value)``
   as arrays, the weight and value in the state's dtypes for them."""
-  if not (hasattr(state, 'acc_grads') and hasattr(state, 'inner_opt_state')):
+  if not isinstance(state, AccumulateState):
     fail(
       TypeError,
       'state',

@@ -66,6 +66,13 @@ def max_abs_diff(a, b):
   )
 
 
+def stateless(update):
+  """A stateless transformation taking extra args, from its ``update``."""
+  return optax.GradientTransformationExtraArgs(
+    lambda p: optax.EmptyState(), update
+  )
+
+
 def counting_inner(calls):
   """An identity transformation that appends to `calls` each time it runs
   (a host callback, so it counts runs of compiled code too)."""

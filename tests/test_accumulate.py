@@ -10,6 +10,7 @@ from helpers import grad_fn
 from helpers import make_problem
 from helpers import max_abs_diff
 from helpers import microbatches
+from helpers import stateless
 from helpers import train_accumulated
 from helpers import train_large_batch
 import hlo as hlo_lib
@@ -132,9 +133,7 @@ def test_extra_args_reach_the_inner_optimizer():
     del params
     return jax.tree.map(lambda u: factor * u, updates), state
 
-  inner = optax.GradientTransformationExtraArgs(
-    lambda p: optax.EmptyState(), update
-  )
+  inner = stateless(update)
   tx = optax_accum.accumulate(2, inner)
   params = jnp.zeros(2)
   state = tx.init(params)
@@ -451,9 +450,7 @@ def test_eager_update_runs_inner_python_logic_as_python():
     factor = 2.0 * scale["now"] if double else scale["now"]
     return jax.tree.map(lambda u: factor * u, updates), state
 
-  inner = optax.GradientTransformationExtraArgs(
-    lambda p: optax.EmptyState(), update
-  )
+  inner = stateless(update)
   tx = optax_accum.accumulate(2, inner)
   params = jnp.zeros(2)
   state = tx.init(params)

@@ -4,6 +4,7 @@ import functools
 
 import chex
 from flax import nnx
+from helpers import stateless
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -310,9 +311,7 @@ def test_value_reaches_the_inner_optimizer_as_the_window_weighted_mean():
     jax.debug.callback(lambda v: seen.append(float(v)), value)
     return updates, state
 
-  inner = optax.GradientTransformationExtraArgs(
-    lambda p: optax.EmptyState(), update
-  )
+  inner = stateless(update)
   tx = optax_accum.accumulate(3, inner)
   params = jnp.zeros(2)
   state = tx.init(params)

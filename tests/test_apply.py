@@ -4,6 +4,7 @@ import chex
 from helpers import counting_inner
 from helpers import grad_fn
 from helpers import microbatches
+from helpers import stateless
 from helpers import train_large_batch
 import hlo as hlo_lib
 import jax
@@ -334,9 +335,7 @@ def test_other_keywords_reach_inner_unchanged():
     seen.append(value_fn)
     return updates, state
 
-  inner = optax.GradientTransformationExtraArgs(
-    lambda p: optax.EmptyState(), update
-  )
+  inner = stateless(update)
   tx = optax_accum.accumulate(1, inner)
   params = jnp.zeros(2)
   f = jnp.sum

@@ -1,6 +1,7 @@
 """Errors as a table: (call, exception type, argument named). The prose is
 free to change; the type and the argument named are the contract."""
 
+from helpers import stateless
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,6 +188,7 @@ def test_x64_with_strict_promotion_trains_and_is_exact():
     mean = sum(w * g for w, g in zip(weights, grads)) / sum(weights)
     np.testing.assert_allclose(new["w"], params["w"] - mean, rtol=1e-12)
     assert new["w"].dtype == jnp.float64
+    assert state.acc_weight.dtype == jnp.float64
 
 
 @pytest.mark.parametrize("value", ["a", 1j, [1.0]])
@@ -269,9 +271,7 @@ def test_eager_mid_steps_do_not_trace_the_inner():
     scale = 0.5 if float(jnp.sum(u["w"])) > 0 else 2.0
     return jax.tree.map(lambda x: -scale * x, u), s
 
-  tx = acc(
-    2, optax.GradientTransformation(lambda p: optax.EmptyState(), update)
-  )
+  tx = acc(2, stateless(update))
   state = tx.init(P0)
   outs = []
   for g in (1.0, 3.0, -1.0, -3.0):
