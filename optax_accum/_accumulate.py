@@ -22,7 +22,6 @@ from optax_accum import _accumulator
 from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _layout
-from optax_accum._errors import fail
 from optax_accum._state import AccumulateState
 from optax_accum._state import accumulate_states
 
@@ -110,13 +109,7 @@ class Accumulator:
       inner_state = _strong(self.inner_tx.init(params))
       inner_state = _NoneState() if inner_state is None else inner_state
       if accumulate_states(inner_state):
-        fail(
-          ValueError,
-          'inner',
-          'an optimizer that holds another '
-          'accumulate(...): nested windows are one window of the product',
-          'Write accumulate(k1 * k2, opt).',
-        )
+        _checks.nested_accumulator()
     value_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     return AccumulateState(
       mini_step=jnp.zeros([], jnp.int32),

@@ -41,14 +41,7 @@ def init(params, accumulator_dtype, names):
   accumulator dtype (float32 at least): weights' and the mean's."""
   kahan = accumulator_dtype == _checks.KAHAN_BFLOAT16
   if kahan and names is not None:
-    fail(
-      ValueError,
-      'accumulator_dtype',
-      f'{accumulator_dtype!r} '
-      'with an unreduced axis_name, whose per-device sums allow '
-      'no compensation',
-      'Use None (float32) or jnp.bfloat16.',
-    )
+    fail(ValueError, 'accumulator_dtype', 'kahan_bfloat16 with an axis_name')
 
   def zeros(path, p):
     dtype = jnp.result_type(p)

@@ -78,13 +78,7 @@ def apply_gradients(
   """
   _checks.transformation(tx, 'tx')
   if params is None:
-    fail(
-      ValueError,
-      'params',
-      'None',
-      'Pass the params the gradient was '
-      'taken at: apply_gradients returns them updated.',
-    )
+    fail(ValueError, 'params', 'None; pass those the gradient was taken at')
   runner = _accumulate.accumulator_of(tx) or _chain.chain_of(tx)
   if runner is not None:
     return runner.apply(grads, opt_state, params, **extra_args)

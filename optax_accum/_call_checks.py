@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from optax_accum import _checks
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
 from optax_accum._state import AccumulateState
@@ -25,13 +26,7 @@ def mini_step(grads, state, params, weight, flush, extra):
   """The checks of one mini-step; returns ``(grads, weight, flush, value)``
   as arrays, the weight and value in the state's dtypes for them."""
   if not isinstance(state, AccumulateState):
-    fail(
-      TypeError,
-      'state',
-      f'a {type(state).__name__}, not the AccumulateState this init makes',
-      'Make it with tx.init(params), '
-      'or restore into jax.eval_shape(tx.init, params).',
-    )
+    fail(TypeError, 'state', f'a {type(state).__name__}; use tx.init(params)')
   updates(grads, state.acc_grads)
   params_like(params, grads)
   misspelt_keywords(extra)
@@ -49,28 +44,14 @@ def mini_step(grads, state, params, weight, flush, extra):
 def updates(grads, acc_grads) -> None:
   """The gradients have the params' structure, shapes and kind."""
   got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
-  if got != want:
-    fail(
-      ValueError,
-      'updates',
-      f'structure {got}, but the state holds {want}',
-      'Pass gradients shaped like the params given to init '
-      '(for optax.lookahead, init with params.fast).',
-    )
+  if got != want:  # optax.lookahead: init with params.fast
+    fail(ValueError, 'updates', f'structure {got}; init made {want}')
   _shapes('updates', grads, acc_grads)
   for (path, g), a in zip(
     jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
   ):
-    if jnp.issubdtype(jnp.result_type(g), jnp.complexfloating) and not (
-      jnp.issubdtype(a.dtype, jnp.complexfloating)
-    ):
-      fail(
-        TypeError,
-        'updates',
-        f'a complex gradient at {leaf_name(path)} '
-        f'for a real ({a.dtype}) accumulator drops its imaginary part',
-        'Use complex params, or pass the real gradient.',
-      )
+    if jnp.iscomplexobj(g) and not jnp.iscomplexobj(a):
+      fail(TypeError, 'updates', f'complex at {leaf_name(path)}, params real')
 
 
 def params_like(value, grads) -> None:
@@ -87,13 +68,8 @@ def _shapes(argument, tree, like) -> None:
     jax.tree.leaves_with_path(tree), jax.tree.leaves(like)
   ):
     if jnp.shape(x) != jnp.shape(y):
-      fail(
-        ValueError,
-        argument,
-        f'shape {jnp.shape(x)} at {leaf_name(path)}'
-        f' where the params given to init have {jnp.shape(y)}',
-        'Pass gradients and params shaped like those params.',
-      )
+      at = f'{jnp.shape(x)} at {leaf_name(path)}'
+      fail(ValueError, argument, f'shape {at}; the params have {jnp.shape(y)}')
 
 
 def _real_scalar(value: Any, argument: str) -> None:
@@ -102,22 +78,10 @@ def _real_scalar(value: Any, argument: str) -> None:
     dtype = None if isinstance(value, (str, bytes)) else jnp.result_type(value)
   except TypeError:
     dtype = None
-  if dtype is None or not (
-    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-  ):
-    fail(
-      TypeError,
-      argument,
-      f'{value!r}, not a real number',
-      'Pass a real scalar (weight: the micro-batch\'s number of items).',
-    )
+  if dtype is None or not _checks.real_dtype(dtype):
+    fail(TypeError, argument, f'{value!r}, not a real number')
   if np.shape(value) != ():
-    fail(
-      ValueError,
-      argument,
-      f'shape {np.shape(value)}, not a scalar',
-      'Pass a scalar (weight: the total, jnp.sum(mask)).',
-    )
+    fail(ValueError, argument, f'shape {np.shape(value)}; pass a scalar')
 
 
 def weight_of(value, dtype=jnp.float32):
@@ -128,21 +92,11 @@ def weight_of(value, dtype=jnp.float32):
     return None
   _real_scalar(value, 'weight')
   if unreduced_axes(value):
-    fail(
-      ValueError,
-      'weight',
-      f'typed {jax.typeof(value)}, unreduced',
-      'Reduce it first: jax.reshard(weight, P()).',
-    )
+    fail(ValueError, 'weight', f'{jax.typeof(value)}; reduce it first')
   if not isinstance(value, Tracer):
     concrete = np.asarray(value, np.float64)
     if not (concrete == 0 or 2.0**-64 <= concrete <= 2.0**64):
-      fail(
-        ValueError,
-        'weight',
-        f'{value!r}, not 0 nor in [2**-64, 2**64]',
-        "Pass the micro-batch's number of items (only ratios matter).",
-      )
+      fail(ValueError, 'weight', f'{value!r}, not 0 nor in [2**-64, 2**64]')
   value = jnp.asarray(value).astype(dtype)
   good = (value == 0) | ((value >= 2.0**-64) & (value <= 2.0**64))
   return jnp.where(good, value, jnp.full_like(value, jnp.nan))
@@ -155,12 +109,7 @@ def flush_of(value):
     jnp.shape(value) == () and getattr(value, 'dtype', None) == jnp.bool_
   ):
     return jnp.asarray(value)
-  fail(
-    TypeError,
-    'flush',
-    f'{value!r}, not a bool scalar',
-    'Write flush=bool(...) or flush=(x > 0).',
-  )
+  fail(TypeError, 'flush', f'{value!r}; write flush=bool(...) or (x > 0)')
 
 
 _OWN_KEYWORDS = ('weight', 'flush', 'value')
@@ -196,13 +145,7 @@ def keywords_read(extra_args, holds_accumulator: bool) -> None:
   """``weight``/``flush`` reach no accumulator: they would be ignored."""
   given = [k for k in ('weight', 'flush') if extra_args.get(k) is not None]
   if given and not holds_accumulator:
-    fail(
-      ValueError,
-      given[0],
-      'given to an optimizer without an accumulator, which would ignore it',
-      'Build it with '
-      'optax_accum.chain(optax_accum.accumulate(k), opt), or drop it.',
-    )
+    fail(ValueError, given[0], 'given to a tx with no accumulator to read it')
 
 
 def no_chainable_form(chainable: bool, argument: str) -> None:
@@ -213,10 +156,8 @@ def no_chainable_form(chainable: bool, argument: str) -> None:
     fail(
       ValueError,
       argument,
-      'holds a chainable-form accumulate(k) (no inner) that optax_accum '
-      'did not chain: what follows it would run on every mini-step',
-      'Write optax_accum.chain(..., accumulate(k), opt) or '
-      'accumulate(k, opt) (the exact form).',
+      'holds a chainable-form accumulate(k) whose followers would run on '
+      'every mini-step: write optax_accum.chain(accumulate(k), opt)',
     )
 
 
@@ -244,15 +185,7 @@ def varying_axes(x) -> frozenset:
 def unreduced_without_accumulator(grads, holds_accumulator: bool) -> None:
   axes = sorted(_axes_of(grads, unreduced_axes))
   if axes and not holds_accumulator:
-    fail(
-      ValueError,
-      'grads',
-      f"each device's part of a sum over {axes}, "
-      'and `tx` holds no accumulator to reduce them',
-      'Use optax_accum.'
-      f'accumulate(k, opt, axis_name={_shown(axes)!r}), or reduce them '
-      'first with jax.reshard(g, P()).',
-    )
+    fail(ValueError, 'grads', f'unreduced over {axes} and no accumulator')
 
 
 def acted_on_parts(grads, error: Exception) -> None:
@@ -264,12 +197,8 @@ def acted_on_parts(grads, error: Exception) -> None:
     fail(
       ValueError,
       'tx',
-      f'an element that acted on gradients typed '
-      f"unreduced over {axes} (each device's part of the sum) before the "
-      'accumulator, which JAX refused (above)',
-      'Put it after the '
-      'accumulator, where it sees the reduced mean: optax_accum.chain('
-      f'accumulate(k, axis_name={_shown(axes)!r}), clip, opt).',
+      f'an element before the accumulator acted on gradients unreduced over '
+      f'{axes}: put it after, optax_accum.chain(accumulate(k, ...), clip, opt)',
       error,
     )
 
@@ -283,93 +212,45 @@ def no_axis_call(grads, acc_grads) -> None:
   unreduced = _axes_of(grads, unreduced_axes)
   extra = _axes_of(grads, varying_axes) - _axes_of(acc_grads, varying_axes)
   if unreduced or (extra and jax.tree.leaves(acc_grads)):
-    axes = sorted(unreduced or extra)
-    fail(
-      ValueError,
-      'axis_name',
-      f'None, but the gradients are each device\'s part of a sum over {axes}',
-      f'Write accumulate(..., axis_name={_shown(axes)!r}) and init '
-      'under jax.set_mesh, or pass a per-device (stacked) state.',
-    )
+    axes = _shown(sorted(unreduced or extra))
+    fail(ValueError, 'axis_name', f'None; the gradients need {axes!r}')
 
 
 def unreduced_state(names, acc_grads, acc_weight) -> None:
-  """A state whose sums are unreduced over exactly ``axis_name``."""
+  """A state whose sums are unreduced over exactly ``axis_name``; made by
+  tx.init(params) under `jax.set_mesh` (in shard_map, with those specs)."""
   for path, a in jax.tree.leaves_with_path((acc_grads, acc_weight)):
     if set(unreduced_axes(a)) != set(names):
-      fail(
-        ValueError,
-        'state',
-        f'its sum at {leaf_name(path)} is typed '
-        f'{jax.typeof(a)}, not unreduced over {_shown(names)!r}',
-        'Make it with tx.init(params) (or restore_checkpoint) inside '
-        '`with jax.set_mesh(mesh)`; in shard_map give it the specs '
-        'jax.tree.map(lambda x: jax.typeof(x).sharding.spec, state).',
-      )
+      fail(ValueError, 'state', f'{jax.typeof(a)} at {leaf_name(path)}')
 
 
 def checked_call(names, grads, acc_grads, scalars) -> None:
-  """In ``shard_map(check_vma=True)``: each device's own gradient, and no
-  value varying over axes the accumulator does not."""
+  """In ``shard_map(check_vma=True)``: each device's own gradient (w.r.t.
+  ``lax.pcast(params, names, to='varying')``), and no value varying over
+  axes the accumulator does not."""
   for (path, g), a in zip(
     jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
   ):
-    if not set(names) <= varying_axes(g):
-      fail(
-        ValueError,
-        'updates',
-        f'the gradient at {leaf_name(path)} is '
-        f'invariant over {_shown(names)!r}: shard_map already summed it, '
-        'the reduction accumulation defers',
-        'Differentiate with respect '
-        f"to jax.lax.pcast(params, {_shown(names)!r}, to='varying').",
-      )
     extra = varying_axes(g) - set(names) - varying_axes(a)
-    if extra:
-      fail(
-        ValueError,
-        'updates',
-        f'the gradient at {leaf_name(path)} '
-        f'varies over {sorted(extra)} besides axis_name, but its '
-        'accumulator does not',
-        f'Reduce it first (jax.lax.psum(g, '
-        f'{_shown(sorted(extra))!r})), or add them to axis_name.',
-      )
+    if not set(names) <= varying_axes(g) or extra:
+      fail(ValueError, 'updates', f'{jax.typeof(g)} at {leaf_name(path)}')
   for argument, x in scalars.items():
     extra = set() if x is None else varying_axes(x) - set(names)
     if argument == 'flush' and x is not None:
       extra = varying_axes(x)
     if extra:
-      fail(
-        ValueError,
-        argument,
-        f'varies over {sorted(extra)}',
-        'Every '
-        'device must agree on it: compute it from values that are the '
-        'same on every device, or psum/pmax it over those axes.',
-      )
+      fail(ValueError, argument, f'varies over {sorted(extra)}')
 
 
 def mesh_call(names, grads, value) -> None:
   """Under plain ``jax.jit`` on a mesh: gradients typed unreduced over
-  ``axis_name``, a replicated ``value``."""
+  ``axis_name`` (from ``microbatched_value_and_grad(..., axis_name)``), a
+  replicated ``value``."""
   for path, g in jax.tree.leaves_with_path(grads):
     if set(unreduced_axes(g)) != set(names):
-      fail(
-        ValueError,
-        'updates',
-        f'the gradient at {leaf_name(path)} is '
-        f'typed {jax.typeof(g)}, not unreduced over {_shown(names)!r}',
-        'Compute it with optax_accum.microbatched_value_and_grad('
-        f'loss_fn, axis_name={_shown(names)!r}), or drop axis_name.',
-      )
+      fail(ValueError, 'updates', f'{jax.typeof(g)} at {leaf_name(path)}')
   if value is not None and unreduced_axes(value):
-    fail(
-      ValueError,
-      'value',
-      f'typed {jax.typeof(value)}, unreduced',
-      "Pass the micro-batch's global mean loss, a replicated scalar.",
-    )
+    fail(ValueError, 'value', f'{jax.typeof(value)}; pass a replicated loss')
 
 
 def _shown(names):

@@ -47,13 +47,7 @@ class Chain:
   def _run(self, updates, state, params, extra_args, output):
     size = len(self.head) + (self.acc is not None)
     if not (type(state) is tuple and len(state) == size):  # pylint: disable=unidiomatic-typecheck
-      fail(
-        TypeError,
-        'state',
-        f'a {type(state).__name__}, not the tuple of '
-        f'{size} states this init makes',
-        'Make it with tx.init(params).',
-      )
+      fail(TypeError, 'state', f'a {type(state).__name__}; use tx.init(params)')
     _call_checks.keywords_read(
       extra_args, self.acc is not None or bool(_state.accumulate_states(state))
     )
@@ -132,12 +126,8 @@ def chain(
     if _accumulate.accumulator_of(t) is not None
   ]
   if len(positions) > 1:
-    fail(
-      ValueError,
-      f'transforms[{positions[1]}]',
-      f'a second accumulate(...) (the first is transforms[{positions[0]}])',
-      'Use one accumulate(k1 * k2, ...).',
-    )
+    second = f'transforms[{positions[1]}]'
+    fail(ValueError, second, 'a second accumulator; use accumulate(k1 * k2)')
   if not positions:
     head = tuple(optax.with_extra_args_support(t) for t in transforms)
     return Chain(head, None).transformation()
@@ -153,12 +143,6 @@ def chain(
   if i == 0:
     return acc.transformation()
   if acc.names is not None:
-    fail(
-      ValueError,
-      'transforms[0]',
-      'an element before an accumulator '
-      'with axis_name, which would see each device\'s part of a gradient',
-      'Put it after the accumulator, where it sees the reduced mean.',
-    )
+    fail(ValueError, 'transforms[0]', 'before an accumulator with axis_name')
   head = tuple(optax.with_extra_args_support(t) for t in transforms[:i])
   return Chain(head, acc).transformation()

@@ -36,33 +36,19 @@ def _check_against_metadata(saved_tree, abstract_state, path):
       for d in (sorted(os.listdir(path)) if os.path.isdir(path) else [])
       if os.path.exists(os.path.join(path, d, "_METADATA"))
     ]
-    hint = (
-      f"For a CheckpointManager step, pass an item's folder: "
-      f"{os.path.join(str(path), items[0])}."
-      if items
-      else "Restore into jax.eval_shape(tx.init, params) of the run that "
-      "saved it."
-    )
+    hint = f"; pass an item's folder, {path}/{items[0]}" if items else ""
     fail(
       ValueError,
       "tx",
-      f"a state of another structure than the "
-      f"checkpoint at {path} (missing from it: {show(missing)}; not in "
-      f"tx's state: {show(extra)})",
-      hint,
+      f"its state has {show(missing)} where the checkpoint at {path} has "
+      f"{show(extra)}{hint}",
     )
   for key, target in want.items():
-    meta = saved[key]
-    got = f"{np.dtype(meta.dtype).name}{list(meta.shape)}"
-    if got != f"{np.dtype(target.dtype).name}{list(target.shape)}":
-      fail(
-        ValueError,
-        "params",
-        f"{'/'.join(key)} is {got} in the "
-        f"checkpoint at {path} but {np.dtype(target.dtype).name}"
-        f"{list(target.shape)} here",
-        "Pass the params (and accumulator_dtype) of the run that saved it.",
-      )
+    got, here = (
+      f"{np.dtype(x.dtype)}{list(x.shape)}" for x in (saved[key], target)
+    )
+    if got != here:
+      fail(ValueError, "params", f"{'/'.join(key)}: {got} saved, {here} here")
 
 
 def restore_checkpoint(
@@ -122,24 +108,13 @@ def restore_checkpoint(
     try:
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      fail(
-        ImportError,
-        "checkpointer",
-        "None and orbax-checkpoint is not installed",
-        "pip install 'optax_accum[checkpoint]'.",
-        e,
-      )
+      fail(ImportError, "checkpointer", "None; pip install orbax-checkpoint", e)
 
     checkpointer = ocp.StandardCheckpointer()
   # A fresh function, so no trace cache stands between `params` and `init`.
   abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # noqa: PLW0108
   if not os.path.exists(path):
-    fail(
-      FileNotFoundError,
-      "path",
-      f"{path}, where nothing exists",
-      "Pass the checkpoint's directory.",
-    )
+    fail(FileNotFoundError, "path", f"{path}, where nothing exists")
   metadata = checkpointer.metadata(path)
   saved_tree = getattr(
     getattr(metadata, "item_metadata", metadata), "tree", metadata
@@ -254,14 +229,7 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     True
   """
   if jax.tree.structure(opt_state) != jax.tree.structure(like):
-    fail(
-      ValueError,
-      'opt_state',
-      f'structure {jax.tree.structure(opt_state)}'
-      f', but `like` has {jax.tree.structure(like)}',
-      'Pass the state '
-      'restored into reduced_state(jax.eval_shape(tx.init, params)).',
-    )
+    fail(ValueError, 'opt_state', 'structured unlike `like`')
 
   def leaf(x, t):
     spec = _call_checks.spec_of(t)
@@ -270,10 +238,5 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
   if not any(_call_checks.unreduced_axes(t) for t in jax.tree.leaves(like)):
     return opt_state
   if jax.sharding.get_abstract_mesh().empty:
-    fail(
-      ValueError,
-      'like',
-      'unreduced leaves, but no mesh is set',
-      'Call it inside `with jax.set_mesh(mesh)`.',
-    )
+    fail(ValueError, 'like', 'unreduced leaves but no jax.set_mesh(...)')
   return jax.jit(lambda s: jax.tree.map(leaf, s, like))(opt_state)

@@ -46,84 +46,54 @@ def window_k(value) -> jax.Array:
   return jnp.where(k >= 1.0, ki, 1)  # NaN compares false: 1
 
 
+def real_dtype(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(
+    dtype, jnp.floating
+  )
+
+
 def schedule(every_k_schedule: ScheduleLike) -> Callable[[jax.Array], Any]:
   """``every_k_schedule`` as a ``gradient_step -> int32 k`` function."""
-  k = every_k_schedule
+  k, name = every_k_schedule, 'every_k_schedule'
   if isinstance(k, (jax.Array, np.ndarray, np.generic)):
     # optax.inject_hyperparams passes an int hyperparameter as an array.
-    if jnp.shape(k) != () or not jnp.issubdtype(
-      jnp.result_type(k), jnp.integer
-    ):
-      fail(
-        TypeError,
-        'every_k_schedule',
-        f'an array of dtype {jnp.result_type(k)} and shape {jnp.shape(k)}',
-        'Give an int, an integer scalar or a callable gradient_step -> k.',
-      )
+    if jnp.shape(k) or not jnp.issubdtype(jnp.result_type(k), jnp.integer):
+      fail(TypeError, name, f'{jax.typeof(k)}; give an integer scalar')
     if not isinstance(k, Tracer):
       return schedule(int(np.asarray(k)))
     return lambda gradient_step: window_k(k)
   if callable(k):
     probe = lambda s: jnp.asarray(0 if isinstance(k(s), int) else k(s))
     out = jax.eval_shape(probe, jnp.zeros([], jnp.int32))
-    if (
-      out.shape != ()
-      or not jnp.issubdtype(out.dtype, jnp.number)
-      or (jnp.issubdtype(out.dtype, jnp.complexfloating))
-    ):
-      fail(
-        ValueError,
-        'every_k_schedule',
-        f'every_k_schedule(0) returned {out}, not a real scalar',
-        'Return the number of micro-batches per window, a scalar.',
-      )
+    if out.shape or not real_dtype(out.dtype):
+      fail(ValueError, name, f'it returned {out}; return a real scalar k')
     return lambda gradient_step: window_k(k(gradient_step))
-  if isinstance(k, numbers.Integral) and not isinstance(k, bool):
-    if not 1 <= int(k) <= INT32_MAX:
-      fail(
-        ValueError,
-        'every_k_schedule',
-        f'{k!r}, outside [1, 2**31 - 1]',
-        'Give the number of micro-batches per window, at least 1.',
-      )
-    value = int(k)
-    return lambda gradient_step: jnp.asarray(value, jnp.int32)
-  fail(
-    TypeError,
-    'every_k_schedule',
-    f'{k!r} of type {type(k).__name__}',
-    'Give a positive int or a callable gradient_step -> k.',
-  )
+  if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+    fail(TypeError, name, f'{k!r}; give a positive int or gradient_step -> k')
+  if not 1 <= int(k) <= INT32_MAX:
+    fail(ValueError, name, f'{k!r}, outside [1, 2**31 - 1]')
+  return lambda gradient_step: jnp.asarray(int(k), jnp.int32)
+
+
+def transformation(value, argument: str) -> None:
+  """An ``optax.GradientTransformation`` (a factory or MultiSteps named)."""
+  if not isinstance(value, optax.GradientTransformation):
+    hint = 'call the factory (optax.adamw(1e-3))'
+    if hasattr(value, 'gradient_transformation'):
+      hint = 'for optax.MultiSteps(opt, k), write accumulate(k, opt)'
+    fail(TypeError, argument, f'{value!r}, not a transformation; {hint}')
 
 
 def inner(value, is_accumulator: Callable[[Any], bool]) -> None:
   """``inner`` is None or a transformation that does not accumulate."""
-  if value is None:
-    return
-  if not isinstance(value, optax.GradientTransformation):
-    name = getattr(value, '__name__', None)
-    hint = (
-      f'Call the factory: inner={name}(learning_rate).'
-      if name and callable(value)
-      else 'Give a transformation such as optax.adamw(1e-3).'
-    )
-    if hasattr(value, 'gradient_transformation'):
-      hint = 'Pass its .gradient_transformation().'
-    fail(
-      TypeError,
-      'inner',
-      f'{value!r} of type {type(value).__name__}, '
-      'not an optax.GradientTransformation',
-      hint,
-    )
-  if is_accumulator(value):
-    fail(
-      ValueError,
-      'inner',
-      'another optax_accum.accumulate(...): nested '
-      'windows are one window of the product',
-      'Write accumulate(k1 * k2, opt).',
-    )
+  if value is not None:
+    transformation(value, 'inner')
+  if value is not None and is_accumulator(value):
+    nested_accumulator()
+
+
+def nested_accumulator():
+  fail(ValueError, 'inner', 'an accumulator; write accumulate(k1 * k2, opt)')
 
 
 def accumulator_dtype(value):
@@ -134,38 +104,20 @@ def accumulator_dtype(value):
     dtype = jnp.dtype(value)
   except TypeError:
     dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+  allowed = ('float32', 'float64', 'bfloat16', 'complex64', 'complex128')
+  if dtype is None or dtype.name not in allowed:  # float16 ends at 65504
+    floating = dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
     fail(
-      TypeError,
+      ValueError if floating else TypeError,
       'accumulator_dtype',
-      f'{value!r}, not a floating dtype',
-      f'Give None, jnp.float32, jnp.bfloat16 or "{KAHAN_BFLOAT16}".',
-    )
-  if dtype.name not in (
-    'float32',
-    'float64',
-    'bfloat16',
-    'complex64',
-    'complex128',
-  ):
-    fail(
-      ValueError,
-      'accumulator_dtype',
-      f'{dtype}, whose sums overflow '
-      '(float16 ends at 65504) or are not supported',
-      f'Give None (float32), jnp.bfloat16 or "{KAHAN_BFLOAT16}".',
+      f'{value!r}; give None, {", ".join(allowed)} or "{KAHAN_BFLOAT16}"',
     )
   return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def skip_fn(value) -> None:
   if value is not None and not callable(value):
-    fail(
-      TypeError,
-      'should_skip_update_fn',
-      f'{value!r}, not callable',
-      'Give None or a function such as optax.skip_not_finite.',
-    )
+    fail(TypeError, 'should_skip_update_fn', f'{value!r}, not callable')
 
 
 def axis_name(value) -> Union[tuple[str, ...], None]:
@@ -178,27 +130,8 @@ def axis_name(value) -> Union[tuple[str, ...], None]:
     and names
     and all(isinstance(n, str) and n for n in names)
   ):
-    fail(
-      TypeError,
-      'axis_name',
-      f'{value!r}',
-      'Give a mesh axis name (str) or a tuple of them, as in jax.lax.psum.',
-    )
+    fail(TypeError, 'axis_name', f'{value!r}; give a mesh axis name or tuple')
   return names
-
-
-def transformation(value, argument: str) -> None:
-  if not isinstance(value, optax.GradientTransformation):
-    hint = 'If it is a factory such as optax.adamw, call it.'
-    if hasattr(value, 'gradient_transformation'):
-      hint = 'For optax.MultiSteps(opt, k), write accumulate(k, opt).'
-    fail(
-      TypeError,
-      argument,
-      f'{value!r} of type {type(value).__name__}, '
-      'not an optax.GradientTransformation',
-      hint,
-    )
 
 
 # ------------------------------------------------------------------------ init
@@ -206,24 +139,12 @@ def transformation(value, argument: str) -> None:
 
 def param_dtype(path, dtype, acc_dtype) -> None:
   """A param leaf is floating, and complex where its accumulator is."""
+  where = f'the param at {leaf_name(path)}'
   if not jnp.issubdtype(dtype, jnp.inexact):
-    fail(
-      TypeError,
-      'params',
-      f'the leaf at {leaf_name(path)} has dtype {dtype}, which has no gradient',
-      'Filter integer and boolean '
-      'leaves out of the params (optax.masked, nnx.Param).',
-    )
-  if jnp.issubdtype(dtype, jnp.complexfloating) != jnp.issubdtype(
-    acc_dtype, jnp.complexfloating
-  ):
-    fail(
-      TypeError,
-      'accumulator_dtype',
-      f'{acc_dtype} for the {dtype} '
-      f'param at {leaf_name(path)}: a real sum drops the imaginary part',
-      'Leave accumulator_dtype=None, or give a matching dtype.',
-    )
+    fail(TypeError, 'params', f'{where} is {dtype}; filter it out')
+  complex_ = lambda d: jnp.issubdtype(d, jnp.complexfloating)
+  if complex_(dtype) != complex_(acc_dtype):
+    fail(TypeError, 'accumulator_dtype', f'{acc_dtype} for {dtype} at {where}')
 
 
 def skip_result(result) -> Any:
@@ -234,8 +155,6 @@ def skip_result(result) -> Any:
     fail(
       ValueError,
       'should_skip_update_fn',
-      f'it returned {result!r}',
-      'Return (skip, skip_state) with skip a bool scalar, as '
-      'optax.skip_not_finite does.',
+      f'it returned {result!r}, not (skip, skip_state) with a bool skip',
     )
   return result

@@ -1,6 +1,6 @@
 """The one helper through which every check raises (as chex routes its
-assertions through one): messages name the argument, what it received and
-what to write instead; the exception carries the name as ``argument``."""
+assertions through one): the message names the argument, what it received
+and what to write instead; the exception carries the name as ``argument``."""
 
 from typing import NoReturn, Optional
 
@@ -10,16 +10,11 @@ import jax
 def fail(
   exc_type: type[Exception],
   argument: str,
-  received: str,
-  instead: str,
+  message: str,
   cause: Optional[BaseException] = None,
 ) -> NoReturn:
-  """Raises ``exc_type`` naming ``argument``.
-
-  Raises:
-    exc_type: always, with ``.argument`` set to ``argument``.
-  """
-  error = exc_type(f'`{argument}`: {received}. {instead}')
+  """Raises ``exc_type`` naming ``argument`` (set as ``.argument``)."""
+  error = exc_type(f'`{argument}`: {message}')
   error.argument = argument  # type: ignore[attr-defined]
   raise error from cause
 

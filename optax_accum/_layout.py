@@ -227,13 +227,8 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
   mesh = jax.sharding.get_abstract_mesh()
   manual = [n in mesh.manual_axes for n in axis_names]
   if any(manual) and not all(manual):
-    fail(
-      ValueError,
-      'axis_name',
-      f'{axis_names}, of which only '
-      f'{sorted(mesh.manual_axes)} are mapped by this shard_map',
-      'Map over all of them, or name only the mapped ones.',
-    )
+    mapped = sorted(mesh.manual_axes)
+    fail(ValueError, 'axis_name', f'{axis_names}; shard_map maps {mapped}')
   if any(manual):  # shard_map: typed per device where check_vma is on
     if not all(n in varying_axes(lax.axis_index(n)) for n in axis_names):
       return Unchecked(axis_names)
@@ -242,27 +237,14 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
   if not mesh.empty and all(n in mesh.axis_names for n in axis_names):
     auto = [n for n in axis_names if n not in mesh.explicit_axes]
     if auto:
-      fail(
-        ValueError,
-        'axis_name',
-        f'{auto}, Auto axes of the mesh, where '
-        'JAX types no unreduced gradients',
-        'Make the mesh with '
-        'Explicit axes (jax.make_mesh\'s default), or use shard_map.',
-      )
+      fail(ValueError, 'axis_name', f'{auto} are Auto axes; make them Explicit')
     one = axes_size(axis_names) == 1
     return Single(axis_names) if one else Mesh(axis_names)
   try:  # jax.pmap's axes are not in the abstract mesh
     for n in axis_names:
       lax.axis_index(n)
   except NameError:
-    fail(
-      NameError,
-      'axis_name',
-      f'{axis_names}: no such axis here',
-      'Call update inside jax.shard_map (or pmap) over it, or under '
-      'jax.jit inside `with jax.set_mesh(mesh)`.',
-    )
+    fail(NameError, 'axis_name', f'{axis_names}: no such axis (set_mesh?)')
   return Unchecked(axis_names)
 
 
@@ -284,15 +266,7 @@ def unreduced_zeros(path, p, dtype, names):
   """Zeros shaped and partitioned like ``p``, unreduced over ``names``."""
   spec = spec_of(p)
   if spec_axes(spec) & set(names):
-    fail(
-      ValueError,
-      'axis_name',
-      f'{names}, but the param at '
-      f'{leaf_name(path)} is sharded {spec} over it (FSDP), whose '
-      'reduction runs every micro-batch',
-      'Defer only the replica axis '
-      'of a (replica, fsdp) mesh (HSDP), or drop axis_name.',
-    )
+    fail(ValueError, 'axis_name', f'{names} shards {leaf_name(path)} (FSDP)')
   return jnp.zeros(
     jnp.shape(p), dtype, out_sharding=spec.update(unreduced=frozenset(names))
   )

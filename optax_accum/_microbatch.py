@@ -31,10 +31,8 @@ def _split(batches, num_microbatches: int):
       fail(
         ValueError,
         'batch_argnums',
-        f'the leaf at {leaf_name(path)} (argument, path) has shape '
-        f'{jnp.shape(x)}; the leading sizes are {sorted(sizes, key=str)}',
-        'Give every batch leaf one leading size, divisible by '
-        'num_microbatches; pass other arrays outside batch_argnums.',
+        f'shape {jnp.shape(x)} at {leaf_name(path)}; give every batch leaf '
+        f'one leading size divisible by k (sizes: {sorted(sizes, key=str)})',
       )
 
   def split(x):
@@ -50,13 +48,11 @@ def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
   """Checks the construction arguments; returns ``batch_argnums``, a tuple."""
   k = num_microbatches
   if not callable(loss_fn):
-    fail(TypeError, 'loss_fn', f'{loss_fn!r}', 'Give a function of params.')
+    fail(TypeError, 'loss_fn', f'{loss_fn!r}, not a function of params')
   if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-    fail(ValueError, 'num_microbatches', f'{k!r}', 'Give a positive int.')
+    fail(ValueError, 'num_microbatches', f'{k!r}, not a positive int')
   if reduction not in _REDUCTIONS:
-    fail(
-      ValueError, 'reduction', f'{reduction!r}', f'Give one of {_REDUCTIONS}.'
-    )
+    fail(ValueError, 'reduction', f'{reduction!r}, not in {_REDUCTIONS}')
   one = isinstance(batch_argnums, numbers.Integral)
   batch_argnums = (batch_argnums,) if one else tuple(batch_argnums)
   keys = () if key_argnum is None else (key_argnum,)
@@ -65,12 +61,7 @@ def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
       isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
       for n in nums
     ) or (name == 'key_argnum' and set(nums) & set(batch_argnums)):
-      fail(
-        ValueError,
-        name,
-        f'{nums!r}',
-        'Give distinct argument positions >= 1 (0 is the params).',
-      )
+      fail(ValueError, name, f'{nums!r}; give distinct positions >= 1')
   return tuple(int(n) for n in batch_argnums)
 
 
@@ -85,7 +76,7 @@ def unreduced_value_and_grad(loss_fn, axis_name, num_microbatches=1, **kw):
     True
   """
   if axis_name is None:
-    fail(TypeError, 'axis_name', 'None', 'Give the mesh axis to defer.')
+    fail(TypeError, 'axis_name', 'None; give the mesh axis to defer')
   return microbatched_value_and_grad(
     loss_fn, num_microbatches, axis_name=axis_name, **kw
   )
@@ -240,12 +231,7 @@ class WindowSums:
     if not (isinstance(out, tuple) and len(out) == 2) or (
       self.has_aux and not (isinstance(out[1], tuple) and len(out[1]) == 2)
     ):
-      fail(
-        ValueError,
-        'loss_fn',
-        f'it returned {jax.tree.structure(out)}',
-        f'Return {form} (has_aux={self.has_aux}).',
-      )
+      fail(ValueError, 'loss_fn', f'returned {jax.tree.structure(out)}; {form}')
     loss, rest = out
     weight, aux = rest if self.has_aux else (rest, None)
     if not all(
@@ -254,12 +240,7 @@ class WindowSums:
       and jnp.shape(x) == ()
       for x in (loss, weight)
     ):
-      fail(
-        ValueError,
-        'loss_fn',
-        f'it returned {jax.tree.structure(out)}, not scalars',
-        f'Return {form} with a scalar loss and weight.',
-      )
+      fail(ValueError, 'loss_fn', f'returned non-scalars; return {form}')
     # A concrete bad weight raises; a traced one poisons the sums with NaN.
     # The unweighted loss is differentiated; the weight multiplies the
     # float32 gradient afterwards, so a large count never overflows a
@@ -310,13 +291,7 @@ class WindowSums:
       [] if self.key_argnum is None else [('key_argnum', self.key_argnum)]
     ):
       if n > len(args):
-        fail(
-          ValueError,
-          name,
-          f'argument {n}, but the function was called '
-          f'with {len(args) + 1} arguments',
-          'Count params as argument 0.',
-        )
+        fail(ValueError, name, f'{n}, beyond the {len(args) + 1} arguments')
     split = _split(
       {n: args[n - 1] for n in self.batch_argnums}, self.num_microbatches
     )
@@ -325,13 +300,7 @@ class WindowSums:
       jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
       or (jnp.result_type(key) == jnp.uint32 and jnp.shape(key)[-1:] == (2,))
     ):
-      fail(
-        TypeError,
-        'key_argnum',
-        f'argument {self.key_argnum} is '
-        f'{jax.typeof(key)}, not a jax.random key',
-        'Point it at the key.',
-      )
+      fail(TypeError, 'key_argnum', f'{jax.typeof(key)}, not a random key')
     first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
     loss0, aux0 = jax.eval_shape(
       lambda p: self.weighted_loss(p, self.call_args(args, first[1], 0))[1][1:],

@@ -109,13 +109,7 @@ def has_updated(opt_state: Any) -> jax.Array:
   """
   states = accumulate_states(opt_state)
   if not states:
-    fail(
-      ValueError,
-      'opt_state',
-      f'a {type(opt_state).__name__} that holds no AccumulateState',
-      'Pass the state of an optimizer built with '
-      'optax_accum.accumulate or optax_accum.chain.',
-    )
+    fail(ValueError, 'opt_state', 'holds no AccumulateState')
   flag = states[0].has_updated
   flag = flag.get_value() if hasattr(flag, 'get_value') else flag  # nnx  # type: ignore
   return jnp.asarray(flag)

@@ -39,39 +39,19 @@ def _check_call(axis_name, names, params, args, batch_argnums, k):
   and the batch axes."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not all(n in mesh.explicit_axes for n in names):
-    fail(
-      ValueError,
-      'axis_name',
-      f'{axis_name!r}, not an Explicit axis of the mesh set here ({mesh})',
-      'Call it under jax.jit inside `with '
-      'jax.set_mesh(mesh)`; in jax.shard_map, differentiate w.r.t. '
-      f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead.",
-    )
+    fail(ValueError, 'axis_name', f'{axis_name!r}, no Explicit axis of {mesh}')
   param_specs = jax.tree.map(_call_checks.spec_of, params)
   is_spec = lambda s: isinstance(s, P)
   for path, spec in jax.tree.leaves_with_path(param_specs, is_leaf=is_spec):
     if _layout.spec_axes(spec) & set(names):
-      fail(
-        ValueError,
-        'axis_name',
-        f'{axis_name!r}, but the param at '
-        f'{leaf_name(path)} is sharded {spec} over it (FSDP)',
-        'Defer the replica axis of a (replica, fsdp) mesh instead.',
-      )
+      fail(ValueError, 'axis_name', f'{axis_name!r} shards {leaf_name(path)}')
   arg_specs = [jax.tree.map(_call_checks.spec_of, a) for a in args]
   batch_axes = _batch_axes(axis_name, names, args, batch_argnums, k)
   for path, spec in jax.tree.leaves_with_path(param_specs, is_leaf=is_spec):
     other = _layout.spec_axes(spec) - set(batch_axes)
     if other:
-      fail(
-        ValueError,
-        'params',
-        f'the param at {leaf_name(path)} is sharded '
-        f'{spec}, over {sorted(other)}, which do not shard the batch '
-        '(tensor parallelism)',
-        'Replicate it over those axes, or take '
-        "the gradient in your own jax.shard_map and pcast it to='unreduced'.",
-      )
+      at = f'{leaf_name(path)} is sharded over {sorted(other)}'
+      fail(ValueError, 'params', f'{at}, which shard no batch (TP)')
   return param_specs, arg_specs, batch_axes
 
 
@@ -86,21 +66,10 @@ def _batch_axes(axis_name, names, args, batch_argnums, k):
       lead = _layout.entry_axes(spec[0]) if len(spec) else ()
       per_device = jnp.shape(x)[0] // _layout.axes_size(lead) if lead else 0
       if not set(names) <= set(lead):
-        fail(
-          ValueError,
-          'batch_argnums',
-          f'argument {n} at {leaf_name(path)}'
-          f' is sharded {spec}, not over {axis_name!r}',
-          f'Shard its leading axis: jax.device_put(x, P({axis_name!r})).',
-        )
+        fail(ValueError, 'batch_argnums', f'{n} at {leaf_name(path)}: {spec}')
       if per_device % k:
-        fail(
-          ValueError,
-          'num_microbatches',
-          f'{k}, but argument {n} at '
-          f'{leaf_name(path)} has {per_device} rows per device',
-          'Give each device a multiple of num_microbatches rows.',
-        )
+        rows = f'{per_device} rows per device'
+        fail(ValueError, 'num_microbatches', f'{k} does not divide {rows}')
       batch_axes = tuple(dict.fromkeys(batch_axes + lead))
   return batch_axes
 

@@ -63,32 +63,15 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
   """
   is_acc = lambda x: isinstance(x, AccumulateState)
   if not accumulate_states(opt_state):
-    fail(
-      ValueError,
-      'opt_state',
-      'no AccumulateState in it',
-      'Pass the state of an optimizer built with optax_accum.accumulate.',
-    )
+    fail(ValueError, 'opt_state', 'holds no AccumulateState')
 
   def unstack(node):
     if not is_acc(node):
       return node
     if node.skip_state is not None:
-      fail(
-        ValueError,
-        'opt_state',
-        'an accumulator with a '
-        'should_skip_update_fn, whose verdict is per member',
-        'vmap the state as jax.vmap(tx.init) made it, without share_counters.',
-      )
+      fail(ValueError, 'opt_state', 'its should_skip_update_fn is per member')
     if jax.numpy.ndim(node.mini_step) != 1:
-      fail(
-        ValueError,
-        'opt_state',
-        'a mini_step of shape '
-        f'{jax.numpy.shape(node.mini_step)}, not stacked per member',
-        'Pass jax.vmap(tx.init)(members), not tx.init(params).',
-      )
+      fail(ValueError, 'opt_state', 'not stacked: use jax.vmap(tx.init)')
     shared = {}
     for name in _SHARED:
       value = getattr(node, name)
@@ -99,8 +82,7 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
         fail(
           ValueError,
           'opt_state',
-          f'members that disagree on `{name}` ({np.asarray(value).tolist()})',
-          'Give every member the same weight and flush (in_axes=None).',
+          f'members disagree on {name} (weight, flush batched?)',
         )
       shared[name] = first
     return node._replace(**shared)
