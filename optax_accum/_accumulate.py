@@ -293,13 +293,10 @@ def accumulate(
 
   Each ``update`` is one mini-step: it adds the micro-batch gradient
   :math:`g_i`, weighted by :math:`w_i` (default 1), into ``acc_grads``. The
-  k-th mini-step of a window emits
-  :math:`\bar g = \sum_{i=1}^{k} w_i g_i / \sum_{i=1}^{k} w_i`, the gradient
-  of the large batch for a mean-reduced loss.
-
-  Exact form, ``accumulate(k, opt)``: the k-th mini-step emits
-  ``opt.update(g_bar, ...)``; mid-steps emit zeros and never run ``opt``.
-  Chainable form, ``accumulate(k)``: emits zeros, then :math:`\bar g`.
+  k-th emits :math:`\bar g = \sum_i w_i g_i / \sum_i w_i`, the large
+  batch's gradient of a mean-reduced loss: ``opt.update(g_bar, ...)`` in the
+  exact form ``accumulate(k, opt)`` (mid-steps emit zeros and never run
+  ``opt``), :math:`\bar g` itself in the chainable form ``accumulate(k)``.
 
   .. warning::
     ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mid-step's
@@ -318,14 +315,12 @@ def accumulate(
     should_skip_update_fn: ``fn(mean, gradient_step, params) -> (skip,
       skip_state)`` (as ``optax.MultiSteps``), once per window on its mean:
       a skipped window takes no gradient step.
-    axis_name: the data-parallel mesh axis (or tuple of axes) whose
-      reduction is deferred to once per window. ``init`` under
-      ``jax.set_mesh`` (Explicit axes) types the sums unreduced over it,
-      for ``update`` under plain ``jax.jit`` (gradients from
+    axis_name: the data-parallel mesh axis (or tuple of axes) reduced once
+      per window. ``init`` under ``jax.set_mesh`` types the sums unreduced
+      over it, for ``update`` under plain ``jax.jit`` (gradients from
       ``microbatched_value_and_grad(..., axis_name=...)``, ``weight`` the
-      global count) or in ``jax.shard_map`` (gradients w.r.t.
-      ``lax.pcast(params, axis_name, to='varying')``, ``weight`` this
-      device's count); stacked per device, in ``jax.pmap``.
+      global count) or ``jax.shard_map`` (gradients w.r.t. ``lax.pcast(params,
+      axis_name, to='varying')``, ``weight`` this device's count).
 
   Keyword arguments of ``update``:
     weight: the items (tokens) the micro-batch's loss averages over, 0 or
@@ -339,17 +334,14 @@ def accumulate(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`AccumulateState`. Outside ``jax.jit`` it runs op by op, and
-    mid-steps return zeros typed like the gradients without running
-    ``inner``.
+    :class:`AccumulateState`; outside ``jax.jit`` it runs op by op.
 
   Raises:
     TypeError: a wrong type (``inner=optax.adamw``, ``flush=1``, an integer
       param). ValueError: a value out of range (k, ``weight``), a nested
-      accumulator, updates of another structure or shape; with
-      ``axis_name``, gradients or states that do not fit it. Each error
-      names its argument (``.argument``).
-    NameError: ``axis_name`` is not an axis where ``update`` runs.
+      accumulator, updates unlike the params; with ``axis_name``, gradients
+      or states that do not fit it. NameError: no ``axis_name`` axis where
+      ``update`` runs. Each error names its argument (``.argument``).
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum

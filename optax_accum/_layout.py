@@ -1,35 +1,26 @@
 """The parallel layout of an accumulator: where its sums live and how the
-window's one reduction runs. Decided once per trace by :func:`of`.
+window's one reduction runs, decided once per trace by :func:`of`.
 
 Without ``axis_name`` (:class:`Layout`) every method is an identity. With
-``axis_name``, each device adds its own gradient into its own sum and the
-sums meet in one reduction when the window ends (PyTorch DDP's ``no_sync``,
-MaxText PR #5099):
-
-- :class:`Checked`: in ``jax.shard_map`` (``check_vma=True``), gradients
-  arrive varying; ``lax.psum`` in the stepping branch reduces.
-- :class:`Mesh`: under plain ``jax.jit`` with ``jax.set_mesh`` (Explicit
-  axes), gradients arrive typed unreduced (``microbatched_value_and_grad(...,
-  axis_name=...)``); ``jax.reshard`` in the stepping branch reduces.
-- :class:`Unchecked`: in ``shard_map(check_vma=False)`` or ``jax.pmap``,
-  with a state stacked per device by the caller; ``lax.psum`` reduces.
-- :class:`Single`: the axes hold one device: values are reduced on arrival
-  and the state is plain.
+it, each device adds its own gradient into its own sum and the sums meet
+in one reduction when the window ends (DDP's ``no_sync``, MaxText #5099):
+:class:`Checked` in ``jax.shard_map`` (varying gradients, ``lax.psum``);
+:class:`Mesh` under plain ``jax.jit`` with ``jax.set_mesh`` (gradients typed
+unreduced, ``jax.reshard``); :class:`Unchecked` in ``shard_map(check_vma=
+False)`` or ``pmap`` (a state stacked by the caller); :class:`Single` for
+axes of one device (reduced on arrival).
 
 The state's layout, and why. ``Checked`` and ``Mesh`` share one state made
-by ``init`` under ``jax.set_mesh``: ``acc_grads``, ``acc_weight`` and
-``acc_value`` typed *unreduced* over ``axis_name`` (JAX's type for
-per-device parts of a sum), everything else replicated. We keep JAX's own
-type rather than per-device sums stacked on a leading axis because it is
-what makes the plain-``jit`` path possible (GSPMD keeps the gradient's
-partial sums unreduced, and the type carries them into the state without
-a copy or a second layout of the params), and because a typed state cannot
-be mixed up with a reduced one: JAX itself refuses the wrong combination.
-Its cost is at the tools that read whole states (numpy, ``device_put``,
-orbax), which cannot take unreduced arrays: :func:`reduced_state` gives the
-same logical values in a layout every tool takes, and
-:func:`unreduced_state` (or :func:`optax_accum.restore_checkpoint`) turns
-it back; the docs show both on every path that saves or reads a state.
+by ``init`` under ``jax.set_mesh``: the three sums typed *unreduced* over
+``axis_name`` (JAX's type for per-device parts of a sum), the rest
+replicated. JAX's own type, not per-device sums stacked on a leading axis,
+because it makes the plain-``jit`` path possible (GSPMD's partial sums
+enter the state without a copy or a second layout of the params) and
+because JAX itself refuses mixing it up with a reduced state. Its cost is
+at tools that read whole states (numpy, ``device_put``, orbax): one call,
+:func:`optax_accum.reduced_state`, gives the same values in a layout every
+tool takes, and :func:`optax_accum.unreduced_state` (or
+:func:`optax_accum.restore_checkpoint`) turns it back.
 """
 
 import math

@@ -96,20 +96,17 @@ def microbatched_value_and_grad(
   r"""Turns a loss into the token-weighted value and gradient of a window.
 
   The returned function splits its batch arguments along their leading axis
-  into ``num_microbatches`` micro-batches and runs ``loss_fn`` on them one
-  after another in a ``lax.scan`` (one micro-batch's activations live at a
-  time), inside the caller's jitted step. Micro-batch :math:`i` has loss
-  :math:`L_i` and weight :math:`w_i` (its number of tokens or samples). With
-  ``reduction="mean"`` (:math:`L_i` is the mean over its :math:`w_i` items)
+  into ``num_microbatches`` micro-batches and runs ``loss_fn`` on them in a
+  ``lax.scan`` (one micro-batch's activations live at a time) inside the
+  caller's jitted step. Micro-batch :math:`i` has loss :math:`L_i` and
+  weight :math:`w_i` (its tokens or samples); with ``reduction="mean"``
 
   .. math::
     L = \frac{\sum_i w_i L_i}{\sum_i w_i}, \qquad
     g = \frac{\sum_i w_i \nabla L_i}{\sum_i w_i},
 
-  and with ``reduction="sum"`` (:math:`L_i` the sum over its items) the
-  same with :math:`w_i L_i` replaced by :math:`L_i`. A window of total
-  weight 0 gives a zero gradient and loss. The
-  gradient sum is kept in float32 (or the param dtype when wider). The
+  and with ``reduction="sum"`` (:math:`L_i` a sum) :math:`w_i L_i` becomes
+  :math:`L_i`. A window of total weight 0 gives zero gradient and loss. The
   returned ``weight`` feeds ``accumulate``'s ``weight``, so both compose.
 
   Args:
@@ -128,15 +125,14 @@ def microbatched_value_and_grad(
       ``jax.random.fold_in(key, i)`` (with ``axis_name``, of the key folded
       with the device's index first).
     unroll: ``lax.scan``'s ``unroll`` (``True``: straight-line code).
-    axis_name: None, or an Explicit mesh axis (or tuple of them) of the
-      mesh set with ``jax.set_mesh``, over which the batch's leading axis
-      is sharded. The function then runs ``loss_fn`` on each device's shard
-      inside one ``jax.shard_map`` (params sharded over other batch axes,
-      FSDP, are all-gathered and their gradients reduce-scattered once per
-      call: HSDP) and leaves the sum over ``axis_name`` untaken: ``grads``
-      come out typed unreduced over it, for ``accumulate(...,
-      axis_name=axis_name)`` to reduce once per window; ``loss``, ``aux``
-      and ``weight`` are global. ``num_microbatches`` is then per device.
+    axis_name: None, or an Explicit axis (or tuple) of the mesh set with
+      ``jax.set_mesh`` that shards the batch's leading axis: ``loss_fn``
+      runs on each device's shard in one ``jax.shard_map`` (params sharded
+      over other batch axes are gathered and their gradients
+      reduce-scattered once per call: HSDP) and ``grads`` come out typed
+      unreduced over it, for ``accumulate(..., axis_name=axis_name)`` to
+      reduce once per window; ``loss``, ``aux`` and ``weight`` are global,
+      ``num_microbatches`` per device.
 
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
@@ -146,12 +142,12 @@ def microbatched_value_and_grad(
     float32 (float64 for float64 params).
 
   Raises:
-    ValueError: ``num_microbatches`` is not a positive int, ``reduction``
-      is unknown, an argnum points at params; when called, an argnum beyond
-      the arguments, a batch leaf with no leading axis divisible by
-      ``num_microbatches``, or ``loss_fn`` not returning ``(loss, weight)``
-      (``(loss, (weight, aux))``) with scalars. A traced negative or
-      non-finite weight makes the result NaN.
+    ValueError: ``num_microbatches``, ``reduction`` or an argnum out of
+      range; when called, batch leaves whose leading sizes differ or are
+      not divisible by ``num_microbatches``, or ``loss_fn`` not returning
+      scalar ``(loss, weight)`` (``(loss, (weight, aux))``). TypeError:
+      ``loss_fn`` not callable, ``key_argnum`` not at a key. A traced bad
+      weight makes the result NaN. Each error names its argument.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_accum
@@ -212,9 +208,7 @@ def microbatched_value_and_grad(
 class WindowSums:
   """The checked arguments of ``microbatched_value_and_grad``; called, the
   window's sums ``(sum_i w_i g_i, sum_i w_i, sum_i w_i L_i, sum_i w_i
-  aux_i)`` (``g_i``, ``L_i`` unweighted with ``reduction="sum"``), the
-  gradient sum in float32 or the param dtype when wider. Inside
-  ``shard_map(check_vma=True)`` the sums vary where their terms do."""
+  aux_i)`` (``g_i``, ``L_i`` unweighted with ``reduction="sum"``)."""
 
   loss_fn: Callable[..., Any]
   num_microbatches: int
