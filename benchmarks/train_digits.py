@@ -142,21 +142,16 @@ def run(
   for epoch in tqdm(range(epochs), desc=name, leave=False, disable=quiet):
     order = np.random.default_rng(1000 + epoch).permutation(len(y))
     t0 = time.perf_counter()
+    epoch_losses = []  # on device: no host sync per micro-batch
     for b in range(n_batches):
       idx = order[b * BATCH : (b + 1) * BATCH]
-      window = [
-        float(
-          step(
-            model,
-            optimizer,
-            jnp.asarray(x[idx[i : i + micro]]),
-            jnp.asarray(y[idx[i : i + micro]]),
-          )
-        )
-        for i in range(0, BATCH, micro)
-      ]
-      losses.append(sum(window) / per_step)
+      for i in range(0, BATCH, micro):
+        xb, yb = x[idx[i : i + micro]], y[idx[i : i + micro]]
+        epoch_losses.append(step(model, optimizer, xb, yb))
+    jax.block_until_ready(epoch_losses)  # the epoch's one sync
     epoch_s.append(time.perf_counter() - t0)
+    window = np.asarray(epoch_losses).reshape(n_batches, per_step)
+    losses.extend(window.mean(axis=1))
   acc = float(accuracy(model, jnp.asarray(test[0]), jnp.asarray(test[1])))
   seconds = statistics.median(epoch_s[1:] or epoch_s)
   return nnx.state(model, nnx.Param), np.asarray(losses), acc, seconds
@@ -240,6 +235,13 @@ def main():
     f"\n(b), (d) vs (a): {exact:.2e} "
     f"({'within' if exact <= TOLERANCE else 'OUTSIDE'} {TOLERANCE:g}); "
     f"(c) vs (a): {drift:.2e}"
+  )
+  print(
+    "(c) is not large-batch training even where its loss is lower: AdamW "
+    "steps on every micro-batch (its moments and weight decay move on the "
+    "zeros), so it trains another optimizer's trajectory; the exact forms "
+    "give the large batch's, which is what its hyperparameters were tuned "
+    "for."
   )
 
   fig, ax = plt.subplots(figsize=(7, 4))

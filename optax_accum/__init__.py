@@ -14,6 +14,16 @@ from optax_accum._vmap import share_counters
 
 __version__ = "0.4.0"
 
+
+def __getattr__(name: str):
+  """``optax_accum.flax`` is imported on first use (it needs flax)."""
+  if name == "flax":
+    import importlib
+
+    return importlib.import_module("optax_accum.flax")
+  raise AttributeError(f"module 'optax_accum' has no attribute {name!r}")
+
+
 __all__ = (
   "AccumulateState",
   "accumulate",

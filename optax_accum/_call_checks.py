@@ -27,6 +27,12 @@ def mini_step(grads, state, params, weight, flush, extra):
   as arrays, the weight and value in the state's dtypes for them."""
   if not isinstance(state, AccumulateState):
     fail(TypeError, 'state', f'a {type(state).__name__}; use tx.init(params)')
+  made, here = _mesh_of(state.mini_step), jax.sharding.get_abstract_mesh()
+  if not (made.empty or here.empty or made == here):
+    fail(ValueError, 'state', f'made on {made.shape}, used on {here.shape}')
+  for argument, x in (('weight', weight), ('flush', flush)):
+    if _batched(x) and not _batched(state.mini_step):  # share_counters
+      fail(ValueError, argument, 'per member, counters shared; in_axes=None')
   updates(grads, state.acc_grads)
   params_like(params, grads)
   misspelt_keywords(extra)
@@ -39,6 +45,16 @@ def mini_step(grads, state, params, weight, flush, extra):
     flush_of(flush),
     extra.get('value'),
   )
+
+
+def _batched(x) -> bool:
+  """Batched by ``jax.vmap`` (JAX has no public test for it)."""
+  return type(x).__name__ == 'BatchTracer'
+
+
+def _mesh_of(x):
+  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+  return jax.sharding.AbstractMesh((), ()) if mesh is None else mesh
 
 
 def updates(grads, acc_grads) -> None:

@@ -83,6 +83,8 @@ def restore_checkpoint(
       dtype than ``tx.init(params)`` (another optimizer, params or
       ``accumulator_dtype``).
     FileNotFoundError: nothing exists at ``path``.
+    TypeError: ``checkpointer`` is a ``CheckpointManager`` (restore its step
+      into :func:`reduced_state` of the target, then :func:`unreduced_state`).
     ImportError: orbax-checkpoint is not installed (``pip install
       optax_accum[checkpoint]``).
 
@@ -111,6 +113,8 @@ def restore_checkpoint(
       fail(ImportError, "checkpointer", "None; pip install orbax-checkpoint", e)
 
     checkpointer = ocp.StandardCheckpointer()
+  if hasattr(checkpointer, "latest_step"):  # a CheckpointManager
+    fail(TypeError, "checkpointer", "a CheckpointManager; see reduced_state")
   # A fresh function, so no trace cache stands between `params` and `init`.
   abstract_state = jax.eval_shape(lambda p: tx.init(p), params)  # noqa: PLW0108
   if not os.path.exists(path):
@@ -125,6 +129,13 @@ def restore_checkpoint(
   _check_against_metadata(saved_tree, saved_state, path)
   restored = checkpointer.restore(path, saved_state)
   return unreduced_state(restored, abstract_state)
+
+
+def _unreduced(x) -> bool:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    spec = getattr(x.sharding, "spec", None)
+    return bool(getattr(spec, "unreduced", None))
+  return bool(_call_checks.unreduced_axes(x))
 
 
 def _reduced_leaf(x):
@@ -184,11 +195,11 @@ def reduced_state(opt_state: Any) -> Any:
     JAX's ``unreduced`` sharding type and ``jax.reshard``.
   """
   leaves = jax.tree.leaves(opt_state)
-  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
-    return jax.tree.map(_reduced_leaf, opt_state)
-  unreduced = [x for x in leaves if _call_checks.unreduced_axes(x)]
+  unreduced = [x for x in leaves if _unreduced(x)]
   if not unreduced:
     return opt_state
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return jax.tree.map(_reduced_leaf, opt_state)
   reduce = jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))
   mesh = getattr(getattr(unreduced[0], 'sharding', None), 'mesh', None)
   if jax.sharding.get_abstract_mesh().empty and mesh is not None:
@@ -235,7 +246,7 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     spec = _call_checks.spec_of(t)
     return jax.reshard(x, spec) if spec.unreduced else x
 
-  if not any(_call_checks.unreduced_axes(t) for t in jax.tree.leaves(like)):
+  if not any(_unreduced(t) for t in jax.tree.leaves(like)):
     return opt_state
   if jax.sharding.get_abstract_mesh().empty:
     fail(ValueError, 'like', 'unreduced leaves but no jax.set_mesh(...)')

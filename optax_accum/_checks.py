@@ -25,6 +25,7 @@ from optax_accum._errors import leaf_name
 
 INT32_MAX = int(np.iinfo(np.int32).max)
 KAHAN_BFLOAT16 = 'kahan_bfloat16'
+DEFERRAL_JAX = (0, 10, 0)  # the deferred reduction's floor
 ScheduleLike = Union[int, jax.Array, Callable[[jax.Array], Any]]
 
 # ---------------------------------------------------------------- construction
@@ -131,6 +132,8 @@ def axis_name(value) -> Union[tuple[str, ...], None]:
     and all(isinstance(n, str) and n for n in names)
   ):
     fail(TypeError, 'axis_name', f'{value!r}; give a mesh axis name or tuple')
+  if jax.__version_info__ < DEFERRAL_JAX:  # unreduced types, jax.reshard
+    fail(RuntimeError, 'axis_name', f'needs jax>=0.10.0, not {jax.__version__}')
   return names
 
 

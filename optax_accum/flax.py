@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from optax_accum import _apply
 from optax_accum import _state
+from optax_accum._errors import fail
 
 
 def _steps_taken(opt_state, dtype) -> jax.Array:
@@ -37,8 +38,9 @@ class Optimizer(nnx.Optimizer):
   A drop-in for ``nnx.Optimizer(model, tx, wrt=...)``. ``update(model,
   grads, weight=..., flush=..., **extra_args)`` is one mini-step through
   :func:`optax_accum.apply_gradients` (``weight``, ``flush``: see
-  :func:`optax_accum.accumulate`). ``step`` (uint32) counts gradient steps,
-  where ``nnx.Optimizer``'s counts calls (micro-batches).
+  :func:`optax_accum.accumulate`) returning None (no updates are formed).
+  ``step`` (uint32) counts gradient steps, where ``nnx.Optimizer``'s counts
+  calls (micro-batches).
 
   Args:
     model: the NNX module to train.
@@ -46,6 +48,7 @@ class Optimizer(nnx.Optimizer):
     wrt: the filter of the trained variables, as for ``nnx.Optimizer``.
 
   Raises:
+    RuntimeError: flax older than 0.12.7 (no ``nnx.as_pure``).
     The errors of :func:`optax_accum.apply_gradients`.
 
   Examples:
@@ -67,11 +70,19 @@ class Optimizer(nnx.Optimizer):
     gradient steps).
   """
 
+  def __init__(self, model, tx, *args, **kwargs):
+    if not hasattr(nnx, 'as_pure'):  # flax's pure-state API, 0.12.7 on
+      fail(RuntimeError, 'model', 'the NNX front end needs flax>=0.12.7')
+    super().__init__(model, tx, *args, **kwargs)
+
   def update(
     self, model, grads, /, *, weight=None, flush=None, **extra_args
   ):  # pytype: disable=signature-mismatch
     """One mini-step: accumulates ``grads`` and, at the end of a window,
-    updates ``model``'s ``wrt`` variables. Returns None."""
+    updates ``model``'s ``wrt`` variables. Returns None, where
+    ``nnx.Optimizer.update`` returns the updates: the apply happens inside
+    the accumulator's conditional, so no updates are formed (read
+    ``optax_accum.has_updated(optimizer.opt_state)`` instead)."""
     graph = getattr(self, 'graph', None)
     params = nnx.as_pure(nnx.state(model, self.wrt, graph=graph))
     grads = nnx.as_pure(nnx.state(grads, self.wrt, graph=graph))

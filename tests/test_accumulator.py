@@ -55,9 +55,6 @@ def test_float64_params_accumulate_in_float64_under_x64():
     np.testing.assert_allclose(
       outs[-1], np.mean(np.stack(grads), 0), rtol=1e-14
     )
-    # optax.MultiSteps accumulates the same float64 params in float32.
-    multi = optax.MultiSteps(optax.sgd(1.0), 4)
-    assert multi.init(params).acc_grads.dtype == jnp.float32
 
 
 def test_explicit_float64_is_float32_without_x64():

@@ -153,7 +153,59 @@ CASES = {
     ValueError,
     "batch_argnums",
   ),
+  "per-member weight with shared counters": (
+    lambda: _shared_vmap_step(weight=jnp.array([1.0, 2.0, 3.0])),
+    ValueError,
+    "weight",
+  ),
+  "per-member flush with shared counters": (
+    lambda: _shared_vmap_step(flush=jnp.array([True, False, True])),
+    ValueError,
+    "flush",
+  ),
+  "a CheckpointManager as checkpointer": (
+    lambda: optax_accum.restore_checkpoint(
+      "/nonexistent", acc(2), P0, _Manager()
+    ),
+    TypeError,
+    "checkpointer",
+  ),
+  "a state made on another mesh": (
+    lambda: _other_mesh_step(),  # noqa: PLW0108
+    ValueError,
+    "state",
+  ),
 }
+
+
+class _Manager:
+  """Stands for an orbax CheckpointManager (what restore_checkpoint reads)."""
+
+  def latest_step(self):
+    return 0
+
+
+def _shared_vmap_step(**per_member):
+  tx = optax_accum.chain(acc(2), optax.adam(0.1))
+  members = jnp.zeros((3, 4))
+  state, axes = optax_accum.share_counters(jax.vmap(tx.init)(members))
+  ((name, value),) = per_member.items()
+  step = jax.vmap(
+    lambda p, s, g, x: optax_accum.apply_gradients(tx, g, s, p, **{name: x}),
+    in_axes=(0, axes, 0, 0),
+    out_axes=(0, axes),
+  )
+  return step(members, state, jnp.ones((3, 4)), value)
+
+
+def _other_mesh_step():
+  tx = acc(2, optax.sgd(0.1), axis_name="data")
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    state = tx.init(P0)
+  mesh4 = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  with jax.set_mesh(mesh4):
+    grads = jax.tree.map(lambda x: jax.device_put(x, jax.P()), P0)
+    return jax.jit(tx.update)(grads, state)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
