@@ -322,7 +322,7 @@ def accumulate(
       global count) or ``jax.shard_map`` (gradients w.r.t. ``lax.pcast(params,
       axis_name, to='varying')``, ``weight`` this device's count).
 
-  Keyword arguments of ``update``:
+  Update keyword arguments:
     weight: the items (tokens) the micro-batch's loss averages over, 0 or
       in [2**-64, 2**64] (only ratios matter); weight 0 adds nothing (even
       NaN), a window of total weight 0 takes no step, a bad traced weight

@@ -194,18 +194,22 @@ def reduced_state(opt_state: Any) -> Any:
   References:
     JAX's ``unreduced`` sharding type and ``jax.reshard``.
   """
-  leaves = jax.tree.leaves(opt_state)
-  unreduced = [x for x in leaves if _unreduced(x)]
-  if not unreduced:
+  leaves, treedef = jax.tree.flatten(opt_state)
+  if not any(_unreduced(x) for x in leaves):
     return opt_state
-  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
-    return jax.tree.map(_reduced_leaf, opt_state)
-  reduce = jax.jit(lambda t: jax.tree.map(_reduced_leaf, t))
-  mesh = getattr(getattr(unreduced[0], 'sharding', None), 'mesh', None)
-  if jax.sharding.get_abstract_mesh().empty and mesh is not None:
-    with jax.set_mesh(mesh):  # the arrays' own mesh
-      return reduce(opt_state)
-  return reduce(opt_state)
+  abstract = [isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
+  arrays = [x for x, a in zip(leaves, abstract) if not a]
+  unreduced = [x for x in arrays if _unreduced(x)]
+  reduce = jax.jit(lambda xs: [_reduced_leaf(x) for x in xs])
+  if unreduced and jax.sharding.get_abstract_mesh().empty:
+    with jax.set_mesh(unreduced[0].sharding.mesh):  # the arrays' own mesh
+      arrays = reduce(arrays)
+  elif unreduced:
+    arrays = reduce(arrays)
+  done = iter(arrays)
+  return treedef.unflatten(
+    [_reduced_leaf(x) if a else next(done) for x, a in zip(leaves, abstract)]
+  )
 
 
 def unreduced_state(opt_state: Any, like: Any) -> Any:
@@ -242,12 +246,14 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
   if jax.tree.structure(opt_state) != jax.tree.structure(like):
     fail(ValueError, 'opt_state', 'structured unlike `like`')
 
-  def leaf(x, t):
-    spec = _call_checks.spec_of(t)
-    return jax.reshard(x, spec) if spec.unreduced else x
-
-  if not any(_unreduced(t) for t in jax.tree.leaves(like)):
+  leaves, treedef = jax.tree.flatten(opt_state)
+  todo = [i for i, t in enumerate(jax.tree.leaves(like)) if _unreduced(t)]
+  if not todo:
     return opt_state
   if jax.sharding.get_abstract_mesh().empty:
     fail(ValueError, 'like', 'unreduced leaves but no jax.set_mesh(...)')
-  return jax.jit(lambda s: jax.tree.map(leaf, s, like))(opt_state)
+  specs = [_call_checks.spec_of(jax.tree.leaves(like)[i]) for i in todo]
+  reshard = lambda xs: [jax.reshard(x, s) for x, s in zip(xs, specs)]
+  for i, x in zip(todo, jax.jit(reshard)([leaves[i] for i in todo])):
+    leaves[i] = x  # only the unreduced leaves: the rest stay where they are
+  return treedef.unflatten(leaves)

@@ -49,7 +49,8 @@ class Optimizer(nnx.Optimizer):
 
   Raises:
     RuntimeError: flax older than 0.12.7 (no ``nnx.as_pure``).
-    The errors of :func:`optax_accum.apply_gradients`.
+    ValueError: from ``update``, the errors of
+      :func:`optax_accum.apply_gradients`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
@@ -107,7 +108,8 @@ class TrainState(train_state.TrainState):
   steps.
 
   Raises:
-    The errors of :func:`optax_accum.accumulate`'s ``update``.
+    ValueError: from ``apply_gradients``, the errors of
+      :func:`optax_accum.apply_gradients`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
