@@ -341,3 +341,26 @@ def test_other_keywords_reach_inner_unchanged():
   f = jnp.sum
   optax_accum.apply_gradients(tx, params, tx.init(params), params, value_fn=f)
   assert seen == [f]
+
+
+def test_the_docstring_donation_order_copies_no_full_size_buffer():
+  """apply_gradients' example donates (params, state) and returns them in
+  that order: nothing is copied; the other order copies."""
+  import hlo as hlo_lib  # pylint: disable=g-import-not-at-top
+
+  tx = optax_accum.chain(optax_accum.accumulate(2), optax.adamw(0.5))
+  params = {"w": jnp.zeros((37, 41)), "b": jnp.zeros(43)}
+  step = lambda p, s, g: optax_accum.apply_gradients(tx, g, s, p)  # noqa: E731
+  swapped = lambda p, s, g: step(p, s, g)[::-1]  # noqa: E731
+
+  def copies(fn):
+    hlo = (
+      jax.jit(fn, donate_argnums=(0, 1))
+      .lower(params, tx.init(params), params)
+      .compile()
+      .as_text()
+    )
+    return hlo_lib.full_size_copies(hlo, params)
+
+  assert copies(step) == 0
+  assert copies(swapped) > 0

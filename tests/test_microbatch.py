@@ -295,3 +295,13 @@ def test_a_bad_concrete_weight_from_loss_fn_raises(weight):
   )
   with pytest.raises(ValueError):
     f(jnp.ones(3), jnp.ones((4, 3)))
+
+
+def test_a_numpy_integer_k_is_taken_as_accumulate_takes_it():
+  loss_fn = lambda p, x: (jnp.mean(x * p), jnp.float32(x.shape[0]))  # noqa: E731
+  x = jnp.arange(8.0)
+  loss, grad, n = optax_accum.microbatched_value_and_grad(loss_fn, np.int64(4))(
+    2.0, x
+  )
+  assert float(n) == 8.0 and jnp.allclose(grad, jnp.mean(x))
+  assert jnp.allclose(loss, 2.0 * jnp.mean(x))
