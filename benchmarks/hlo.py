@@ -1,14 +1,13 @@
-"""Reading compiled HLO text: full-size copies, collectives, their bytes.
+"""Reading compiled HLO text: full-size copies and the collectives' kinds.
 
 Shared by the benchmarks and the tests (tests/conftest.py puts this folder
-on the path): one definition of what counts.
+on the path): one definition of what counts. Where a step reduces, and how
+many bytes, is `optax_accum.reduction_report`'s.
 """
 
 import re
 
 import jax
-
-_BYTES = {"f32": 4, "s32": 4, "pred": 1, "bf16": 2, "f16": 2, "f64": 8}
 
 
 def _shapes(params) -> set[str]:
@@ -44,12 +43,6 @@ def full_size_copies(hlo_text: str, params) -> int:
   return n
 
 
-def entry_computation(hlo_text: str) -> str:
-  """The ENTRY computation of HLO text: what runs outside any branch."""
-  start = hlo_text.index("\nENTRY")
-  return hlo_text[start : hlo_text.index("\n}", start)]
-
-
 def collectives(hlo_text: str) -> list[tuple[str, str]]:
   """`(shape, op)` of every collective op in HLO text."""
   return re.findall(
@@ -57,65 +50,3 @@ def collectives(hlo_text: str) -> list[tuple[str, str]]:
     r"reduce-scatter)(?:-start)?\(",
     hlo_text,
   )
-
-
-def collective_bytes(hlo_text: str, op: str = "all-reduce") -> int:
-  """Bytes of the operands of every `op` (a collective) in HLO text."""
-  n = 0
-  for line in hlo_text.splitlines():
-    m = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
-    if not m:
-      continue
-    for dtype, dims in re.findall(
-      r"(f32|s32|pred|bf16|f16|f64)\[([\d,]*)\]", m.group(1)
-    ):
-      size = 1
-      for d in dims.split(","):
-        size *= int(d) if d else 1
-      n += size * _BYTES[dtype]
-  return n
-
-
-def all_reduce_bytes(hlo_text: str) -> int:
-  """Bytes of the operands of every all-reduce in HLO text."""
-  return collective_bytes(hlo_text, "all-reduce")
-
-
-def computations(hlo_text: str) -> dict[str, str]:
-  """`{name: body}` of every computation in HLO text."""
-  return {
-    m.group(1): m.group(2)
-    for m in re.finditer(
-      r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S
-    )
-  }
-
-
-def _branch_roots(body: str) -> set[str]:
-  roots = set(
-    re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", body)
-  )
-  for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
-    roots |= {c.strip().lstrip("%") for c in group.split(",")}
-  return roots
-
-
-def branch_computations(comps: dict[str, str]) -> set[str]:
-  """Names of the computations run only inside a conditional's branches
-  (what an emitting step runs once per window), from `computations`."""
-  called = {
-    name: set(
-      re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", body)
-    )
-    | _branch_roots(body)
-    for name, body in comps.items()
-  }
-  todo = [r for body in comps.values() for r in _branch_roots(body)]
-  seen: set[str] = set()
-  while todo:
-    c = todo.pop()
-    if c in seen or c not in comps:
-      continue
-    seen.add(c)
-    todo.extend(called.get(c, ()))
-  return seen

@@ -57,7 +57,6 @@ import optax
 import optax_accum
 
 sys.path.insert(0, os.path.dirname(__file__))
-import hlo  # noqa: E402
 
 N_DEV = 8
 LOCAL_BATCH = 8
@@ -120,22 +119,17 @@ def step_shard_map_deferral(tx, state):
   )
 
 
-def window_bytes(hlo_text, k):
-  """(all-reduce, reduce-scatter) bytes per window of k mini-steps."""
-  comps = hlo.computations(hlo_text)
-  branches = hlo.branch_computations(comps)
-  out = []
-  for op in ("all-reduce", "reduce-scatter"):
-    per_window = sum(
-      hlo.collective_bytes(comps[c], op) for c in branches if c in comps
+def window_bytes(report, k):
+  """(all-reduce, reduce-scatter) bytes per window of k mini-steps, from
+  optax_accum.reduction_report."""
+  return [
+    sum(
+      r.bytes * (1 if r.emitting else k)
+      for r in report.reductions
+      if r.op == op
     )
-    per_step = sum(
-      hlo.collective_bytes(body, op)
-      for c, body in comps.items()
-      if c not in branches
-    )
-    out.append(k * per_step + per_window)
-  return out
+    for op in ("all-reduce", "reduce-scatter")
+  ]
 
 
 def main():
@@ -189,7 +183,8 @@ def main():
         else:
           step = step_jit_deferral(tx, axis)
         compiled = step.lower(p, state, x, y).compile()
-        reduced, scattered = window_bytes(compiled.as_text(), k)
+        report = optax_accum.reduction_report(step, p, state, x, y)
+        reduced, scattered = window_bytes(report, k)
         for _ in range(k):  # warm-up window
           p, state = compiled(p, state, x, y)
         times = []

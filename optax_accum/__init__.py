@@ -8,6 +8,8 @@ from optax_accum._checkpoint import restore_checkpoint
 from optax_accum._checkpoint import unreduced_state
 from optax_accum._microbatch import microbatched_value_and_grad
 from optax_accum._microbatch import unreduced_value_and_grad
+from optax_accum._report import ReductionReport
+from optax_accum._report import reduction_report
 from optax_accum._state import AccumulateState
 from optax_accum._state import has_updated
 from optax_accum._vmap import share_counters
@@ -31,7 +33,9 @@ __all__ = (
   "chain",
   "has_updated",
   "microbatched_value_and_grad",
+  "ReductionReport",
   "reduced_state",
+  "reduction_report",
   "restore_checkpoint",
   "share_counters",
   "unreduced_state",

@@ -23,7 +23,9 @@ _REDUCTIONS = ('mean', 'sum')
 
 def _split(batches, num_microbatches: int):
   """``{argnum: batch}`` with (B, ...) leaves, one B for all, to (k, B / k,
-  ...) leaves."""
+  ...) leaves: micro-batch i holds rows i * B / k onwards, or, where a leaf's
+  rows are sharded over devices, rows i, i + k, ... (so each micro-batch
+  spans every device and nothing moves), the same rows for every leaf."""
   leaves = jax.tree.leaves_with_path(batches)
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for _, x in leaves}
   for path, x in leaves:
@@ -35,11 +37,17 @@ def _split(batches, num_microbatches: int):
         f'one leading size divisible by k (sizes: {sorted(sizes, key=str)})',
       )
 
+  k = num_microbatches
+  strided = any(
+    jnp.ndim(x) and _call_checks.spec_of(x)[:1] not in ((), (None,))
+    for _, x in leaves
+  )
+
   def split(x):
     x = jnp.asarray(x)
-    return x.reshape(
-      num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]
-    )
+    if strided:
+      return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
   return jax.tree.map(split, batches)
 

@@ -305,3 +305,25 @@ def test_a_numpy_integer_k_is_taken_as_accumulate_takes_it():
   )
   assert float(n) == 8.0 and jnp.allclose(grad, jnp.mean(x))
   assert jnp.allclose(loss, 2.0 * jnp.mean(x))
+
+
+def test_a_batch_sharded_on_an_explicit_mesh_splits_without_moving_rows():
+  """Without axis_name, GSPMD sharded rows are split strided, the same rows
+  for every batch leaf (here one sharded, one replicated)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(w, x, y):
+    return jnp.mean((x @ w - y) ** 2), jnp.float32(x.shape[0])
+
+  x = jax.random.normal(jax.random.key(0), (32, 3))
+  y = jnp.arange(32.0)
+  w = jnp.array([1.0, -1.0, 0.5])
+  want = jax.grad(lambda w: loss_fn(w, x, y)[0])(w)
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    vg = optax_accum.microbatched_value_and_grad(
+      loss_fn, 2, batch_argnums=(1, 2)
+    )
+    xs, ys = jax.device_put(x, P("data")), jax.device_put(y, P())
+    _, grad, n = jax.jit(vg)(jax.device_put(w, P()), xs, ys)
+  chex.assert_trees_all_close(grad, want, rtol=1e-5)
+  assert float(n) == 32.0
