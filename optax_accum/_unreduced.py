@@ -66,7 +66,8 @@ def _batch_axes(axis_name, names, args, batch_argnums, k):
       lead = _layout.entry_axes(spec[0]) if len(spec) else ()
       per_device = jnp.shape(x)[0] // _layout.axes_size(lead) if lead else 0
       if not set(names) <= set(lead):
-        fail(ValueError, 'batch_argnums', f'{n} at {leaf_name(path)}: {spec}')
+        where = f'argument {n} at {leaf_name(path)}'
+        fail(ValueError, 'batch_argnums', f'{where}: {spec}, not {axis_name!r}')
       if per_device % k:
         rows = f'{per_device} rows per device'
         fail(ValueError, 'num_microbatches', f'{k} does not divide {rows}')
