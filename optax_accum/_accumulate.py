@@ -145,6 +145,8 @@ class Accumulator:
 
   def mini_step(self, grads, state, params, weight, flush, extra, output):
     """The pipeline: arrive, add, decide, one conditional, next state."""
+    if 'value' in extra and extra['value'] is None:  # as weight=None
+      extra = {k: v for k, v in extra.items() if k != 'value'}
     arrived = _call_checks.mini_step(grads, state, params, weight, flush, extra)
     layout = _layout.of(self.names)
     layout.check(state, *arrived)

@@ -235,9 +235,11 @@ def no_axis_call(grads, acc_grads) -> None:
 def unreduced_state(names, acc_grads, acc_weight) -> None:
   """A state whose sums are unreduced over exactly ``axis_name``; made by
   tx.init(params) under `jax.set_mesh` (in shard_map, with those specs)."""
-  for path, a in jax.tree.leaves_with_path((acc_grads, acc_weight)):
+  sums = {'acc_grads': acc_grads, 'acc_weight': acc_weight}
+  for path, a in jax.tree.leaves_with_path(sums):
     if set(unreduced_axes(a)) != set(names):
-      fail(ValueError, 'state', f'{jax.typeof(a)} at {leaf_name(path)}')
+      at = f'{jax.typeof(a)} at {leaf_name(path)}'
+      fail(ValueError, 'state', f'{at}, not unreduced: init under set_mesh')
 
 
 def checked_call(names, grads, acc_grads, scalars) -> None:
@@ -249,7 +251,9 @@ def checked_call(names, grads, acc_grads, scalars) -> None:
   ):
     extra = varying_axes(g) - set(names) - varying_axes(a)
     if not set(names) <= varying_axes(g) or extra:
-      fail(ValueError, 'updates', f'{jax.typeof(g)} at {leaf_name(path)}')
+      at = f'{jax.typeof(g)} at {leaf_name(path)}'
+      want = f"lax.pcast(params, {_shown(names)!r}, to='varying')"
+      fail(ValueError, 'updates', f'{at}; differentiate w.r.t. {want}')
   for argument, x in scalars.items():
     extra = set() if x is None else varying_axes(x) - set(names)
     if argument == 'flush' and x is not None:
@@ -264,7 +268,8 @@ def mesh_call(names, grads, value) -> None:
   replicated ``value``."""
   for path, g in jax.tree.leaves_with_path(grads):
     if set(unreduced_axes(g)) != set(names):
-      fail(ValueError, 'updates', f'{jax.typeof(g)} at {leaf_name(path)}')
+      at = f'{jax.typeof(g)} at {leaf_name(path)}, not unreduced'
+      fail(ValueError, 'updates', f'{at}: microbatched_value_and_grad')
   if value is not None and unreduced_axes(value):
     fail(ValueError, 'value', f'{jax.typeof(value)}; pass a replicated loss')
 

@@ -142,6 +142,8 @@ def _reduced_leaf(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     # jax.eval_shape records the abstract mesh, or no sharding for a
     # counter: orbax places arrays on the concrete mesh that is set.
+    if not hasattr(jax.sharding, 'get_mesh'):  # jax < 0.10: no types
+      return x
     mesh = jax.sharding.get_mesh()
     sharding = x.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
@@ -195,20 +197,15 @@ def reduced_state(opt_state: Any) -> Any:
     JAX's ``unreduced`` sharding type and ``jax.reshard``.
   """
   leaves, treedef = jax.tree.flatten(opt_state)
-  if not any(_unreduced(x) for x in leaves):
-    return opt_state
   abstract = [isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
-  arrays = [x for x, a in zip(leaves, abstract) if not a]
-  unreduced = [x for x in arrays if _unreduced(x)]
-  reduce = jax.jit(lambda xs: [_reduced_leaf(x) for x in xs])
-  if unreduced and jax.sharding.get_abstract_mesh().empty:
-    with jax.set_mesh(unreduced[0].sharding.mesh):  # the arrays' own mesh
-      arrays = reduce(arrays)
-  elif unreduced:
-    arrays = reduce(arrays)
-  done = iter(arrays)
+  todo = [i for i, x in enumerate(leaves) if not abstract[i] and _unreduced(x)]
+  if todo:  # on the arrays' own mesh, whatever mesh is set
+    with jax.set_mesh(leaves[todo[0]].sharding.mesh):
+      reduce = jax.jit(lambda xs: [_reduced_leaf(x) for x in xs])
+      for i, x in zip(todo, reduce([leaves[i] for i in todo])):
+        leaves[i] = x
   return treedef.unflatten(
-    [_reduced_leaf(x) if a else next(done) for x, a in zip(leaves, abstract)]
+    [_reduced_leaf(x) if a else x for x, a in zip(leaves, abstract)]
   )
 
 

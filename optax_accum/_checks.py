@@ -53,6 +53,15 @@ def real_dtype(dtype) -> bool:
   )
 
 
+def _probe(k, gradient_step):
+  """``k(gradient_step)`` as an array (a Python int of any size as 0)."""
+  out = k(gradient_step)
+  try:
+    return jnp.asarray(0 if isinstance(out, int) else out)
+  except (TypeError, ValueError) as e:
+    fail(TypeError, 'every_k_schedule', f'it returned {out!r}, not k', e)
+
+
 def schedule(every_k_schedule: ScheduleLike) -> Callable[[jax.Array], Any]:
   """``every_k_schedule`` as a ``gradient_step -> int32 k`` function."""
   k, name = every_k_schedule, 'every_k_schedule'
@@ -64,8 +73,7 @@ def schedule(every_k_schedule: ScheduleLike) -> Callable[[jax.Array], Any]:
       return schedule(int(np.asarray(k)))
     return lambda gradient_step: window_k(k)
   if callable(k):
-    probe = lambda s: jnp.asarray(0 if isinstance(k(s), int) else k(s))
-    out = jax.eval_shape(probe, jnp.zeros([], jnp.int32))
+    out = jax.eval_shape(lambda s: _probe(k, s), jnp.zeros([], jnp.int32))
     if out.shape or not real_dtype(out.dtype):
       fail(ValueError, name, f'it returned {out}; return a real scalar k')
     return lambda gradient_step: window_k(k(gradient_step))

@@ -4,6 +4,7 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import numbers
+from operator import index
 from typing import Any, Union
 
 import jax
@@ -53,12 +54,16 @@ def _split(batches, num_microbatches: int):
 
 
 def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
-  """Checks the construction arguments; returns ``batch_argnums``, a tuple."""
-  k = num_microbatches
+  """Checks the construction arguments; returns ``(k, batch_argnums)``, an
+  int and a tuple (k concrete: an int, numpy or JAX integer scalar)."""
   if not callable(loss_fn):
     fail(TypeError, 'loss_fn', f'{loss_fn!r}, not a function of params')
-  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-    fail(ValueError, 'num_microbatches', f'{k!r}, not a positive int')
+  try:
+    k = None if isinstance(num_microbatches, bool) else index(num_microbatches)
+  except TypeError:
+    k = None
+  if k is None or k < 1:
+    fail(ValueError, 'num_microbatches', f'{num_microbatches!r}, not >= 1')
   if reduction not in _REDUCTIONS:
     fail(ValueError, 'reduction', f'{reduction!r}, not in {_REDUCTIONS}')
   one = isinstance(batch_argnums, numbers.Integral)
@@ -70,7 +75,7 @@ def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
       for n in nums
     ) or (name == 'key_argnum' and set(nums) & set(batch_argnums)):
       fail(ValueError, name, f'{nums!r}; give distinct positions >= 1')
-  return tuple(int(n) for n in batch_argnums)
+  return k, tuple(int(n) for n in batch_argnums)
 
 
 def unreduced_value_and_grad(loss_fn, axis_name, num_microbatches=1, **kw):
@@ -177,12 +182,12 @@ def microbatched_value_and_grad(
     Face transformers PR #34191 (the global token mean); MaxText's in-step
     gradient accumulation.
   """
-  batch_argnums = check_args(
+  k, batch_argnums = check_args(
     loss_fn, num_microbatches, reduction, batch_argnums, key_argnum
   )
   sums = WindowSums(
     loss_fn,
-    int(num_microbatches),
+    k,
     has_aux,
     reduction,
     batch_argnums,

@@ -24,8 +24,8 @@ def _steps_taken(opt_state, dtype) -> jax.Array:
   return _state.has_updated(opt_state).astype(dtype)
 
 
-def _extra(weight, flush, extra_args) -> dict[str, Any]:
-  given = {'weight': weight, 'flush': flush}
+def _extra(weight, flush, extra_args, value=None) -> dict[str, Any]:
+  given = {'weight': weight, 'flush': flush, 'value': value}
   return {
     **(extra_args or {}),
     **{k: v for k, v in given.items() if v is not None},
@@ -102,7 +102,7 @@ class TrainState(train_state.TrainState):
 
   A drop-in for ``flax.training.train_state.TrainState.create(apply_fn=...,
   params=..., tx=...)``. ``apply_gradients(grads=..., weight=...,
-  flush=..., extra_args=..., **kwargs)`` is one mini-step through
+  flush=..., value=..., extra_args=..., **kwargs)`` is one mini-step through
   :func:`optax_accum.apply_gradients` (``extra_args``, a dict, reach the
   rest of ``tx``; ``**kwargs`` replace fields). ``step`` counts gradient
   steps.
@@ -131,6 +131,7 @@ class TrainState(train_state.TrainState):
     grads,
     weight=None,
     flush=None,
+    value=None,
     extra_args: Optional[dict[str, Any]] = None,
     **kwargs,
   ):
@@ -140,7 +141,7 @@ class TrainState(train_state.TrainState):
       grads,
       self.opt_state,
       self.params,
-      **_extra(weight, flush, extra_args),
+      **_extra(weight, flush, extra_args, value),
     )
     step = self.step + _steps_taken(opt_state, jnp.result_type(self.step))
     return self.replace(step=step, params=params, opt_state=opt_state, **kwargs)

@@ -49,6 +49,8 @@ _NEEDS = (
   ("test_unreduced.py", _NEW_JAX, _DEFERRAL),
   ("test_multiprocess.py", _NEW_JAX, _DEFERRAL),
   ("test_distributed.py", _NEW_JAX, _DEFERRAL),
+  ("reduces_the_gradient_once", _NEW_JAX, _DEFERRAL),
+  ("hsdp", _NEW_JAX, _DEFERRAL),
   ("unreduced_value_and_grad", _NEW_JAX, _DEFERRAL),
   ("many_devices", _NEW_JAX, _DEFERRAL),
   ("another mesh", _NEW_JAX, _DEFERRAL),

@@ -312,3 +312,28 @@ def test_without_orbax_the_error_says_to_install_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
   with pytest.raises(ImportError):
     optax_accum.restore_checkpoint("/tmp", _tx(), {"w": jnp.zeros(2)})
+
+
+def test_restore_under_a_mesh_places_a_plain_state_on_it(tmp_path):
+  """A state without axis_name restores under jax.set_mesh (its abstract
+  shardings made concrete on the mesh that is set)."""
+  params = {"w": jnp.ones(4)}
+  tx = optax_accum.accumulate(3, optax.adam(0.1))
+  path = str(tmp_path / "state")
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, tx.init(params))
+  ckptr.wait_until_finished()
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    restored = optax_accum.restore_checkpoint(path, tx, params, ckptr)
+  chex.assert_trees_all_equal(restored, tx.init(params))
+
+
+def test_reduced_state_runs_on_the_state_s_own_mesh():
+  tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="data")
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    state = tx.init({"w": jnp.ones(4)})
+  other = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  with jax.set_mesh(other):
+    reduced = optax_accum.reduced_state(state)
+  assert not reduced.acc_grads["w"].sharding.spec.unreduced
+  np.testing.assert_array_equal(np.asarray(reduced.acc_grads["w"]), 0.0)

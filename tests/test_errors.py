@@ -330,3 +330,20 @@ def test_eager_mid_steps_do_not_trace_the_inner():
     u, state = tx.update({"w": jnp.full(3, g)}, state, P0)
     outs.append(float(u["w"][0]))
   assert outs == [0.0, -1.0, 0.0, 4.0] and len(calls) == 2
+
+
+def test_a_schedule_returning_none_names_every_k_schedule():
+  with pytest.raises(TypeError) as e:
+    acc(lambda step: None)
+  assert e.value.argument == "every_k_schedule"
+
+
+def test_value_none_means_not_given():
+  tx = acc(2, optax.sgd(1.0))
+  g = {"w": jnp.ones(3)}
+  s1, s2 = tx.init(P0), tx.init(P0)
+  for _ in range(2):
+    u1, s1 = tx.update(g, s1, P0, value=None)
+    u2, s2 = tx.update(g, s2, P0)
+  np.testing.assert_array_equal(u1["w"], u2["w"])
+  assert float(s1.acc_value) == 0.0

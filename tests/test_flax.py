@@ -177,3 +177,17 @@ def test_both_front_ends_refuse_the_chainable_form_in_optax_chain():
   with pytest.raises(ValueError) as e:
     state.apply_gradients(grads={"w": jnp.ones(3)})
   assert e.value.argument == "tx"
+
+
+def test_linen_front_end_takes_value_as_the_nnx_one_does():
+  """value= reaches the inner (reduce_on_plateau) as the window's mean."""
+  tx = optax_accum.accumulate(
+    2, optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau())
+  )
+  state = optax_accum.flax.TrainState.create(
+    apply_fn=None, params=jnp.ones(2), tx=tx
+  )
+  for loss in (3.0, 5.0):
+    state = state.apply_gradients(grads=jnp.ones(2), value=loss)
+  plateau = state.opt_state.inner_opt_state[1]
+  assert float(plateau.best_value) == 4.0 and int(state.step) == 1

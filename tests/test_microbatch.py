@@ -327,3 +327,12 @@ def test_a_batch_sharded_on_an_explicit_mesh_splits_without_moving_rows():
     _, grad, n = jax.jit(vg)(jax.device_put(w, P()), xs, ys)
   chex.assert_trees_all_close(grad, want, rtol=1e-5)
   assert float(n) == 32.0
+
+
+def test_a_jax_integer_k_is_taken_and_a_float_refused():
+  loss_fn = lambda p, x: (jnp.mean(x * p), jnp.float32(x.shape[0]))  # noqa: E731
+  vg = optax_accum.microbatched_value_and_grad(loss_fn, jnp.int32(2))
+  assert float(vg(1.0, jnp.arange(4.0))[2]) == 4.0
+  with pytest.raises(ValueError) as e:
+    optax_accum.microbatched_value_and_grad(loss_fn, 2.0)
+  assert e.value.argument == "num_microbatches"
