@@ -14,7 +14,7 @@ from optax_accum._state import AccumulateState
 from optax_accum._state import has_updated
 from optax_accum._vmap import share_counters
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 
 def __getattr__(name: str):
