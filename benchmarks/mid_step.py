@@ -10,6 +10,7 @@ Systems (AdamW, k=5, float32):
   floor        acc += g, params untouched: the least a mid-step can do
   bare_adamw   adamw update + apply every step (no accumulation)
   fused        optax_accum.apply_gradients(chain(accumulate(k), adamw), ...)
+  fused_noise  the same with track_noise_scale=True (gradient_noise_scale)
   two_lines    tx.update + optax.apply_updates with the same tx
   multisteps   optax.MultiSteps(adamw, k) update + apply
 
@@ -60,13 +61,19 @@ def systems():
 
     return step
 
+  tracked = optax_accum.accumulate(K, adamw(), track_noise_scale=True)
+
   def fused(params, state, grads):
     return optax_accum.apply_gradients(exact, grads, state, params)
+
+  def fused_noise(params, state, grads):
+    return optax_accum.apply_gradients(tracked, grads, state, params)
 
   return {
     "floor": (floor_step, optax.tree.zeros_like),
     "bare_adamw": (two_lines(adamw()), adamw().init),
     "fused": (fused, exact.init),
+    "fused_noise": (fused_noise, tracked.init),
     "two_lines": (two_lines(exact), exact.init),
     "multisteps": (two_lines(multisteps), multisteps.init),
   }

@@ -8,6 +8,7 @@ from optax_accum._checkpoint import restore_checkpoint
 from optax_accum._checkpoint import unreduced_state
 from optax_accum._microbatch import microbatched_value_and_grad
 from optax_accum._microbatch import unreduced_value_and_grad
+from optax_accum._noise import gradient_noise_scale
 from optax_accum._report import ReductionReport
 from optax_accum._report import reduction_report
 from optax_accum._state import AccumulateState
@@ -31,6 +32,7 @@ __all__ = (
   "accumulate",
   "apply_gradients",
   "chain",
+  "gradient_noise_scale",
   "has_updated",
   "microbatched_value_and_grad",
   "ReductionReport",

@@ -22,6 +22,7 @@ from optax_accum import _accumulator
 from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _layout
+from optax_accum import _noise
 from optax_accum._state import AccumulateState
 from optax_accum._state import accumulate_states
 
@@ -71,6 +72,8 @@ class Accumulator:
   accumulator_dtype: Any = None
   should_skip_update_fn: Optional[Callable[..., Any]] = None
   axis_name: Any = None
+  track_noise_scale: bool = False
+  noise_scale_decay: float = 0.95
   schedule: Callable[[jax.Array], jax.Array] = _derived()
   names: Optional[tuple[str, ...]] = _derived()
   inner_tx: Optional[optax.GradientTransformationExtraArgs] = _derived()
@@ -82,6 +85,8 @@ class Accumulator:
     set_('accumulator_dtype', _checks.accumulator_dtype(self.accumulator_dtype))
     _checks.skip_fn(self.should_skip_update_fn)
     set_('names', _checks.axis_name(self.axis_name))
+    track = (self.track_noise_scale, self.noise_scale_decay, self.names)
+    set_('track_noise_scale', _checks.noise_scale(*track))
     set_(
       'inner_tx',
       None if self.inner is None else optax.with_extra_args_support(self.inner),
@@ -124,6 +129,7 @@ class Accumulator:
       grad_norm=jnp.zeros([], jnp.float32),
       skip_state=_strong(skip_state),
       inner_opt_state=inner_state,
+      noise_scale=_noise.init() if self.track_noise_scale else None,
     )
 
   def update(
@@ -170,6 +176,12 @@ class Accumulator:
       stepped, optax.safe_increment(state.gradient_step), state.gradient_step
     )
     _, _, acc_weight, acc_value = sums
+    noise = state.noise_scale
+    if noise is not None:  # one w |g|^2 per micro-batch, estimates per window
+      noise = _noise.add(noise, _accumulator.sq_norm(grads), weight, fresh)
+      noise = _noise.end_window(
+        noise, grad_norm, acc_weight, end & stepped, self.noise_scale_decay
+      )
     return out, state._replace(
       mini_step=jnp.where(end, 0, mini_step),
       gradient_step=gradient_step,
@@ -183,6 +195,7 @@ class Accumulator:
       grad_norm=grad_norm,
       skip_state=skip_state,
       inner_opt_state=inner_state,
+      noise_scale=noise,
     )
 
   def _inner_update(self, mean, inner_state, params, extra):
@@ -290,6 +303,8 @@ def accumulate(
   accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
   should_skip_update_fn: Optional[optax.ShouldSkipUpdateFunction] = None,
   axis_name: Optional[Union[str, tuple[str, ...]]] = None,
+  track_noise_scale: bool = False,
+  noise_scale_decay: float = 0.95,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulates micro-batch gradients and emits their mean every k mini-steps.
 
@@ -323,6 +338,10 @@ def accumulate(
       ``microbatched_value_and_grad(..., axis_name=...)``, ``weight`` the
       global count) or ``jax.shard_map`` (gradients w.r.t. ``lax.pcast(params,
       axis_name, to='varying')``, ``weight`` this device's count).
+    track_noise_scale: also estimate the gradient noise scale from each
+      window's micro-batches (:func:`optax_accum.gradient_noise_scale`):
+      one squared norm per mini-step. Not with ``axis_name`` yet.
+    noise_scale_decay: in [0, 1), the per-window decay of its averages.
 
   Update keyword arguments:
     weight: the items (tokens) the micro-batch's loss averages over, 0 or
@@ -367,4 +386,6 @@ def accumulate(
     accumulator_dtype=accumulator_dtype,
     should_skip_update_fn=should_skip_update_fn,
     axis_name=axis_name,
+    track_noise_scale=track_noise_scale,
+    noise_scale_decay=noise_scale_decay,
   ).transformation()

@@ -1,11 +1,6 @@
 """The accumulator: its dtypes, how a micro-batch is added, how the sum is
-read.
-
-The plain mode keeps one array per param, ``acc_grads``. The mode
-``"kahan_bfloat16"`` keeps a bfloat16 sum and a bfloat16 error term
-(``acc_compensation``) and adds with Kahan's algorithm (Kahan 1965,
-"Further remarks on reducing truncation errors", CACM 8(1)).
-"""
+read. ``"kahan_bfloat16"`` keeps a bfloat16 sum and error term
+(``acc_compensation``) and adds with Kahan's algorithm (CACM 8(1), 1965)."""
 
 import jax
 import jax.numpy as jnp
@@ -148,11 +143,16 @@ def mean(acc_sum, total_weight, like):
   return jax.tree.map(one, acc_sum, like)
 
 
-def norm(tree, complete) -> jax.Array:
-  """The global L2 norm; ``complete`` sums squares over shards."""
+def sq_norm(tree, complete=lambda x: x) -> jax.Array:
+  """The squared global L2 norm; ``complete`` sums squares over shards."""
   leaves = [jnp.abs(x) for x in jax.tree.leaves(tree)]
   if not leaves:
     return jnp.zeros([], jnp.float32)
   dtype = promote(jnp.float32, *(x.dtype for x in leaves))
   squares = [complete(jnp.sum(jnp.square(x.astype(dtype)))) for x in leaves]
-  return jnp.sqrt(sum(squares[1:], squares[0])).astype(jnp.float32)
+  return sum(squares[1:], squares[0])
+
+
+def norm(tree, complete) -> jax.Array:
+  """The global L2 norm, float32."""
+  return jnp.sqrt(sq_norm(tree, complete)).astype(jnp.float32)

@@ -29,14 +29,11 @@ def apply_gradients(
     params = optax.apply_updates(params, updates)
 
   but for an optimizer built by :func:`optax_accum.accumulate` or
-  :func:`optax_accum.chain`, the apply happens inside the accumulator's
-  conditional: on mid-steps ``params`` pass through untouched and no zero
-  updates are written. Any other ``tx`` takes the two lines above, and is
-  exact whatever wraps its exact-form accumulators; one that holds a
-  chainable-form ``accumulate(k)`` (built outside this library, as
-  ``optax.chain(accumulate(k), opt)``) is refused, since what follows the
-  accumulator would run on every mini-step's zeros. Return ``(params,
-  opt_state)`` from a jitted step in the order they were donated.
+  :func:`optax_accum.chain` the apply happens inside the accumulator's
+  conditional (mid-steps leave ``params`` untouched). Any other ``tx``
+  takes the two lines above; one holding a chainable-form
+  ``accumulate(k)`` (``optax.chain(accumulate(k), opt)``) is refused. Return
+  ``(params, opt_state)`` from a jitted step in the order they were donated.
 
   Args:
     tx: the optimizer, typically ``optax_accum.chain(accumulate(k), opt)``.

@@ -78,14 +78,9 @@ def chain(
 
   ``chain(a, accumulate(k), b, c)`` is ``optax.chain(a, accumulate(k,
   optax.chain(b, c)))``: ``a`` runs on every micro-batch gradient, ``b``
-  and ``c`` once per gradient step, as on the large batch.
-  ``chain(accumulate(k), opt)`` is ``accumulate(k, opt)``, the exact form.
-  Without an accumulator it is ``optax.chain(*transforms)``.
-
-  Only an accumulator that is an element itself is folded; an element
-  hiding a chainable-form one (``optax.masked(accumulate(k), ...)``) is
-  refused at ``init``. Put schedules (``optax.inject_hyperparams``) after
-  the accumulator, where their calls are gradient steps.
+  and ``c`` once per gradient step. Only an accumulator that is an element
+  itself is folded; an element hiding a chainable-form one
+  (``optax.masked(accumulate(k), ...)``) is refused at ``init``.
 
   Args:
     *transforms: ``optax.GradientTransformation`` instances, at most one

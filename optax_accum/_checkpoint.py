@@ -59,12 +59,9 @@ def restore_checkpoint(
 ) -> Any:
   """Restores an optimizer state saved with orbax, checked against ``tx``.
 
-  Reads the checkpoint's metadata, compares it leaf by leaf (path, shape,
-  dtype) with ``jax.eval_shape(tx.init, params)`` and restores into it, at
-  any mini-step (a window in flight finishes with its saved k). A state
-  saved with :func:`reduced_state` (``axis_name`` on a mesh) is resharded
-  back to its unreduced types. Plain orbax restores into
-  ``jax.eval_shape(tx.init, params)`` work too; this adds the check.
+  Compares the checkpoint's metadata leaf by leaf (path, shape, dtype) with
+  ``jax.eval_shape(tx.init, params)``, restores into it (a window in flight
+  finishes with its saved k) and reshards a :func:`reduced_state` back.
 
   Args:
     path: the checkpoint directory (a str or ``pathlib.Path``).
@@ -168,13 +165,11 @@ def _reduced_leaf(x):
 def reduced_state(opt_state: Any) -> Any:
   """The optimizer state with every leaf typed unreduced reduced.
 
-  With ``axis_name`` on a mesh, the sums are typed unreduced (each device
-  holds its part), which orbax, numpy and ``jax.device_put`` cannot take.
-  This gives the same logical values without the unreduced axes (one
-  all-reduce per such leaf), for any pytree holding states (``{"params":
-  ..., "opt_state": ...}``); on ``jax.ShapeDtypeStruct`` leaves, the
-  matching restore target on the mesh that is set.
-  :func:`unreduced_state` is its inverse.
+  With ``axis_name`` the sums are typed unreduced, which orbax, numpy and
+  ``jax.device_put`` cannot take: this gives the same values reduced (one
+  all-reduce per sum), for any pytree (``{"params": ..., "opt_state":
+  ...}``); on ``jax.ShapeDtypeStruct`` leaves, the restore target on the
+  mesh that is set. :func:`unreduced_state` is its inverse.
 
   Args:
     opt_state: a pytree of arrays or ``jax.ShapeDtypeStruct``.
@@ -220,9 +215,7 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
 
   Returns:
     ``opt_state`` resharded to the unreduced types of ``like``'s leaves (no
-    communication). Training resumes bit for bit at a window boundary, to
-    float32 rounding mid-window (the saved total meets later terms in
-    another order).
+    communication; mid-window, the run resumes to float32 rounding).
 
   Raises:
     ValueError: ``opt_state`` and ``like`` have different structures, or no

@@ -1,14 +1,7 @@
-"""Every check of optax_accum, grouped by when it runs.
-
-- Construction (``accumulate``, ``chain``): the configuration, eagerly.
-- Init: the params' leaves (float, complex vs real).
-- Each call: in ``_call_checks``.
-
-A check exists only where the mistake would otherwise give a silently wrong
-number or an error that does not say what to write; traced values never
-raise (a bad traced weight poisons the window with NaN). Every raise goes
-through :func:`optax_accum._errors.fail`.
-"""
+"""The checks of construction (the configuration) and init (the params);
+each call's are in ``_call_checks``. A check exists only where the mistake
+would otherwise give a wrong number or an error that does not say what to
+write; traced values never raise (a bad traced weight gives NaN)."""
 
 from collections.abc import Callable
 import numbers
@@ -143,6 +136,23 @@ def axis_name(value) -> Union[tuple[str, ...], None]:
   if jax.__version_info__ < DEFERRAL_JAX:  # unreduced types, jax.reshard
     fail(RuntimeError, 'axis_name', f'needs jax>=0.10.0, not {jax.__version__}')
   return names
+
+
+def noise_scale(track, decay, names) -> bool:
+  """``track_noise_scale`` as a bool (inject_hyperparams passes arrays)."""
+  if isinstance(track, jax.Array) and not isinstance(track, Tracer):
+    track = bool(track) if track.shape == () else track
+  if not isinstance(track, bool):
+    fail(TypeError, 'track_noise_scale', f'{track!r}, not a bool')
+  if track and names is not None:
+    fail(ValueError, 'track_noise_scale', 'with axis_name (not supported)')
+  try:
+    ok = isinstance(decay, Tracer) or 0 <= float(decay) < 1  # a scalar
+  except (TypeError, ValueError):
+    ok = False
+  if not ok or isinstance(decay, (str, bool)):
+    fail(ValueError, 'noise_scale_decay', f'{decay!r}, not in [0, 1)')
+  return track
 
 
 # ------------------------------------------------------------------------ init

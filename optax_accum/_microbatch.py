@@ -109,10 +109,10 @@ def microbatched_value_and_grad(
   r"""Turns a loss into the token-weighted value and gradient of a window.
 
   The returned function splits its batch arguments along their leading axis
-  into ``num_microbatches`` micro-batches and runs ``loss_fn`` on them in a
-  ``lax.scan`` (one micro-batch's activations live at a time) inside the
-  caller's jitted step. Micro-batch :math:`i` has loss :math:`L_i` and
-  weight :math:`w_i` (its tokens or samples); with ``reduction="mean"``
+  into ``num_microbatches`` micro-batches (strided where the rows are
+  sharded over devices) and runs ``loss_fn`` on them in a ``lax.scan``.
+  Micro-batch :math:`i` has loss :math:`L_i` and weight :math:`w_i` (its
+  tokens or samples); with ``reduction="mean"``
 
   .. math::
     L = \frac{\sum_i w_i L_i}{\sum_i w_i}, \qquad
@@ -126,9 +126,7 @@ def microbatched_value_and_grad(
     loss_fn: ``loss_fn(params, *args) -> (loss, weight)``, or with
       ``has_aux`` ``(loss, (weight, aux))``: ``loss`` a float scalar,
       ``weight`` a non-negative scalar, ``aux`` a pytree of float arrays
-      (metrics), each a mean over its micro-batch: combined as
-      :math:`\sum_i w_i a_i / \sum_i w_i` under either ``reduction``.
-      Differentiated with respect to its first argument.
+      (means over the micro-batch, combined with the weights).
     num_microbatches: the number of micro-batches, a positive int.
     has_aux: whether ``loss_fn`` returns ``aux``.
     reduction: ``"mean"`` or ``"sum"``, how ``loss`` reduces over items.
@@ -139,13 +137,11 @@ def microbatched_value_and_grad(
       with the device's index first).
     unroll: ``lax.scan``'s ``unroll`` (``True``: straight-line code).
     axis_name: None, or an Explicit axis (or tuple) of the mesh set with
-      ``jax.set_mesh`` that shards the batch's leading axis: ``loss_fn``
-      runs on each device's shard in one ``jax.shard_map`` (params sharded
-      over other batch axes are gathered and their gradients
-      reduce-scattered once per call: HSDP) and ``grads`` come out typed
-      unreduced over it, for ``accumulate(..., axis_name=axis_name)`` to
-      reduce once per window; ``loss``, ``aux`` and ``weight`` are global,
-      ``num_microbatches`` per device.
+      ``jax.set_mesh`` sharding the batch: ``loss_fn`` runs per device in a
+      ``jax.shard_map`` (params sharded over other batch axes gathered,
+      their gradients reduce-scattered: HSDP) and ``grads`` come out
+      unreduced over it, for ``accumulate(..., axis_name=...)``; ``loss``,
+      ``aux``, ``weight`` global, ``num_microbatches`` per device.
 
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
@@ -186,13 +182,7 @@ def microbatched_value_and_grad(
     loss_fn, num_microbatches, reduction, batch_argnums, key_argnum
   )
   sums = WindowSums(
-    loss_fn,
-    k,
-    has_aux,
-    reduction,
-    batch_argnums,
-    key_argnum,
-    unroll,
+    loss_fn, k, has_aux, reduction, batch_argnums, key_argnum, unroll
   )
   names = _checks.axis_name(axis_name)
   if names is not None:

@@ -33,35 +33,27 @@ class Reduction:
 
 @dataclasses.dataclass(frozen=True)
 class ReductionReport:
-  """What :func:`optax_accum.reduction_report` returns."""
+  """What :func:`optax_accum.reduction_report` returns: ``reductions`` and,
+  in bytes per device, ``every_call_bytes`` (outside any conditional),
+  ``emitting_bytes`` (inside conditionals: the gradient step's branch),
+  ``in_loop_bytes`` (per iteration of loop bodies: a micro-batch scan) and
+  ``by_axis()``, ``{axes: (every_call_bytes, emitting_bytes)}``."""
 
   reductions: tuple[Reduction, ...]
 
-  @property
-  def every_call_bytes(self) -> int:
-    """Bytes reduced on every call, outside any conditional."""
-    return sum(r.bytes for r in self.reductions if not r.emitting)
+  def _sum(self, keep: Callable[[Reduction], bool]) -> int:
+    return sum(r.bytes for r in self.reductions if keep(r))
 
-  @property
-  def emitting_bytes(self) -> int:
-    """Bytes reduced inside conditionals (the gradient step's branch)."""
-    return sum(r.bytes for r in self.reductions if r.emitting)
-
-  @property
-  def in_loop_bytes(self) -> int:
-    """Bytes reduced per iteration inside loop bodies (a micro-batch scan)."""
-    return sum(r.bytes for r in self.reductions if r.in_loop)
+  every_call_bytes = property(lambda self: self._sum(lambda r: not r.emitting))
+  emitting_bytes = property(lambda self: self._sum(lambda r: r.emitting))
+  in_loop_bytes = property(lambda self: self._sum(lambda r: r.in_loop))
 
   def by_axis(self) -> dict[Any, tuple[int, int]]:
-    """``{axes: (every_call_bytes, emitting_bytes)}``."""
-    out: dict[Any, tuple[int, int]] = {}
-    for r in self.reductions:
-      every, emitting = out.get(r.axes, (0, 0))
-      out[r.axes] = (
-        every + (not r.emitting) * r.bytes,
-        emitting + r.emitting * r.bytes,
-      )
-    return out
+    every = lambda a: self._sum(lambda r: r.axes == a and not r.emitting)
+    emitting = lambda a: self._sum(lambda r: r.axes == a and r.emitting)
+    return {
+      a: (every(a), emitting(a)) for a in {r.axes for r in self.reductions}
+    }
 
 
 def _computations(text):
@@ -173,14 +165,12 @@ def reduction_report(
 ) -> ReductionReport:
   """Compiles ``fn`` for these arguments and reports where it reduces.
 
-  Lowers and compiles ``fn`` (jitted or not; nothing runs), reads the
-  compiled HLO and lists every all-reduce and reduce-scatter: its bytes
-  per device (a reduce-scatter's operand, before the scatter), the mesh
-  axes its device groups span, whether it runs inside a conditional's
-  branch (the gradient step of an accumulator, once per window) and inside
-  a loop body (a scan over micro-batches). Put it in your tests to pin
-  that a step reduces once per window: ``every_call_bytes`` small,
-  ``emitting_bytes`` the gradient's.
+  Lowers and compiles ``fn`` (jitted or not; nothing runs) and lists every
+  all-reduce and reduce-scatter of its HLO: bytes per device (a
+  reduce-scatter's operand), the mesh axes its device groups span, whether
+  it runs in a conditional's branch (an accumulator's gradient step) or a
+  loop body (a micro-batch scan). In tests: ``every_call_bytes`` small,
+  ``emitting_bytes`` the gradient's, is "reduces once per window".
 
   Args:
     fn: the step, as you call it (``jax.jit``-ed or a plain function).
@@ -189,11 +179,9 @@ def reduction_report(
     **kwargs: its keyword arguments.
 
   Returns:
-    A :class:`ReductionReport`: ``reductions`` (each a ``Reduction`` with
-    ``op``, ``bytes``, ``axes``, ``emitting``, ``in_loop``) and the totals
-    ``every_call_bytes``, ``emitting_bytes``, ``in_loop_bytes`` (ints, in
-    bytes) and ``by_axis()``. Axes come from the mesh of the arguments'
-    shardings or the one set with ``jax.set_mesh``.
+    A :class:`ReductionReport` (``reductions``: each with ``op``,
+    ``bytes``, ``axes``, ``emitting``, ``in_loop``; totals in bytes). Axes
+    come from the arguments' mesh or the one set with ``jax.set_mesh``.
 
   Raises:
     The errors of ``jax.jit(fn).lower(*args, **kwargs).compile()``.

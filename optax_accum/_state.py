@@ -29,16 +29,15 @@ class AccumulateState(NamedTuple):
       accumulator dtype (float32 at least: float64 for float64 params).
     acc_value: scalar :math:`\\sum_i w_i v_i` of the ``value`` arguments of
       the window in flight (float64 under x64); 0 without ``value``.
-    has_updated: bool scalar, true when the last mini-step took a gradient
-      step.
-    num_rejected: int32 scalar, the windows ``should_skip_update_fn``
-      rejected since ``init``.
-    grad_norm: float32 scalar, the L2 norm of the last window's mean
-      gradient; 0 before the first.
+    has_updated: bool scalar, whether the last mini-step took a step.
+    num_rejected: int32 scalar, windows ``should_skip_update_fn`` rejected.
+    grad_norm: float32 scalar, the L2 norm of the last window's mean.
     skip_state: what ``should_skip_update_fn`` returned for the last
       window (None without one).
     inner_opt_state: the inner optimizer's state, in the dtypes its init
       gave; ``None`` in the chainable form (``inner=None``).
+    noise_scale: None, or with ``track_noise_scale=True`` the sums and
+      averages behind :func:`optax_accum.gradient_noise_scale`.
 
   With ``axis_name`` (``init`` under ``jax.set_mesh``) the three sums are
   typed unreduced; :func:`optax_accum.reduced_state` gives them reduced.
@@ -67,6 +66,7 @@ class AccumulateState(NamedTuple):
   grad_norm: jax.Array
   skip_state: Any
   inner_opt_state: Any
+  noise_scale: Any = None
 
 
 def accumulate_states(tree) -> list[AccumulateState]:
@@ -83,9 +83,8 @@ def holds_chainable_form(tree) -> bool:
 def has_updated(opt_state: Any) -> jax.Array:
   """Tells whether the last mini-step took a gradient step.
 
-  Reads the stored ``has_updated`` flag of the first
-  :class:`AccumulateState` inside ``opt_state`` (unlike
-  ``optax.MultiSteps.has_updated``, which infers it from the counters).
+  Reads ``has_updated`` of the first :class:`AccumulateState` in
+  ``opt_state`` (``optax.MultiSteps.has_updated`` infers it).
 
   Args:
     opt_state: an optimizer state pytree holding an ``AccumulateState``.

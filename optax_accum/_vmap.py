@@ -12,23 +12,16 @@ from optax_accum._state import accumulate_states
 
 # The fields that decide when a window ends. Batched, they make the
 # accumulator's `lax.cond` a select under vmap (every branch runs).
-_SHARED = (
-  'mini_step',
-  'gradient_step',
-  'every_k',
-  'has_updated',
-  'acc_weight',
-)
+_SHARED = ('mini_step', 'gradient_step', 'every_k', 'has_updated', 'acc_weight')
 
 
 def share_counters(opt_state: Any) -> tuple[Any, Any]:
   """Splits an ensemble's optimizer state for ``jax.vmap``: shared counters.
 
-  Stacked counters make the window's end a batched predicate under
-  ``jax.vmap``, so ``lax.cond`` becomes a select and the inner optimizer
-  runs on every mini-step. This takes the counters from member 0 and
-  returns ``in_axes``/``out_axes`` that keep them unbatched. Pass
-  ``weight`` and ``flush`` unbatched (``in_axes=None``).
+  Stacked counters make ``lax.cond`` a select under ``jax.vmap`` (the inner
+  optimizer runs every mini-step). This keeps member 0's counters and
+  returns ``in_axes``/``out_axes`` that leave them unbatched; pass
+  ``weight`` and ``flush`` unbatched too.
 
   Args:
     opt_state: a state stacked along axis 0 (``jax.vmap(tx.init)``), with

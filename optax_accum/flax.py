@@ -35,12 +35,10 @@ def _extra(weight, flush, extra_args, value=None) -> dict[str, Any]:
 class Optimizer(nnx.Optimizer):
   """``nnx.Optimizer`` for accumulation: ``step`` counts gradient steps.
 
-  A drop-in for ``nnx.Optimizer(model, tx, wrt=...)``. ``update(model,
+  A drop-in for ``nnx.Optimizer(model, tx, wrt=...)``: ``update(model,
   grads, weight=..., flush=..., **extra_args)`` is one mini-step through
-  :func:`optax_accum.apply_gradients` (``weight``, ``flush``: see
-  :func:`optax_accum.accumulate`) returning None (no updates are formed).
-  ``step`` (uint32) counts gradient steps, where ``nnx.Optimizer``'s counts
-  calls (micro-batches).
+  :func:`optax_accum.apply_gradients`, returning None; ``step`` (uint32)
+  counts gradient steps (``nnx.Optimizer``'s counts calls).
 
   Args:
     model: the NNX module to train.

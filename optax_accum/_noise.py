@@ -1,0 +1,104 @@
+"""The gradient noise scale B_simple from each window's micro-batches."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optax_accum._errors import fail
+from optax_accum._state import accumulate_states
+
+
+class NoiseScaleState(NamedTuple):
+  """float32 ``acc_sq_norm`` (sum_i w_i |g_i|^2 of the window in flight),
+  ``acc_count`` (its micro-batches of nonzero weight), ``trace``, ``grad_sq``
+  (the averaged estimates); int32 ``windows`` (how many were averaged)."""
+
+  acc_sq_norm: jax.Array
+  acc_count: jax.Array
+  trace: jax.Array
+  grad_sq: jax.Array
+  windows: jax.Array
+
+
+def init() -> NoiseScaleState:
+  zero = jnp.zeros([], jnp.float32)
+  return NoiseScaleState(zero, zero, zero, zero, jnp.zeros([], jnp.int32))
+
+
+def add(noise, sq_norm, weight, fresh) -> NoiseScaleState:
+  """``w |g|^2`` and the count of one micro-batch, summed over the window
+  (overwritten where ``fresh``); weight 0 adds nothing."""
+  w = jnp.float32(1) if weight is None else weight.astype(jnp.float32)
+  term = jnp.where(w > 0, w * sq_norm, 0.0)
+  count = (w > 0).astype(jnp.float32)
+  grow = lambda acc, x: jnp.where(fresh, x, acc + x)
+  return noise._replace(
+    acc_sq_norm=grow(noise.acc_sq_norm, term),
+    acc_count=grow(noise.acc_count, count),
+  )
+
+
+def end_window(noise, mean_norm, weight, used, decay) -> NoiseScaleState:
+  """The window's estimates averaged in where ``used`` (a gradient step of
+  at least two micro-batches of nonzero weight)."""
+  n, total = noise.acc_count, weight.astype(jnp.float32)
+  a, b = noise.acc_sq_norm / total, jnp.square(mean_norm)
+  used = used & (n >= 2)
+  n1 = jnp.where(used, n - 1, 1.0)
+  ema = lambda old, new: jnp.where(used, decay * old + (1 - decay) * new, old)
+  return noise._replace(
+    trace=ema(noise.trace, total * (a - b) / n1),
+    grad_sq=ema(noise.grad_sq, (n * b - a) / n1),
+    windows=noise.windows + used.astype(jnp.int32),
+  )
+
+
+def gradient_noise_scale(opt_state: Any) -> jax.Array:
+  r"""The simple gradient noise scale B_simple = tr(S) / |G|^2, estimated.
+
+  The batch size (in the units of ``weight``: items or tokens; micro-batches
+  without ``weight``) beyond which a larger batch stops paying (McCandlish
+  et al.). Read from the first accumulator in ``opt_state`` built with
+  ``track_noise_scale=True``: each window of n >= 2 micro-batches gives
+  unbiased estimates of tr(S) and |G|^2 from its micro-batch gradients
+  :math:`g_i` (weights :math:`w_i`, total :math:`W`) and mean :math:`\bar g`:
+
+  .. math::
+    a = \sum_i w_i |g_i|^2 / W, \quad b = |\bar g|^2, \quad
+    \mathrm{tr}\,S \approx \frac{W (a - b)}{n - 1}, \quad
+    |G|^2 \approx \frac{n b - a}{n - 1},
+
+  each averaged over windows (``noise_scale_decay``; the ratio needs no bias
+  correction). Windows rejected by ``should_skip_update_fn`` or of total
+  weight 0 are left out.
+
+  Args:
+    opt_state: an optimizer state holding an :class:`AccumulateState`.
+
+  Returns:
+    A float32 scalar; NaN before the first window of two micro-batches.
+
+  Raises:
+    ValueError: no accumulator in ``opt_state`` tracks it (``.argument``:
+      ``track_noise_scale``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_accum
+    >>> tx = optax_accum.accumulate(2, optax.sgd(0.0), track_noise_scale=True)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> for g in ([3.0, 1.0], [1.0, 3.0]):
+    ...   _, state = tx.update(jnp.array(g), state)
+    >>> round(float(optax_accum.gradient_noise_scale(state)), 3)  # 4 / 6
+    0.667
+
+  References:
+    McCandlish et al. 2018, arXiv 1812.06162, App. A.1 (equal weights).
+  """
+  found = [s.noise_scale for s in accumulate_states(opt_state)]
+  found = [s for s in found if s is not None]
+  if not found:
+    fail(ValueError, 'track_noise_scale', 'False for every accumulator')
+  s = found[0]
+  ratio = s.trace / jnp.where(s.grad_sq == 0, jnp.nan, s.grad_sq)
+  return jnp.where(s.windows > 0, ratio, jnp.nan).astype(jnp.float32)

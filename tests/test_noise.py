@@ -1,0 +1,104 @@
+"""gradient_noise_scale against the exact B_simple = tr(S) / |G|^2 of a
+linear regression at fixed params, from its per-example gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_accum
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(4096, 4)).astype(np.float32)
+Y = (X @ np.array([1.0, -2.0, 0.5, 3.0]) + RNG.normal(size=4096)).astype(
+  np.float32
+)
+W = jnp.array([0.5, -1.0, 0.0, 2.0])  # fixed: sgd(0) never moves it
+
+
+def _exact():
+  per_example = 2 * X * (X @ np.asarray(W) - Y)[:, None]
+  g = per_example.mean(0)
+  return np.trace(np.cov(per_example.T, bias=True)) / (g @ g)
+
+
+def _grad(idx):
+  x, y = jnp.asarray(X[idx]), jnp.asarray(Y[idx])
+  return jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(W)
+
+
+@pytest.mark.parametrize("sizes", [(8, 8, 8, 8), (2, 0, 6, 10, 14)])
+def test_the_estimate_is_within_ten_percent_of_the_exact_noise_scale(sizes):
+  """Equal micro-batches, and unequal ones (weight = size) with a weight-0
+  micro-batch whose gradient is NaN."""
+  tx = optax_accum.accumulate(
+    len(sizes), optax.sgd(0.0), track_noise_scale=True, noise_scale_decay=0.998
+  )
+  state = tx.init(W)
+  update = jax.jit(lambda g, s, w: tx.update(g, s, W, weight=w))
+  rng = np.random.default_rng(1)
+  for _ in range(500):
+    for n in sizes:
+      g = _grad(rng.integers(0, len(Y), n)) if n else jnp.full(4, jnp.nan)
+      _, state = update(g, state, jnp.float32(n))
+  estimate = float(optax_accum.gradient_noise_scale(state))
+  exact = _exact()
+  assert 5 < exact < 200  # a regime where the estimate means something
+  assert abs(estimate / exact - 1) < 0.1, (estimate, exact)
+  assert int(state.noise_scale.windows) == 500
+
+
+def test_windows_of_one_micro_batch_or_rejected_are_left_out():
+  tx = optax_accum.accumulate(
+    2,
+    optax.sgd(0.0),
+    should_skip_update_fn=optax.skip_not_finite,
+    track_noise_scale=True,
+  )
+  state = tx.init(jnp.zeros(2))
+  assert np.isnan(float(optax_accum.gradient_noise_scale(state)))
+  _, state = tx.update(jnp.ones(2), state, flush=True)  # one micro-batch
+  _, state = tx.update(jnp.ones(2), state)
+  _, state = tx.update(jnp.array([jnp.inf, 0.0]), state)  # rejected
+  assert int(state.noise_scale.windows) == 0
+  for g in ([3.0, 1.0], [1.0, 3.0]):
+    _, state = tx.update(jnp.array(g), state)
+  assert int(state.noise_scale.windows) == 1
+  assert float(optax_accum.gradient_noise_scale(state)) == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize(
+  "make, argument",
+  [
+    (
+      lambda: optax_accum.gradient_noise_scale(
+        optax_accum.accumulate(2).init(jnp.zeros(2))
+      ),
+      "track_noise_scale",
+    ),
+    pytest.param(
+      lambda: optax_accum.accumulate(
+        2, track_noise_scale=True, axis_name="data"
+      ),
+      "track_noise_scale",
+      marks=pytest.mark.skipif(
+        jax.__version_info__ < (0, 10, 0), reason="axis_name needs jax>=0.10"
+      ),
+    ),
+    (
+      lambda: optax_accum.accumulate(
+        2, track_noise_scale=True, noise_scale_decay=1.0
+      ),
+      "noise_scale_decay",
+    ),
+    (
+      lambda: optax_accum.accumulate(2, track_noise_scale=1),
+      "track_noise_scale",
+    ),
+  ],
+)
+def test_bad_noise_scale_arguments_name_themselves(make, argument):
+  with pytest.raises((ValueError, TypeError, RuntimeError)) as e:
+    make()
+  assert e.value.argument == argument
