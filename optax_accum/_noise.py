@@ -22,8 +22,8 @@ class NoiseScaleState(NamedTuple):
 
 
 def init() -> NoiseScaleState:
-  zero = jnp.zeros([], jnp.float32)
-  return NoiseScaleState(zero, zero, zero, zero, jnp.zeros([], jnp.int32))
+  z = lambda: jnp.zeros([], jnp.float32)  # one buffer each: donated apart
+  return NoiseScaleState(z(), z(), z(), z(), jnp.zeros([], jnp.int32))
 
 
 def add(noise, sq_norm, weight, fresh) -> NoiseScaleState:

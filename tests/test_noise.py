@@ -102,3 +102,15 @@ def test_bad_noise_scale_arguments_name_themselves(make, argument):
   with pytest.raises((ValueError, TypeError, RuntimeError)) as e:
     make()
   assert e.value.argument == argument
+
+
+def test_a_tracked_state_can_be_donated_from_init():
+  tx = optax_accum.accumulate(2, optax.adamw(1e-3), track_noise_scale=True)
+  step = jax.jit(
+    lambda p, s, g: optax_accum.apply_gradients(tx, g, s, p),
+    donate_argnums=(0, 1),
+  )
+  params = jnp.zeros(3)
+  params, state = step(params, tx.init(params), jnp.ones(3))
+  params, state = step(params, state, jnp.ones(3))
+  assert int(state.noise_scale.windows) == 1
