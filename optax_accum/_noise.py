@@ -10,7 +10,7 @@ from optax_accum._state import accumulate_states
 
 
 class NoiseScaleState(NamedTuple):
-  """float32 ``acc_sq_norm`` (sum_i w_i |g_i|^2 of the window in flight),
+  """float32 ``acc_sq_norm`` (``sum_i w_i |g_i|^2`` of the window in flight),
   ``acc_count`` (its micro-batches of nonzero weight), ``trace``, ``grad_sq``
   (the averaged estimates); int32 ``windows`` (how many were averaged)."""
 
@@ -55,13 +55,13 @@ def end_window(noise, mean_norm, weight, used, decay) -> NoiseScaleState:
 
 
 def gradient_noise_scale(opt_state: Any) -> jax.Array:
-  r"""The simple gradient noise scale B_simple = tr(S) / |G|^2, estimated.
+  r"""The simple gradient noise scale ``B_simple = tr(S) / |G|^2``.
 
   The batch size (in the units of ``weight``: items or tokens; micro-batches
   without ``weight``) beyond which a larger batch stops paying (McCandlish
   et al.). Read from the first accumulator in ``opt_state`` built with
   ``track_noise_scale=True``: each window of n >= 2 micro-batches gives
-  unbiased estimates of tr(S) and |G|^2 from its micro-batch gradients
+  unbiased estimates of ``tr(S)`` and ``|G|^2`` from its micro-batch gradients
   :math:`g_i` (weights :math:`w_i`, total :math:`W`) and mean :math:`\bar g`:
 
   .. math::
