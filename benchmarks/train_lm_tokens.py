@@ -141,7 +141,7 @@ def run(name, tx, micro, weighted, batches, lr_steps):
   model = CharTransformer(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   tokens, mask = batches
-  losses, trajectory = [], []
+  losses, trajectory, noise = [], [], []
   for t in tqdm(range(lr_steps), desc=name, leave=False):
     window_sum, window_tokens = 0.0, 0.0
     for i in range(0, K * MICRO, micro):
@@ -157,12 +157,20 @@ def run(name, tx, micro, weighted, batches, lr_steps):
       window_sum += float(loss) * float(n)
       window_tokens += float(n)
     losses.append(window_sum / window_tokens)  # global token-mean loss
+    pure = nnx.as_pure(optimizer.opt_state)
+    if any(s.noise_scale is not None for s in _accumulate_states(pure)):
+      noise.append(float(optax_accum.gradient_noise_scale(pure)))
     trajectory.append(
       np.concatenate(
         [np.ravel(p) for p in jax.tree.leaves(nnx.state(model, nnx.Param))]
       )
     )
-  return nnx.state(model, nnx.Param), np.asarray(losses), trajectory
+  return nnx.state(model, nnx.Param), np.asarray(losses), trajectory, noise
+
+
+def _accumulate_states(tree):
+  is_acc = lambda x: isinstance(x, optax_accum.AccumulateState)
+  return [s for s in jax.tree.leaves(tree, is_leaf=is_acc) if is_acc(s)]
 
 
 def max_abs_diff(a, b):
@@ -183,7 +191,9 @@ def main():
   batches = make_batches(text, args.steps)
   counts = batches[1].reshape(args.steps, K, MICRO, -1).sum((2, 3))
   adamw = lambda: optax.adamw(args.lr, weight_decay=1e-2)
-  chain = lambda: optax_accum.chain(optax_accum.accumulate(K), adamw())
+  chain = lambda track=False: optax_accum.chain(
+    optax_accum.accumulate(K, track_noise_scale=track), adamw()
+  )
   perm = np.random.default_rng(7).permutation(K * MICRO)
   reordered = (batches[0][:, perm], batches[1][:, perm])
   results = {
@@ -194,7 +204,7 @@ def main():
       "reordered", adamw(), K * MICRO, False, reordered, args.steps
     ),
     "accumulate, weight=tokens": run(
-      "weighted", chain(), MICRO, True, batches, args.steps
+      "weighted", chain(track=True), MICRO, True, batches, args.steps
     ),
     "accumulate, no weight": run(
       "unweighted", chain(), MICRO, False, batches, args.steps
@@ -214,7 +224,7 @@ def main():
   print("| run | max abs param diff vs large batch | final token-mean loss |")
   print("|---|---|---|")
   rows = []
-  for name, (params, losses, _) in results.items():
+  for name, (params, losses, _, _) in results.items():
     d = max_abs_diff(params, ref)
     rows.append(
       {"run": name, "max_abs_param_diff": d, "final_loss": float(losses[-1])}
@@ -222,9 +232,9 @@ def main():
     print(f"| {name} | {d:.2e} | {losses[-1]:.4f} |")
   floor, weighted, unweighted = (r["max_abs_param_diff"] for r in rows[1:])
 
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
   ref_traj = results["large batch (16 seq)"][2]
-  for name, (_, _, traj) in list(results.items())[1:]:
+  for name, (_, _, traj, _) in list(results.items())[1:]:
     ax1.plot(
       [np.max(np.abs(a - b)) for a, b in zip(traj, ref_traj)], label=name
     )
@@ -236,6 +246,12 @@ def main():
   ax2.plot(counts, lw=0.8)
   ax2.set_xlabel("gradient step")
   ax2.set_ylabel("tokens in each of the 4 micro-batches")
+  noise = results["accumulate, weight=tokens"][3]
+  ax3.plot(noise, label="B_simple (gradient_noise_scale), tokens")
+  ax3.plot(counts.sum(1), label="tokens in the global batch")
+  ax3.set_yscale("log")
+  ax3.set_xlabel("gradient step")
+  ax3.legend(fontsize=8)
   fig.suptitle("Character transformer on stdlib source: token weighting")
   fig.tight_layout()
   png = os.path.join(args.out, "train_lm_tokens.png")
@@ -251,6 +267,11 @@ def main():
     f"weighted vs large: {weighted:.2e} "
     f"({'within' if weighted <= TOLERANCE else 'OUTSIDE'} "
     f"{TOLERANCE:g}); unweighted vs large: {unweighted:.2e}\nwrote {png}"
+  )
+  print(
+    f"B_simple (tokens) at steps 10/20/{args.steps}: "
+    + ", ".join(f"{noise[i - 1]:.0f}" for i in (10, 20, args.steps))
+    + f"; the global batch holds {counts.sum(1).mean():.0f} tokens on average"
   )
   if weighted > TOLERANCE:
     raise SystemExit(f"weighted run differs by {weighted:.2e}")
