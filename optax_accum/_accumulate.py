@@ -317,8 +317,7 @@ def accumulate(
 
   .. warning::
     ``optax.chain(accumulate(k), opt)`` runs ``opt`` on every mid-step's
-    zeros: Adam drifts, as with ``optax.apply_every``. Write
-    :func:`optax_accum.chain`, which makes that spelling exact.
+    zeros (Adam drifts); :func:`optax_accum.chain` makes it exact.
 
   Args:
     every_k_schedule: micro-batches per window, an int in [1, 2**31 - 1] or

@@ -140,7 +140,7 @@ def axis_name(value) -> Union[tuple[str, ...], None]:
 
 def noise_scale(track, decay, names) -> bool:
   """``track_noise_scale`` as a bool (inject_hyperparams passes arrays)."""
-  if isinstance(track, jax.Array) and not isinstance(track, Tracer):
+  if isinstance(track, (jax.Array, np.bool_)) and not isinstance(track, Tracer):
     track = bool(track) if track.shape == () else track
   if not isinstance(track, bool):
     fail(TypeError, 'track_noise_scale', f'{track!r}, not a bool')

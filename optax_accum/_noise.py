@@ -30,12 +30,11 @@ def add(noise, sq_norm, weight, fresh) -> NoiseScaleState:
   """``w |g|^2`` and the count of one micro-batch, summed over the window
   (overwritten where ``fresh``); weight 0 adds nothing."""
   w = jnp.float32(1) if weight is None else weight.astype(jnp.float32)
-  term = jnp.where(w > 0, w * sq_norm, 0.0)
-  count = (w > 0).astype(jnp.float32)
+  term = jnp.where(w > 0, w * sq_norm.astype(jnp.float32), 0.0)
   grow = lambda acc, x: jnp.where(fresh, x, acc + x)
+  count = grow(noise.acc_count, (w > 0).astype(jnp.float32))
   return noise._replace(
-    acc_sq_norm=grow(noise.acc_sq_norm, term),
-    acc_count=grow(noise.acc_count, count),
+    acc_sq_norm=grow(noise.acc_sq_norm, term), acc_count=count
   )
 
 
@@ -77,7 +76,8 @@ def gradient_noise_scale(opt_state: Any) -> jax.Array:
     opt_state: an optimizer state holding an :class:`AccumulateState`.
 
   Returns:
-    A float32 scalar; NaN before the first window of two micro-batches.
+    A float32 scalar; NaN before the first window of two micro-batches;
+    noisy, even negative, while ``|G|^2`` is small against the noise.
 
   Raises:
     ValueError: no accumulator in ``opt_state`` tracks it (``.argument``:
@@ -95,10 +95,14 @@ def gradient_noise_scale(opt_state: Any) -> jax.Array:
   References:
     McCandlish et al. 2018, arXiv 1812.06162, App. A.1 (equal weights).
   """
-  found = [s.noise_scale for s in accumulate_states(opt_state)]
-  found = [s for s in found if s is not None]
-  if not found:
+  nnx = lambda x: hasattr(x, 'get_value')  # nnx.Optimizer's opt_state
+  pure = jax.tree.map(
+    lambda x: x.get_value() if nnx(x) else x, opt_state, is_leaf=nnx
+  )
+  s = next(
+    (s.noise_scale for s in accumulate_states(pure) if s.noise_scale), None
+  )
+  if s is None:
     fail(ValueError, 'track_noise_scale', 'False for every accumulator')
-  s = found[0]
   ratio = s.trace / jnp.where(s.grad_sq == 0, jnp.nan, s.grad_sq)
   return jnp.where(s.windows > 0, ratio, jnp.nan).astype(jnp.float32)

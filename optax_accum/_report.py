@@ -10,7 +10,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-_BYTES = {'f64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2}
 _OP = re.compile(r'= (.+?) (all-reduce|reduce-scatter)(?:-start)?\((.*)$')
 _CALLS = re.compile(
   r'(to_apply|calls|body|condition|true_computation|'
@@ -20,9 +19,7 @@ _CALLS = re.compile(
 
 @dataclasses.dataclass(frozen=True)
 class Reduction:
-  """One all-reduce or reduce-scatter: its bytes (the operand's, per
-  device), the mesh axes it reduces over (None where the HLO's device
-  groups match no set of axes), and where it runs."""
+  """One all-reduce or reduce-scatter (``axes`` None: no mesh axes match)."""
 
   op: str
   bytes: int
@@ -101,8 +98,8 @@ def _groups(line) -> Optional[set[frozenset[int]]]:
     line,
   )
   named = re.search(
-    r"mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\]"
-    r"(?:T\(([\d,]+)\))?\) \{([^}]*)\}",
+    r"mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\]"
+    r"(?:T\(([\d,]+)\))?\))? \{([^}]*)\}",
     line,
   )
   if iota:
@@ -114,11 +111,14 @@ def _groups(line) -> Optional[set[frozenset[int]]]:
     return {frozenset(r.tolist()) for r in rows}
   if named:
     axes = re.findall(r"'(\w+)'=(\d+)", named.group(1))
-    dims = [int(d) for d in named.group(2).split(',')]
+    sizes = [int(n) for _, n in axes]
+    dims = [
+      int(d) for d in (named.group(2) or str(math.prod(sizes))).split(',')
+    ]
     ids = np.arange(math.prod(dims)).reshape(dims)
     if named.group(3):
       ids = ids.transpose([int(p) for p in named.group(3).split(',')])
-    ids = ids.reshape([int(n) for _, n in axes])
+    ids = ids.reshape(sizes)
     over = [i for i, (a, _) in enumerate(axes) if f"'{a}'" in named.group(4)]
     return _axis_groups(ids, over)
   return None
@@ -146,8 +146,9 @@ def _axes(groups, mesh) -> Optional[tuple[str, ...]]:
 
 def _bytes(shapes: str) -> int:
   n = 0
-  for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', shapes):
-    n += math.prod(int(d) for d in dims.split(',') if d) * _BYTES.get(dtype, 4)
+  for kind, bits, dims in re.findall(r'([a-z]+)(\d*)\w*\[([\d,]*)\]', shapes):
+    size = 1 if kind == 'pred' else int(bits) // 8  # c64: 8 bytes
+    n += math.prod(int(d) for d in dims.split(',') if d) * size
   return n
 
 

@@ -114,3 +114,35 @@ def test_a_tracked_state_can_be_donated_from_init():
   params, state = step(params, tx.init(params), jnp.ones(3))
   params, state = step(params, state, jnp.ones(3))
   assert int(state.noise_scale.windows) == 1
+
+
+def test_a_float64_window_keeps_the_state_s_dtypes_under_x64():
+  with jax.enable_x64(True):
+    tx = optax_accum.accumulate(2, optax.sgd(0.0), track_noise_scale=True)
+    params = jnp.zeros(3, jnp.float64)
+    state = tx.init(params)
+    before = jax.tree.map(lambda x: x.dtype, state)
+    update = jax.jit(lambda g, s: tx.update(g, s, params))
+    for g in (jnp.ones(3), jnp.arange(3.0), jnp.ones(3)):
+      _, state = update(g.astype(jnp.float64), state)
+    assert jax.tree.map(lambda x: x.dtype, state) == before
+    assert update._cache_size() == 1
+
+
+def test_the_nnx_optimizer_state_is_read_as_it_is():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  tx = optax_accum.accumulate(2, optax.sgd(0.0), track_noise_scale=True)
+  optimizer = optax_accum.flax.Optimizer(model, tx, wrt=nnx.Param)
+  for x in ([1.0, 0.0], [0.0, 3.0]):
+    grads = nnx.grad(lambda m, x=x: jnp.sum(m(jnp.array([x]))))(model)
+    optimizer.update(model, grads)
+  got = optax_accum.gradient_noise_scale(optimizer.opt_state)
+  want = optax_accum.gradient_noise_scale(nnx.as_pure(optimizer.opt_state))
+  assert float(got) == float(want) and not np.isnan(float(got))
+
+
+def test_a_numpy_bool_turns_tracking_on():
+  tx = optax_accum.accumulate(2, track_noise_scale=np.bool_(True))
+  assert tx.init(jnp.zeros(2)).noise_scale is not None

@@ -106,6 +106,10 @@ def test_gspmd_reduces_every_call_and_inside_the_micro_batch_scan():
       "device_ids=([2,4]T(1,0)) {'axis_0'}, x",
       [{0, 1, 2, 3}, {4, 5, 6, 7}],
     ),
+    (
+      "replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, x",
+      [set(range(8))],
+    ),
   ],
 )
 def test_every_form_of_device_groups_is_read(line, groups):
@@ -119,3 +123,9 @@ def test_groups_are_named_by_the_mesh_axes_they_span():
     "replica",
   )
   assert _report._axes({frozenset(range(8))}, mesh) == ("replica", "fsdp")
+
+
+def test_bytes_follow_the_hlo_element_types():
+  shapes = "(c64[100], pred[8], s8[4], f8e4m3fn[10], u64[2], bf16[3]{0})"
+  assert _report._bytes(shapes) == 800 + 8 + 4 + 10 + 16 + 6
+  assert _report._bytes("f32[2,4]{1,0}") == 32
