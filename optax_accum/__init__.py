@@ -9,6 +9,8 @@ from optax_accum._checkpoint import unreduced_state
 from optax_accum._microbatch import microbatched_value_and_grad
 from optax_accum._microbatch import unreduced_value_and_grad
 from optax_accum._noise import gradient_noise_scale
+from optax_accum._plan import MicrobatchPlan
+from optax_accum._plan import plan_microbatches
 from optax_accum._report import ReductionReport
 from optax_accum._report import reduction_report
 from optax_accum._state import AccumulateState
@@ -35,6 +37,8 @@ __all__ = (
   "gradient_noise_scale",
   "has_updated",
   "microbatched_value_and_grad",
+  "MicrobatchPlan",
+  "plan_microbatches",
   "ReductionReport",
   "reduced_state",
   "reduction_report",

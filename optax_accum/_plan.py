@@ -1,0 +1,223 @@
+"""``plan_microbatches``: the largest micro-batch whose compiled step fits a
+memory budget, found from ``memory_analysis()`` before anything runs."""
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import numbers
+from typing import Any, Optional, Union
+
+import jax
+
+from optax_accum._errors import fail
+from optax_accum._errors import leaf_name
+
+MARGIN = 0.1  # of the device's memory, left for the runtime and fragments
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchPlan:
+  """What :func:`optax_accum.plan_microbatches` returns (bytes per device):
+  ``micro_batch_size`` and ``k`` (their product the global batch),
+  ``peak_bytes`` (the chosen step's compiled peak), ``predicted_bytes``
+  (the line through the two nearest other probes, there; None with one
+  probe), ``memory_limit`` and
+  ``probes``, ``((micro_batch_size, peak_bytes), ...)`` of every
+  compilation, ascending."""
+
+  micro_batch_size: int
+  k: int
+  peak_bytes: int
+  predicted_bytes: Optional[int]
+  memory_limit: int
+  probes: tuple[tuple[int, int], ...]
+
+
+def peak_bytes(compiled) -> int:
+  """temp + arguments + outputs - aliased (donated) bytes, per device."""
+  m = compiled.memory_analysis()
+  return int(
+    m.temp_size_in_bytes
+    + m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    - m.alias_size_in_bytes
+  )
+
+
+def _abstract(x, rows=None):
+  """``x`` as a ``jax.ShapeDtypeStruct`` (its sharding kept), with ``rows``
+  leading rows where given."""
+  shape = tuple(x.shape) if rows is None else (rows, *x.shape[1:])
+  sharding = getattr(x, 'sharding', None)
+  named = isinstance(sharding, jax.sharding.NamedSharding)
+  return jax.ShapeDtypeStruct(
+    shape, x.dtype, sharding=sharding if named else None
+  )
+
+
+def _batch(args, batch_argnums):
+  """The global batch size and the rows per shard of the leading axis."""
+  sizes, shards = set(), 1
+  for n in batch_argnums:
+    for path, x in jax.tree.leaves_with_path(args[n]):
+      if not getattr(x, 'shape', ()):
+        fail(ValueError, 'batch_argnums', f'{n}: a scalar at {leaf_name(path)}')
+      sizes.add(x.shape[0])
+      sharding = getattr(x, 'sharding', None)
+      if isinstance(sharding, jax.sharding.NamedSharding):
+        shards = max(shards, x.shape[0] // sharding.shard_shape(x.shape)[0])
+  if len(sizes) != 1:
+    fail(ValueError, 'batch_argnums', f'leading sizes {sorted(sizes)}; one')
+  return sizes.pop(), shards
+
+
+def _memory_limit(memory_limit, args) -> int:
+  if memory_limit is None:
+    arrays = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
+    device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if 'bytes_limit' not in stats:
+      fail(ValueError, 'memory_limit', f'None, and {device} reports none')
+    return int(stats['bytes_limit'] * (1 - MARGIN))
+  if isinstance(memory_limit, bool) or not isinstance(
+    memory_limit, numbers.Real
+  ):
+    fail(TypeError, 'memory_limit', f'{memory_limit!r}, not bytes')
+  if not memory_limit > 0:
+    fail(ValueError, 'memory_limit', f'{memory_limit!r}, not > 0 bytes')
+  return int(memory_limit)
+
+
+def _search(sizes, peak, limit) -> int:
+  """The index of the largest size whose peak fits (-1: none), the next
+  one's not. First the two largest sizes; then twice the size the line (a
+  fixed cost plus a cost per item) through the bracket's ends, or the two
+  smallest probes while none fits, puts at the limit where that falls
+  inside the bracket; else bisection."""
+  n, fits = len(sizes), {}
+  lo, hi = -1, n
+  for tries in range(2 * n):
+    if hi - lo <= 1:
+      break
+    i = n - 1 - tries
+    if tries >= 2:
+      ends = (lo, hi) if lo >= 0 else sorted(fits)[:2]
+      i = sum(m <= _line(sizes, peak, ends)(limit) for m in sizes) - 1
+      if tries >= 4 or not lo < i < hi:
+        i = (lo + hi) // 2
+    fits[i] = peak(sizes[i]) <= limit
+    lo, hi = (i, hi) if fits[i] else (lo, i)
+  return lo
+
+
+def _line(sizes, peak, ends):
+  """The size at which the line through the two probes reaches a peak."""
+  (m0, p0), (m1, p1) = [(sizes[j], peak(sizes[j])) for j in ends]
+  return lambda bytes_: m0 + (bytes_ - p0) * (m1 - m0) / max(p1 - p0, 1)
+
+
+def _predicted(peaks, m) -> Optional[int]:
+  """The line through the two probes nearest ``m`` (but ``m``), at ``m``."""
+  near = sorted((p for p in peaks if p != m), key=lambda p: abs(p - m))[:2]
+  if len(near) < 2:
+    return None
+  (m0, m1), (p0, p1) = near, (peaks[near[0]], peaks[near[1]])
+  return round(p0 + (p1 - p0) * (m - m0) / (m1 - m0))
+
+
+def plan_microbatches(
+  step: Callable[..., Any],
+  *args: Any,
+  batch_argnums: Union[int, Sequence[int]] = 1,
+  memory_limit: Optional[int] = None,
+  k_argname: Optional[str] = None,
+) -> MicrobatchPlan:
+  """The largest micro-batch whose compiled ``step`` fits ``memory_limit``.
+
+  Compiles ``step`` for candidate micro-batch sizes (divisors of the global
+  batch; abstract shapes, nothing runs), reads each one's peak bytes per
+  device from ``memory_analysis()`` (temp + arguments + outputs - aliased)
+  and searches the divisors with a line (fixed cost plus a cost per item)
+  through the probes that bracket the limit: the two extremes, then
+  usually the predicted size and its next larger divisor, so about 4
+  compilations. The chosen size's compiled peak fits; the next larger
+  divisor's does not (peaks taken to grow with the micro-batch).
+
+  Args:
+    step: the train step, jitted as you run it (donation included) or a
+      plain function. Cross-step form: it takes one micro-batch. In-step
+      form (``k_argname``): it takes the global batch and the number of
+      micro-batches as the keyword ``k_argname``, static in its jit.
+    *args: its arguments, arrays or ``jax.ShapeDtypeStruct`` (shardings
+      kept), with the global batch at ``batch_argnums``: pytrees whose
+      leaves share one leading size, the items (samples).
+    batch_argnums: the positions of the batch in ``args`` (0-based).
+    memory_limit: bytes per device; by default the device's
+      ``memory_stats()["bytes_limit"]`` less 10%.
+    k_argname: None (cross-step form) or the keyword taking k.
+
+  Returns:
+    A :class:`MicrobatchPlan`.
+
+  Raises:
+    ValueError: ``memory_limit`` below the smallest micro-batch's peak
+      (named in the message), or None where the device reports no memory;
+      ``batch_argnums`` out of range or at leaves of differing leading
+      sizes. TypeError: ``step`` not callable, ``memory_limit`` not a number.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_accum
+    >>> step = lambda w, x: w - 0.1 * x.T @ jnp.tanh(x @ w)
+    >>> plan = optax_accum.plan_microbatches(
+    ...     step, jnp.zeros((64, 64)), jnp.zeros((32, 64)),
+    ...     memory_limit=60_000)
+    >>> plan.k * plan.micro_batch_size, plan.peak_bytes <= 60_000
+    (32, True)
+
+  References:
+    jax-ml/jax #31292 (``memory_analysis`` for batch sizes); Accelerate's
+    ``find_executable_batch_size`` (the same answer by running out).
+  """
+  if not callable(step):
+    fail(TypeError, 'step', f'{step!r}, not callable')
+  limit = _memory_limit(memory_limit, args)
+  nums = (batch_argnums,) if isinstance(batch_argnums, int) else batch_argnums
+  nums = tuple(nums)
+  if not nums or any(not 0 <= n < len(args) for n in nums):
+    fail(ValueError, 'batch_argnums', f'{batch_argnums!r}; {len(args)} args')
+  size, shards = _batch(args, nums)
+  sizes = [m for m in range(1, size + 1) if size % m == 0 and m % shards == 0]
+  jitted = (
+    step if hasattr(step, 'lower') else jax.jit(step, static_argnames=k_argname)
+  )
+  peaks: dict[int, int] = {}
+
+  def peak(m):
+    if m not in peaks:
+      in_step = k_argname is not None
+      call = [
+        jax.tree.map(lambda x: _abstract(x, None if in_step else m), a)
+        if n in nums
+        else jax.tree.map(_abstract, a)
+        for n, a in enumerate(args)
+      ]
+      kw = {k_argname: size // m} if in_step else {}
+      peaks[m] = peak_bytes(jitted.lower(*call, **kw).compile())
+    return peaks[m]
+
+  lo = _search(sizes, peak, limit)
+  if lo < 0:
+    fail(
+      ValueError,
+      'memory_limit',
+      f'{limit} bytes; the smallest micro-batch, {sizes[0]}, needs '
+      f'{peaks[sizes[0]]}',
+    )
+  m = sizes[lo]
+  return MicrobatchPlan(
+    micro_batch_size=m,
+    k=size // m,
+    peak_bytes=peaks[m],
+    predicted_bytes=_predicted(peaks, m),
+    memory_limit=limit,
+    probes=tuple(sorted(peaks.items())),
+  )

@@ -1,0 +1,173 @@
+"""plan_microbatches: the chosen micro-batch's compiled peak fits the limit
+and the next larger divisor's does not, for both forms; checked against
+compilations made here, from XLA's memory_analysis()."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import optax
+import pytest
+
+import optax_accum
+
+GLOBAL = 256
+TX = optax.adamw(1e-3)
+ACC = optax_accum.chain(optax_accum.accumulate(4), TX)
+
+
+def loss_fn(w, batch):
+  h = jnp.tanh(batch["x"] @ w["a"]) @ w["b"]
+  return jnp.mean(batch["mask"] * (h - batch["y"]) ** 2), batch["x"].shape[0]
+
+
+W = {"a": jnp.zeros((128, 512)), "b": jnp.zeros((512, 8))}
+
+
+def batch_of(n):
+  return {
+    "x": jax.ShapeDtypeStruct((n, 128), jnp.float32),
+    "y": jax.ShapeDtypeStruct((n, 8), jnp.float32),
+    "mask": jax.ShapeDtypeStruct((n, 1), jnp.float32),
+  }
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def cross_step(w, s, batch):
+  (_, n), g = jax.value_and_grad(loss_fn, has_aux=True)(w, batch)
+  return optax_accum.apply_gradients(ACC, g, s, w, weight=n)
+
+
+@functools.partial(jax.jit, static_argnames="k", donate_argnums=(0, 1))
+def in_step(w, s, batch, k):
+  vg = optax_accum.microbatched_value_and_grad(loss_fn, k)
+  _, g, _ = vg(w, batch)
+  u, s = TX.update(g, s, w)
+  return optax.apply_updates(w, u), s
+
+
+def compiled_peak(step, *args, **kw):
+  """temp + arguments + outputs - aliased, of a compilation made here."""
+  m = step.lower(*args, **kw).compile().memory_analysis()
+  return (
+    m.temp_size_in_bytes
+    + m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    - m.alias_size_in_bytes
+  )
+
+
+def divisors(n):
+  return [m for m in range(1, n + 1) if n % m == 0]
+
+
+def peak_of(form, m):
+  if form == "cross":
+    return compiled_peak(cross_step, W, ACC.init(W), batch_of(m))
+  return compiled_peak(in_step, W, TX.init(W), batch_of(GLOBAL), k=GLOBAL // m)
+
+
+def plan_of(form, limit):
+  if form == "cross":
+    args, kw = (W, ACC.init(W), batch_of(GLOBAL)), {}
+    return optax_accum.plan_microbatches(
+      cross_step, *args, batch_argnums=2, memory_limit=limit
+    )
+  return optax_accum.plan_microbatches(
+    in_step,
+    W,
+    TX.init(W),
+    batch_of(GLOBAL),
+    batch_argnums=2,
+    memory_limit=limit,
+    k_argname="k",
+  )
+
+
+@pytest.mark.parametrize("form", ["cross", "in_step"])
+@pytest.mark.parametrize("between", [(8, 16), (32, 64)])
+def test_the_chosen_size_fits_and_the_next_larger_does_not(form, between):
+  small, large = (peak_of(form, m) for m in between)
+  if small >= large:
+    pytest.skip(f"{form}: peaks do not grow between {between} here")
+  limit = (small + large) // 2
+  plan = plan_of(form, limit)
+  assert plan.k * plan.micro_batch_size == GLOBAL
+  assert plan.memory_limit == limit
+  assert plan.peak_bytes == peak_of(form, plan.micro_batch_size) <= limit
+  bigger = [m for m in divisors(GLOBAL) if m > plan.micro_batch_size]
+  assert peak_of(form, bigger[0]) > limit
+  assert len(plan.probes) <= 5 < len(divisors(GLOBAL))
+  assert abs(plan.predicted_bytes - plan.peak_bytes) <= 0.1 * plan.peak_bytes
+
+
+@pytest.mark.parametrize("form", ["cross", "in_step"])
+def test_a_limit_below_the_smallest_peak_names_it(form):
+  smallest = peak_of(form, 1)
+  with pytest.raises(ValueError) as e:
+    plan_of(form, smallest - 1)
+  assert e.value.argument == "memory_limit"
+  assert str(smallest) in str(e.value)
+
+
+def test_a_limit_everything_fits_takes_the_global_batch():
+  plan = plan_of("cross", 10**12)
+  assert (plan.micro_batch_size, plan.k, len(plan.probes)) == (GLOBAL, 1, 1)
+
+
+def test_donation_is_honoured():
+  def step(w, x):
+    return w - 0.01 * jnp.sum(x)
+
+  args = (jnp.zeros((512, 512)), jnp.zeros((64, 4)))
+  limit = 10**9
+  kept = optax_accum.plan_microbatches(jax.jit(step), *args, memory_limit=limit)
+  donated = optax_accum.plan_microbatches(
+    jax.jit(step, donate_argnums=0), *args, memory_limit=limit
+  )
+  assert donated.peak_bytes == compiled_peak(
+    jax.jit(step, donate_argnums=0), *args
+  )
+  assert donated.peak_bytes < kept.peak_bytes - 512 * 512 * 2
+
+
+def test_a_sharded_batch_is_planned_in_whole_rows_per_device():
+  mesh = jax.make_mesh((8,), ("data",))
+  with jax.set_mesh(mesh):
+    x = jax.device_put(jnp.zeros((GLOBAL, 64)), P("data"))
+    w = jax.device_put(jnp.zeros((64, 64)), P())
+    step = jax.jit(lambda w, x: w - jnp.sum(jnp.tanh(x @ w), axis=0))
+    plan = optax_accum.plan_microbatches(step, w, x, memory_limit=10**5)
+  assert all(m % 8 == 0 for m, _ in plan.probes)
+  assert plan.k * plan.micro_batch_size == GLOBAL
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "argument", "error"),
+  [
+    ({"memory_limit": None}, "memory_limit", ValueError),  # CPU: no stats
+    ({"memory_limit": -1}, "memory_limit", ValueError),
+    ({"memory_limit": "8GB"}, "memory_limit", TypeError),
+    ({"memory_limit": 10**9, "batch_argnums": 5}, "batch_argnums", ValueError),
+  ],
+)
+def test_bad_arguments_are_named(kwargs, argument, error):
+  with pytest.raises(error) as e:
+    optax_accum.plan_microbatches(
+      cross_step,
+      W,
+      ACC.init(W),
+      batch_of(GLOBAL),
+      **{"batch_argnums": 2, **kwargs},
+    )
+  assert e.value.argument == argument
+
+
+def test_batch_leaves_of_differing_sizes_are_refused():
+  batch = {**batch_of(GLOBAL), "y": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+  with pytest.raises(ValueError) as e:
+    optax_accum.plan_microbatches(
+      cross_step, W, ACC.init(W), batch, batch_argnums=2, memory_limit=10**9
+    )
+  assert e.value.argument == "batch_argnums"
