@@ -1,4 +1,4 @@
-"""Accumulator precision over long windows: float32, bfloat16, Kahan bf16.
+"""Accumulator precision over long windows: float32 and bfloat16.
 
 For windows of k = 64 and 256 micro-batches of bfloat16 gradients (1M
 values each, two shapes of data: centred noise, and noise on a common
@@ -24,7 +24,6 @@ N = 1 << 20
 MODES = {
   "float32": (jnp.float32, 4),
   "bfloat16": (jnp.bfloat16, 2),
-  "kahan_bfloat16": ("kahan_bfloat16", 4),
 }
 DATA = {
   "noise N(0,1)": lambda rng: rng.normal(size=N),

@@ -7,7 +7,6 @@ from optax_accum._checkpoint import reduced_state
 from optax_accum._checkpoint import restore_checkpoint
 from optax_accum._checkpoint import unreduced_state
 from optax_accum._microbatch import microbatched_value_and_grad
-from optax_accum._microbatch import unreduced_value_and_grad
 from optax_accum._noise import gradient_noise_scale
 from optax_accum._plan import MicrobatchPlan
 from optax_accum._plan import plan_microbatches
@@ -45,5 +44,4 @@ __all__ = (
   "restore_checkpoint",
   "share_counters",
   "unreduced_state",
-  "unreduced_value_and_grad",
 )

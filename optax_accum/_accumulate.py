@@ -98,9 +98,7 @@ class Accumulator:
   def init(self, params: optax.Params) -> AccumulateState:
     """The initial :class:`AccumulateState` for ``params``."""
     names = _layout.init_names(self.names)
-    acc_grads, compensation, wdtype = _accumulator.init(
-      params, self.accumulator_dtype, names
-    )
+    acc_grads, wdtype = _accumulator.init(params, self.accumulator_dtype, names)
     gradient_step = jnp.zeros([], jnp.int32)
     skip_state = None  # None: no should_skip_update_fn
     if self.should_skip_update_fn is not None:
@@ -121,7 +119,6 @@ class Accumulator:
       gradient_step=gradient_step,
       every_k=self.schedule(gradient_step),
       acc_grads=acc_grads,
-      acc_compensation=compensation,
       acc_weight=_layout.scalar_zeros(wdtype, names),
       acc_value=_layout.scalar_zeros(value_dtype, names),
       has_updated=jnp.zeros([], jnp.bool_),
@@ -175,7 +172,7 @@ class Accumulator:
     gradient_step = jnp.where(
       stepped, optax.safe_increment(state.gradient_step), state.gradient_step
     )
-    _, _, acc_weight, acc_value = sums
+    _, acc_weight, acc_value = sums
     noise = state.noise_scale
     if noise is not None:  # one w |g|^2 per micro-batch, estimates per window
       noise = _noise.add(noise, _accumulator.sq_norm(grads), weight, fresh)
@@ -187,7 +184,6 @@ class Accumulator:
       gradient_step=gradient_step,
       every_k=jnp.where(end, self.schedule(gradient_step), k),
       acc_grads=sums[0],
-      acc_compensation=sums[1],
       acc_weight=jnp.where(end, jnp.zeros_like(acc_weight), acc_weight),
       acc_value=jnp.where(end, jnp.zeros_like(acc_value), acc_value),
       has_updated=stepped,
@@ -215,8 +211,7 @@ class Accumulator:
   def _end_window(self, layout, output, grads, extra, state, sums, params):
     """The branch that ends a window: its one reduction, skip, and the
     gradient step unless the window has weight 0 or is rejected."""
-    acc_sum = _accumulator.total(sums[0], sums[1])
-    acc_sum, weight, value = layout.reduce((acc_sum, sums[2], sums[3]))
+    acc_sum, weight, value = layout.reduce(sums)
     stepped = weight != 0  # a window of total weight 0 takes no step
     weight = jnp.where(stepped, weight, jnp.ones_like(weight))
     grad_norm = _accumulator.norm(acc_sum, layout.complete) / weight.astype(
@@ -326,8 +321,8 @@ def accumulate(
     inner: an ``optax.GradientTransformation`` run once per window, or None
       (the chainable form).
     accumulator_dtype: None (per leaf: float32, complex64 for complex
-      params, or the param dtype when wider), float32, float64, bfloat16,
-      ``"kahan_bfloat16"`` or a complex dtype.
+      params, or the param dtype when wider), float32, float64, bfloat16
+      or a complex dtype.
     should_skip_update_fn: ``fn(mean, gradient_step, params) -> (skip,
       skip_state)`` (as ``optax.MultiSteps``), once per window on its mean:
       a skipped window takes no gradient step.

@@ -1,13 +1,11 @@
 """The accumulator: its dtypes, how a micro-batch is added, how the sum is
-read. ``"kahan_bfloat16"`` keeps a bfloat16 sum and error term
-(``acc_compensation``) and adds with Kahan's algorithm (CACM 8(1), 1965)."""
+read."""
 
 import jax
 import jax.numpy as jnp
 
 from optax_accum import _checks
 from optax_accum import _layout
-from optax_accum._errors import fail
 
 
 def default_dtype(param_dtype) -> jnp.dtype:
@@ -31,18 +29,13 @@ def promote(*dtypes) -> jnp.dtype:
 
 
 def init(params, accumulator_dtype, names):
-  """``(acc_grads, acc_compensation, weight_dtype)``: zeros like the params
-  (unreduced over ``names``), Kahan's terms or None, and the widest real
-  accumulator dtype (float32 at least): weights' and the mean's."""
-  kahan = accumulator_dtype == _checks.KAHAN_BFLOAT16
-  if kahan and names is not None:
-    fail(ValueError, 'accumulator_dtype', 'kahan_bfloat16 with an axis_name')
+  """``(acc_grads, weight_dtype)``: zeros like the params (unreduced over
+  ``names``) and the widest real accumulator dtype (float32 at least):
+  weights' and the mean's."""
 
   def zeros(path, p):
     dtype = jnp.result_type(p)
-    if kahan:
-      acc_dtype = jnp.dtype(jnp.bfloat16)
-    elif accumulator_dtype is None:
+    if accumulator_dtype is None:
       acc_dtype = (
         default_dtype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else dtype
       )
@@ -55,13 +48,11 @@ def init(params, accumulator_dtype, names):
 
   acc_grads = jax.tree.map_with_path(zeros, params)
   real = [jnp.finfo(a.dtype).dtype for a in jax.tree.leaves(acc_grads)]
-  weight_dtype = promote(jnp.float32, *real)
-  compensation = jax.tree.map(jnp.zeros_like, acc_grads) if kahan else None
-  return acc_grads, compensation, weight_dtype
+  return acc_grads, promote(jnp.float32, *real)
 
 
 def add(state, grads, weight, value, fresh, layout):
-  """``(acc_grads, acc_compensation, acc_weight, acc_value)`` with ``weight
+  """``(acc_grads, acc_weight, acc_value)`` with ``weight
   * grads`` added; overwritten where ``fresh`` (in the same pass, never
   zeroed apart). Weight 0 adds nothing, even a NaN gradient."""
   wdtype = state.acc_weight.dtype
@@ -78,11 +69,7 @@ def add(state, grads, weight, value, fresh, layout):
     term = layout.term(weighted(g, acc.dtype))
     return jnp.where(fresh, term, acc + term)
 
-  if state.acc_compensation is None:
-    acc_grads = jax.tree.map(plain, state.acc_grads, grads)
-    compensation = None
-  else:
-    acc_grads, compensation = _kahan_add(state, grads, weighted, fresh)
+  acc_grads = jax.tree.map(plain, state.acc_grads, grads)
   # The scalar sums start over with the window too (0 after a window ends
   # anyway; a restored state of another version may hold more).
   fresh_sum = lambda acc, x: jnp.where(fresh, x, acc + x)
@@ -94,41 +81,7 @@ def add(state, grads, weight, value, fresh, layout):
       w > 0, w.astype(vdtype) * value.astype(vdtype), jnp.zeros([], vdtype)
     )
     acc_value = acc_value + layout.scalar(term)
-  return acc_grads, compensation, acc_weight, acc_value
-
-
-def _kahan_add(state, grads, weighted, fresh):
-  def one(acc, comp, g):  # float32 arithmetic, bfloat16 stores
-    s = jnp.where(fresh, 0.0, acc.astype(jnp.float32))
-    c = jnp.where(fresh, 0.0, comp.astype(jnp.float32))
-    y = weighted(g, jnp.float32) - c
-    t = (s + y).astype(acc.dtype)
-    return t, ((t.astype(jnp.float32) - s) - y).astype(comp.dtype)
-
-  treedef = jax.tree.structure(state.acc_grads)
-  pairs = [
-    one(a, c, g)
-    for a, c, g in zip(
-      treedef.flatten_up_to(state.acc_grads),
-      treedef.flatten_up_to(state.acc_compensation),
-      treedef.flatten_up_to(grads),
-    )
-  ]
-  return (
-    treedef.unflatten([p[0] for p in pairs]),
-    treedef.unflatten([p[1] for p in pairs]),
-  )
-
-
-def total(acc_grads, acc_compensation):
-  """The accumulated sum, compensated in the Kahan mode (float32 there)."""
-  if acc_compensation is None:
-    return acc_grads
-  return jax.tree.map(
-    lambda s, c: s.astype(jnp.float32) - c.astype(jnp.float32),
-    acc_grads,
-    acc_compensation,
-  )
+  return acc_grads, acc_weight, acc_value
 
 
 def mean(acc_sum, total_weight, like):

@@ -17,7 +17,6 @@ from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
 
 INT32_MAX = int(np.iinfo(np.int32).max)
-KAHAN_BFLOAT16 = 'kahan_bfloat16'
 DEFERRAL_JAX = (0, 10, 0)  # the deferred reduction's floor
 ScheduleLike = Union[int, jax.Array, Callable[[jax.Array], Any]]
 
@@ -99,8 +98,8 @@ def nested_accumulator():
 
 
 def accumulator_dtype(value):
-  """None, ``"kahan_bfloat16"`` or a float32/float64/bfloat16/complex dtype."""
-  if value is None or (isinstance(value, str) and value == KAHAN_BFLOAT16):
+  """None or a float32/float64/bfloat16/complex dtype."""
+  if value is None:
     return value
   try:
     dtype = jnp.dtype(value)
@@ -112,7 +111,7 @@ def accumulator_dtype(value):
     fail(
       ValueError if floating else TypeError,
       'accumulator_dtype',
-      f'{value!r}; give None, {", ".join(allowed)} or "{KAHAN_BFLOAT16}"',
+      f'{value!r}; give None or {", ".join(allowed)}',
     )
   return jax.dtypes.canonicalize_dtype(dtype)
 

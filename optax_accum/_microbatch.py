@@ -78,23 +78,6 @@ def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
   return k, tuple(int(n) for n in batch_argnums)
 
 
-def unreduced_value_and_grad(loss_fn, axis_name, num_microbatches=1, **kw):
-  """``microbatched_value_and_grad(loss_fn, num_microbatches,
-  axis_name=axis_name, **kw)``; kept for one release (0.3 spelling).
-
-  Examples:
-    >>> import optax_accum
-    >>> f = optax_accum.unreduced_value_and_grad(lambda p, x: (p, 1.0), 'data')
-    >>> callable(f)
-    True
-  """
-  if axis_name is None:
-    fail(TypeError, 'axis_name', 'None; give the mesh axis to defer')
-  return microbatched_value_and_grad(
-    loss_fn, num_microbatches, axis_name=axis_name, **kw
-  )
-
-
 def microbatched_value_and_grad(
   loss_fn: Callable[..., Any],
   num_microbatches: int,

@@ -3,7 +3,7 @@ memory budget, found from ``memory_analysis()`` before anything runs."""
 
 from collections.abc import Callable, Sequence
 import dataclasses
-import numbers
+from numbers import Real
 from typing import Any, Optional, Union
 
 import jax
@@ -16,13 +16,11 @@ MARGIN = 0.1  # of the device's memory, left for the runtime and fragments
 
 @dataclasses.dataclass(frozen=True)
 class MicrobatchPlan:
-  """What :func:`optax_accum.plan_microbatches` returns (bytes per device):
-  ``micro_batch_size`` and ``k`` (their product the global batch),
-  ``peak_bytes`` (the chosen step's compiled peak), ``predicted_bytes``
-  (the line through the two nearest other probes, there; None with one
-  probe), ``memory_limit`` and
-  ``probes``, ``((micro_batch_size, peak_bytes), ...)`` of every
-  compilation, ascending."""
+  """What :func:`optax_accum.plan_microbatches` returns, bytes per device:
+  ``k * micro_batch_size`` is the global batch; ``peak_bytes``, the chosen
+  step's compiled peak; ``predicted_bytes``, the line through the two
+  nearest other probes there (None with one probe); ``probes``, ``((size,
+  peak_bytes), ...)`` of every compilation, ascending."""
 
   micro_batch_size: int
   k: int
@@ -35,22 +33,21 @@ class MicrobatchPlan:
 def peak_bytes(compiled) -> int:
   """temp + arguments + outputs - aliased (donated) bytes, per device."""
   m = compiled.memory_analysis()
-  return int(
-    m.temp_size_in_bytes
-    + m.argument_size_in_bytes
-    + m.output_size_in_bytes
-    - m.alias_size_in_bytes
-  )
+  kinds = ('temp', 'argument', 'output')
+  used = sum(getattr(m, f'{kind}_size_in_bytes') for kind in kinds)
+  return int(used - m.alias_size_in_bytes)
 
 
 def _abstract(x, rows=None):
-  """``x`` as a ``jax.ShapeDtypeStruct`` (its sharding kept), with ``rows``
-  leading rows where given."""
+  """An array as a ``jax.ShapeDtypeStruct`` (named sharding kept), with
+  ``rows`` leading rows where given."""
+  if not hasattr(x, 'shape'):  # a Python scalar stays (weakly typed)
+    return x
   shape = tuple(x.shape) if rows is None else (rows, *x.shape[1:])
   sharding = getattr(x, 'sharding', None)
   named = isinstance(sharding, jax.sharding.NamedSharding)
   return jax.ShapeDtypeStruct(
-    shape, x.dtype, sharding=sharding if named else None
+    shape, x.dtype, sharding=named and sharding or None
   )
 
 
@@ -78,13 +75,11 @@ def _memory_limit(memory_limit, args) -> int:
     if 'bytes_limit' not in stats:
       fail(ValueError, 'memory_limit', f'None, and {device} reports none')
     return int(stats['bytes_limit'] * (1 - MARGIN))
-  if isinstance(memory_limit, bool) or not isinstance(
-    memory_limit, numbers.Real
-  ):
+  if isinstance(memory_limit, bool) or not isinstance(memory_limit, Real):
     fail(TypeError, 'memory_limit', f'{memory_limit!r}, not bytes')
-  if not memory_limit > 0:
+  if not 0 < float(memory_limit) < float('inf'):
     fail(ValueError, 'memory_limit', f'{memory_limit!r}, not > 0 bytes')
-  return int(memory_limit)
+  return int(float(memory_limit))
 
 
 def _search(sizes, peak, limit) -> int:
@@ -120,7 +115,7 @@ def _predicted(peaks, m) -> Optional[int]:
   near = sorted((p for p in peaks if p != m), key=lambda p: abs(p - m))[:2]
   if len(near) < 2:
     return None
-  (m0, m1), (p0, p1) = near, (peaks[near[0]], peaks[near[1]])
+  (m0, p0), (m1, p1) = [(p, peaks[p]) for p in near]
   return round(p0 + (p1 - p0) * (m - m0) / (m1 - m0))
 
 
@@ -133,14 +128,13 @@ def plan_microbatches(
 ) -> MicrobatchPlan:
   """The largest micro-batch whose compiled ``step`` fits ``memory_limit``.
 
-  Compiles ``step`` for candidate micro-batch sizes (divisors of the global
-  batch; abstract shapes, nothing runs), reads each one's peak bytes per
-  device from ``memory_analysis()`` (temp + arguments + outputs - aliased)
-  and searches the divisors with a line (fixed cost plus a cost per item)
-  through the probes that bracket the limit: the two extremes, then
-  usually the predicted size and its next larger divisor, so about 4
-  compilations. The chosen size's compiled peak fits; the next larger
-  divisor's does not (peaks taken to grow with the micro-batch).
+  Compiles ``step`` for micro-batch sizes that divide the global batch
+  (abstract shapes: nothing runs), reads each one's peak bytes per device
+  from ``memory_analysis()`` (temp + arguments + outputs - aliased) and
+  searches: the two largest sizes, then where a line (a fixed cost plus a
+  cost per item) through the probes meets the limit, so 3 to 5
+  compilations, at most 4 + log2(divisors). The chosen size's compiled
+  peak fits; the next larger size's does not (peaks grow with the size).
 
   Args:
     step: the train step, jitted as you run it (donation included) or a
@@ -159,10 +153,10 @@ def plan_microbatches(
     A :class:`MicrobatchPlan`.
 
   Raises:
-    ValueError: ``memory_limit`` below the smallest micro-batch's peak
-      (named in the message), or None where the device reports no memory;
+    ValueError: ``memory_limit`` below the smallest size's peak (named in
+      the message), or None where the device reports no memory;
       ``batch_argnums`` out of range or at leaves of differing leading
-      sizes. TypeError: ``step`` not callable, ``memory_limit`` not a number.
+      sizes. TypeError: ``step`` not callable, ``memory_limit`` not bytes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_accum
@@ -180,8 +174,9 @@ def plan_microbatches(
   if not callable(step):
     fail(TypeError, 'step', f'{step!r}, not callable')
   limit = _memory_limit(memory_limit, args)
-  nums = (batch_argnums,) if isinstance(batch_argnums, int) else batch_argnums
-  nums = tuple(nums)
+  nums = tuple(
+    [batch_argnums] if isinstance(batch_argnums, int) else batch_argnums
+  )
   if not nums or any(not 0 <= n < len(args) for n in nums):
     fail(ValueError, 'batch_argnums', f'{batch_argnums!r}; {len(args)} args')
   size, shards = _batch(args, nums)
@@ -193,31 +188,21 @@ def plan_microbatches(
 
   def peak(m):
     if m not in peaks:
-      in_step = k_argname is not None
+      kw = {} if k_argname is None else {k_argname: size // m}
+      rows = lambda x: _abstract(x, m if k_argname is None else None)
       call = [
-        jax.tree.map(lambda x: _abstract(x, None if in_step else m), a)
-        if n in nums
-        else jax.tree.map(_abstract, a)
+        jax.tree.map(rows if n in nums else _abstract, a)
         for n, a in enumerate(args)
       ]
-      kw = {k_argname: size // m} if in_step else {}
       peaks[m] = peak_bytes(jitted.lower(*call, **kw).compile())
     return peaks[m]
 
   lo = _search(sizes, peak, limit)
   if lo < 0:
-    fail(
-      ValueError,
-      'memory_limit',
-      f'{limit} bytes; the smallest micro-batch, {sizes[0]}, needs '
-      f'{peaks[sizes[0]]}',
-    )
+    least = f'the smallest size, {sizes[0]}, needs {peaks[sizes[0]]}'
+    fail(ValueError, 'memory_limit', f'{limit} bytes; {least}')
   m = sizes[lo]
+  table = tuple(sorted(peaks.items()))
   return MicrobatchPlan(
-    micro_batch_size=m,
-    k=size // m,
-    peak_bytes=peaks[m],
-    predicted_bytes=_predicted(peaks, m),
-    memory_limit=limit,
-    probes=tuple(sorted(peaks.items())),
+    m, size // m, peaks[m], _predicted(peaks, m), limit, table
   )

@@ -1,6 +1,6 @@
 """The state of an accumulator, and reading it from any optimizer state."""
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,6 @@ class AccumulateState(NamedTuple):
     acc_grads: pytree shaped like the params, :math:`\\sum_i w_i g_i` over
       the window in flight, in the accumulator dtype (the last window's
       when ``mini_step`` is 0; the next micro-batch overwrites it).
-    acc_compensation: None, or in the ``"kahan_bfloat16"`` mode Kahan's
-      bfloat16 error terms; the sum is ``acc_grads - acc_compensation``.
     acc_weight: scalar :math:`\\sum_i w_i` of the window in flight (its
       number of micro-batches without ``weight``), in the widest real
       accumulator dtype (float32 at least: float64 for float64 params).
@@ -58,7 +56,6 @@ class AccumulateState(NamedTuple):
   gradient_step: jax.Array
   every_k: jax.Array
   acc_grads: optax.Updates
-  acc_compensation: Optional[optax.Updates]
   acc_weight: jax.Array
   acc_value: jax.Array
   has_updated: jax.Array

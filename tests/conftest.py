@@ -51,7 +51,6 @@ _NEEDS = (
   ("test_distributed.py", _NEW_JAX, _DEFERRAL),
   ("reduces_the_gradient_once", _NEW_JAX, _DEFERRAL),
   ("hsdp", _NEW_JAX, _DEFERRAL),
-  ("unreduced_value_and_grad", _NEW_JAX, _DEFERRAL),
   ("many_devices", _NEW_JAX, _DEFERRAL),
   ("another mesh", _NEW_JAX, _DEFERRAL),
   ("reduced_state", _NEW_JAX, _DEFERRAL),

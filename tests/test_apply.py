@@ -276,9 +276,6 @@ def test_the_state_of_another_optimizer_raises(made_by, used_by, error):
     bfloat16=lambda: optax_accum.accumulate(
       K, adamw(), accumulator_dtype=jnp.bfloat16
     ),
-    kahan=lambda: optax_accum.accumulate(
-      K, adamw(), accumulator_dtype="kahan_bfloat16"
-    ),
     skip=lambda: optax_accum.accumulate(
       K, adamw(), should_skip_update_fn=optax.skip_not_finite
     ),

@@ -367,15 +367,6 @@ def test_init_raises_for_a_param_sharded_over_the_axis():
       tx.init(params)
 
 
-def test_init_raises_for_kahan_on_a_mesh():
-  mesh = jax.make_mesh((N_DEV,), ("data",))
-  tx = optax_accum.accumulate(
-    K, optax.sgd(0.1), axis_name="data", accumulator_dtype="kahan_bfloat16"
-  )
-  with jax.set_mesh(mesh), pytest.raises(ValueError):
-    tx.init({"w": jnp.ones(3)})
-
-
 def test_one_state_runs_in_checked_shard_map_and_in_jit():
   """The layout is shared: windows may alternate between the two modes."""
   params, xs, ys, ms = _masked_problem()

@@ -70,7 +70,7 @@ def peak_of(form, m):
 
 def plan_of(form, limit):
   if form == "cross":
-    args, kw = (W, ACC.init(W), batch_of(GLOBAL)), {}
+    args = (W, ACC.init(W), batch_of(GLOBAL))
     return optax_accum.plan_microbatches(
       cross_step, *args, batch_argnums=2, memory_limit=limit
     )

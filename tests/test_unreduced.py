@@ -1,5 +1,5 @@
-"""microbatched_value_and_grad(..., axis_name=...) (and its 0.3 spelling,
-unreduced_value_and_grad): gradients unreduced over a mesh axis."""
+"""microbatched_value_and_grad(..., axis_name=...): gradients unreduced
+over a mesh axis."""
 
 import chex
 from helpers import MESH_LAYOUTS
@@ -69,10 +69,10 @@ def test_value_and_grad_is_the_global_token_weighted_mean(
   counts = jnp.sum(m.reshape(parts, -1), 1)
   want_aux = jnp.sum(means * counts) / n
 
-  vg = optax_accum.unreduced_value_and_grad(
+  vg = optax_accum.microbatched_value_and_grad(
     loss_fn,
-    axis,
     num_microbatches,
+    axis_name=axis,
     has_aux=True,
     reduction=reduction,
     batch_argnums=(1, 2, 3),
@@ -92,8 +92,8 @@ def test_value_and_grad_is_the_global_token_weighted_mean(
 
 def test_a_batch_not_sharded_over_the_axis_raises_naming_it():
   params, x, y, m = _problem()
-  vg = optax_accum.unreduced_value_and_grad(
-    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  vg = optax_accum.microbatched_value_and_grad(
+    mean_loss, 1, axis_name="data", has_aux=True, batch_argnums=(1, 2, 3)
   )
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     with pytest.raises(ValueError) as e:
@@ -103,8 +103,8 @@ def test_a_batch_not_sharded_over_the_axis_raises_naming_it():
 
 def test_without_a_mesh_raises_saying_how_to_call_it():
   params, x, y, m = _problem()
-  vg = optax_accum.unreduced_value_and_grad(
-    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  vg = optax_accum.microbatched_value_and_grad(
+    mean_loss, 1, axis_name="data", has_aux=True, batch_argnums=(1, 2, 3)
   )
   with pytest.raises(ValueError):
     jax.jit(vg)(params, x, y, m)
@@ -112,8 +112,8 @@ def test_without_a_mesh_raises_saying_how_to_call_it():
 
 def test_a_param_sharded_over_the_axis_raises():
   params, x, y, m = _problem()
-  vg = optax_accum.unreduced_value_and_grad(
-    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  vg = optax_accum.microbatched_value_and_grad(
+    mean_loss, 1, axis_name="data", has_aux=True, batch_argnums=(1, 2, 3)
   )
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     p = {"w": jax.device_put(params["w"], P("data")), "b": params["b"]}
@@ -122,16 +122,17 @@ def test_a_param_sharded_over_the_axis_raises():
       jax.jit(vg)(p, *batch)
 
 
-@pytest.mark.parametrize("axis_name", [None, 3, ("data", 1), ""])
+@pytest.mark.parametrize("axis_name", [3, ("data", 1), ""])
 def test_a_bad_axis_name_raises_naming_it(axis_name):
-  with pytest.raises(TypeError):
-    optax_accum.unreduced_value_and_grad(mean_loss, axis_name)
+  with pytest.raises(TypeError) as e:
+    optax_accum.microbatched_value_and_grad(mean_loss, 1, axis_name=axis_name)
+  assert e.value.argument == "axis_name"
 
 
 def test_a_tensor_parallel_param_raises_saying_what_to_do():
   params, x, y, m = _problem()
-  vg = optax_accum.unreduced_value_and_grad(
-    mean_loss, "data", has_aux=True, batch_argnums=(1, 2, 3)
+  vg = optax_accum.microbatched_value_and_grad(
+    mean_loss, 1, axis_name="data", has_aux=True, batch_argnums=(1, 2, 3)
   )
   with jax.set_mesh(jax.make_mesh((4, 2), ("data", "model"))):
     p = {"w": jax.device_put(params["w"], P(None, "model")), "b": params["b"]}
@@ -148,19 +149,23 @@ def test_batch_leaves_that_cannot_be_split_raise_saying_why():
 
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     batch = {k: jax.device_put(a, P("data")) for k, a in zip("xym", (x, y, m))}
-    vg3 = optax_accum.unreduced_value_and_grad(loss, "data", 3, has_aux=True)
+    vg3 = optax_accum.microbatched_value_and_grad(
+      loss, 3, axis_name="data", has_aux=True
+    )
     with pytest.raises(ValueError) as e:
       jax.jit(vg3)(params, batch)
     assert e.value.argument == "num_microbatches"  # sharded right, rows not
-    vg = optax_accum.unreduced_value_and_grad(loss, "data", has_aux=True)
+    vg = optax_accum.microbatched_value_and_grad(
+      loss, 1, axis_name="data", has_aux=True
+    )
     with pytest.raises(ValueError):
       jax.jit(vg)(params, {**batch, "s": jnp.float32(1.0)})
 
 
 def test_an_axis_name_not_in_the_mesh_raises_listing_the_axes():
   params, x, y, m = _problem()
-  vg = optax_accum.unreduced_value_and_grad(
-    mean_loss, "dp", has_aux=True, batch_argnums=(1, 2, 3)
+  vg = optax_accum.microbatched_value_and_grad(
+    mean_loss, 1, axis_name="dp", has_aux=True, batch_argnums=(1, 2, 3)
   )
   with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
     batch = [jax.device_put(a, P("data")) for a in (x, y, m)]
