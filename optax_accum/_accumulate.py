@@ -85,7 +85,7 @@ class Accumulator:
     set_('accumulator_dtype', _checks.accumulator_dtype(self.accumulator_dtype))
     _checks.skip_fn(self.should_skip_update_fn)
     set_('names', _checks.axis_name(self.axis_name))
-    track = (self.track_noise_scale, self.noise_scale_decay, self.names)
+    track = (self.track_noise_scale, self.noise_scale_decay)
     set_('track_noise_scale', _checks.noise_scale(*track))
     set_(
       'inner_tx',
@@ -126,7 +126,7 @@ class Accumulator:
       grad_norm=jnp.zeros([], jnp.float32),
       skip_state=_strong(skip_state),
       inner_opt_state=inner_state,
-      noise_scale=_noise.init() if self.track_noise_scale else None,
+      noise_scale=_noise.init(names) if self.track_noise_scale else None,
     )
 
   def update(
@@ -157,28 +157,24 @@ class Accumulator:
     fresh = state.mini_step == 0
     k = jnp.where(fresh, self.schedule(state.gradient_step), state.every_k)
     sums = _accumulator.add(state, grads, weight, value, fresh, layout)
+    noise = state.noise_scale
+    if noise is not None:  # one w |g|^2 per micro-batch (this device's)
+      sq_norm = _accumulator.sq_norm(grads)
+      noise = _noise.add(noise, sq_norm, weight, fresh, layout)
     mini_step = state.mini_step + 1
-    end = mini_step >= k
-    if flush is not None:
-      end = end | flush
+    end = mini_step >= k if flush is None else (mini_step >= k) | flush
     ended = functools.partial(
       self._end_window, layout, output, grads, extra, state
     )
     held = functools.partial(
       self._mid_step, layout, output, grads, extra, state
     )
-    out, inner_state, stats = cond(end, ended, held, sums, params)
-    stepped, rejected, grad_norm, skip_state = stats
+    out, inner_state, stats = cond(end, ended, held, sums, noise, params)
+    stepped, rejected, grad_norm, skip_state, noise = stats
     gradient_step = jnp.where(
       stepped, optax.safe_increment(state.gradient_step), state.gradient_step
     )
     _, acc_weight, acc_value = sums
-    noise = state.noise_scale
-    if noise is not None:  # one w |g|^2 per micro-batch, estimates per window
-      noise = _noise.add(noise, _accumulator.sq_norm(grads), weight, fresh)
-      noise = _noise.end_window(
-        noise, grad_norm, acc_weight, end & stepped, self.noise_scale_decay
-      )
     return out, state._replace(
       mini_step=jnp.where(end, 0, mini_step),
       gradient_step=gradient_step,
@@ -208,10 +204,13 @@ class Accumulator:
       inner_state,
     )
 
-  def _end_window(self, layout, output, grads, extra, state, sums, params):
+  def _end_window(
+    self, layout, output, grads, extra, state, sums, noise, params
+  ):
     """The branch that ends a window: its one reduction, skip, and the
     gradient step unless the window has weight 0 or is rejected."""
-    acc_sum, weight, value = layout.reduce(sums)
+    *sums, noise_sums = layout.reduce((*sums, _noise.sums(noise)))
+    acc_sum, weight, value = sums
     stepped = weight != 0  # a window of total weight 0 takes no step
     weight = jnp.where(stepped, weight, jnp.ones_like(weight))
     grad_norm = _accumulator.norm(acc_sum, layout.complete) / weight.astype(
@@ -250,16 +249,21 @@ class Accumulator:
     out, new_inner = cond(
       stepped, step, hold, acc_sum, weight, state.inner_opt_state, params
     )
-    return out, new_inner, (stepped, rejected, grad_norm, skip_state)
+    if noise is not None:  # the window's estimates, from the reduced sums
+      decay = self.noise_scale_decay
+      noise = _noise.end_window(
+        noise, noise_sums, grad_norm, weight, stepped, decay
+      )
+    return out, new_inner, (stepped, rejected, grad_norm, skip_state, noise)
 
-  def _mid_step(self, layout, output, grads, extra, state, sums, params):
+  def _mid_step(self, layout, output, grads, extra, state, sums, noise, params):
     """The branch of a mid-step: params untouched (or zero updates)."""
     del sums
     no = jnp.zeros([], jnp.bool_)
     out, inner_state = self._hold(
       layout, output, grads, extra, state.inner_opt_state, params
     )
-    return out, inner_state, (no, no, state.grad_norm, state.skip_state)
+    return out, inner_state, (no, no, state.grad_norm, state.skip_state, noise)
 
   def _hold(self, layout, output, grads, extra, inner_state, params):
     """No gradient step: ``output.hold`` and the inner state untouched."""
@@ -334,7 +338,8 @@ def accumulate(
       axis_name, to='varying')``, ``weight`` this device's count).
     track_noise_scale: also estimate the gradient noise scale from each
       window's micro-batches (:func:`optax_accum.gradient_noise_scale`):
-      one squared norm per mini-step. Not with ``axis_name`` yet.
+      one squared norm per mini-step (per device with ``axis_name``, in
+      ``jax.shard_map`` or ``pmap``; not under plain ``jax.jit``).
     noise_scale_decay: in [0, 1), the per-window decay of its averages.
 
   Update keyword arguments:

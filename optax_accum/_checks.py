@@ -137,14 +137,12 @@ def axis_name(value) -> Union[tuple[str, ...], None]:
   return names
 
 
-def noise_scale(track, decay, names) -> bool:
+def noise_scale(track, decay) -> bool:
   """``track_noise_scale`` as a bool (inject_hyperparams passes arrays)."""
   if isinstance(track, (jax.Array, np.bool_)) and not isinstance(track, Tracer):
     track = bool(track) if track.shape == () else track
   if not isinstance(track, bool):
     fail(TypeError, 'track_noise_scale', f'{track!r}, not a bool')
-  if track and names is not None:
-    fail(ValueError, 'track_noise_scale', 'with axis_name (not supported)')
   try:
     ok = isinstance(decay, Tracer) or 0 <= float(decay) < 1  # a scalar
   except (TypeError, ValueError):

@@ -189,6 +189,8 @@ class Mesh(_Axes):
   def check(self, state, grads, weight, flush, value) -> None:
     _call_checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
     _call_checks.mesh_call(self.names, grads, value)
+    if state.noise_scale is not None:  # each device's w_d is not known here
+      fail(ValueError, 'track_noise_scale', 'under plain jit: use shard_map')
 
   def scalar(self, x):  # a global scalar, held as one unreduced part
     return jax.reshard(x, P(unreduced=frozenset(self.names)))

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 
 from optax_accum._errors import fail
+from optax_accum._layout import scalar_zeros
 from optax_accum._state import accumulate_states
 
 
 class NoiseScaleState(NamedTuple):
   """float32 ``acc_sq_norm`` (``sum_i w_i |g_i|^2`` of the window in flight),
-  ``acc_count`` (its micro-batches of nonzero weight), ``trace``, ``grad_sq``
+  ``acc_count`` (its micro-batches of nonzero weight), both typed like
+  ``acc_weight`` (per device with ``axis_name``), ``trace``, ``grad_sq``
   (the averaged estimates); int32 ``windows`` (how many were averaged)."""
 
   acc_sq_norm: jax.Array
@@ -21,28 +23,36 @@ class NoiseScaleState(NamedTuple):
   windows: jax.Array
 
 
-def init() -> NoiseScaleState:
-  z = lambda: jnp.zeros([], jnp.float32)  # one buffer each: donated apart
-  return NoiseScaleState(z(), z(), z(), z(), jnp.zeros([], jnp.int32))
+def init(names) -> NoiseScaleState:
+  part = lambda: scalar_zeros(jnp.float32, names)  # one buffer each
+  z = lambda: jnp.zeros([], jnp.float32)  # (donated apart)
+  return NoiseScaleState(part(), part(), z(), z(), jnp.zeros([], jnp.int32))
 
 
-def add(noise, sq_norm, weight, fresh) -> NoiseScaleState:
+def add(noise, sq_norm, weight, fresh, layout) -> NoiseScaleState:
   """``w |g|^2`` and the count of one micro-batch, summed over the window
   (overwritten where ``fresh``); weight 0 adds nothing."""
   w = jnp.float32(1) if weight is None else weight.astype(jnp.float32)
   term = jnp.where(w > 0, w * sq_norm.astype(jnp.float32), 0.0)
-  grow = lambda acc, x: jnp.where(fresh, x, acc + x)
+  grow = lambda acc, x: jnp.where(
+    fresh, layout.scalar(x), acc + layout.scalar(x)
+  )
   count = grow(noise.acc_count, (w > 0).astype(jnp.float32))
   return noise._replace(
     acc_sq_norm=grow(noise.acc_sq_norm, term), acc_count=count
   )
 
 
-def end_window(noise, mean_norm, weight, used, decay) -> NoiseScaleState:
-  """The window's estimates averaged in where ``used`` (a gradient step of
-  at least two micro-batches of nonzero weight)."""
-  n, total = noise.acc_count, weight.astype(jnp.float32)
-  a, b = noise.acc_sq_norm / total, jnp.square(mean_norm)
+def sums(noise):
+  """The window's per-device sums, reduced with the gradients' (or None)."""
+  return None if noise is None else (noise.acc_sq_norm, noise.acc_count)
+
+
+def end_window(noise, sums, mean_norm, weight, used, decay) -> NoiseScaleState:
+  """The window's estimates from its reduced ``sums``, averaged in where
+  ``used`` (a gradient step of two micro-batches of nonzero weight)."""
+  (sq_norms, n), total = sums, weight.astype(jnp.float32)
+  a, b = sq_norms / total, jnp.square(mean_norm)
   used = used & (n >= 2)
   n1 = jnp.where(used, n - 1, 1.0)
   ema = lambda old, new: jnp.where(used, decay * old + (1 - decay) * new, old)

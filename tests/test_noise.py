@@ -3,6 +3,7 @@ linear regression at fixed params, from its per-example gradients."""
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
@@ -77,15 +78,6 @@ def test_windows_of_one_micro_batch_or_rejected_are_left_out():
       ),
       "track_noise_scale",
     ),
-    pytest.param(
-      lambda: optax_accum.accumulate(
-        2, track_noise_scale=True, axis_name="data"
-      ),
-      "track_noise_scale",
-      marks=pytest.mark.skipif(
-        jax.__version_info__ < (0, 10, 0), reason="axis_name needs jax>=0.10"
-      ),
-    ),
     (
       lambda: optax_accum.accumulate(
         2, track_noise_scale=True, noise_scale_decay=1.0
@@ -146,3 +138,82 @@ def test_the_nnx_optimizer_state_is_read_as_it_is():
 def test_a_numpy_bool_turns_tracking_on():
   tx = optax_accum.accumulate(2, track_noise_scale=np.bool_(True))
   assert tx.init(jnp.zeros(2)).noise_scale is not None
+
+
+def _shard_map_windows(tx, grads, weights):
+  """Mini-steps in jax.shard_map over 8 devices: grads[t][d] and
+  weights[t][d] are device d's micro-batch gradient and count at step t."""
+  mesh = jax.make_mesh((8,), ("data",))
+  with jax.set_mesh(mesh):
+    state = tx.init(W)
+    specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, state)
+
+    def local(s, g, n):  # g[0]: this device's own gradient (varying)
+      return tx.update(g[0], s, W, weight=n[0])[1]
+
+    step = jax.jit(
+      jax.shard_map(
+        local, in_specs=(specs, P("data"), P("data")), out_specs=specs
+      )
+    )
+    put = lambda g, n: (
+      jax.device_put(jnp.stack(g), P("data")),
+      jax.device_put(jnp.asarray(n, jnp.float32), P("data")),
+    )
+    for g, n in zip(grads, weights):
+      state = step(state, *put(g, n))
+    report = optax_accum.reduction_report(
+      step, state, *put(grads[0], weights[0])
+    )
+  return state, report
+
+
+@pytest.mark.skipif(
+  jax.__version_info__ < (0, 10, 0), reason="axis_name needs jax>=0.10"
+)
+def test_per_device_micro_batches_in_shard_map_give_the_single_device_value():
+  """k=2 mini-steps on 8 devices are windows of 16 micro-batches: the same
+  estimate as one device adding the 16, and no reduction every call."""
+  rng = np.random.default_rng(2)
+  steps, k = 40, 2
+  sizes = rng.integers(1, 9, size=(steps, 8))
+  grads = [[_grad(rng.integers(0, len(Y), n)) for n in row] for row in sizes]
+  one = optax_accum.accumulate(16, optax.sgd(0.0), track_noise_scale=True)
+  state = one.init(W)
+  update = jax.jit(lambda g, s, n: one.update(g, s, W, weight=n))
+  for row_g, row_n in zip(grads, sizes):
+    for g, n in zip(row_g, row_n):
+      _, state = update(g, state, jnp.float32(n))
+  tx = optax_accum.accumulate(
+    k, optax.sgd(0.0), track_noise_scale=True, axis_name="data"
+  )
+  sharded, report = _shard_map_windows(tx, grads, sizes)
+  want = float(optax_accum.gradient_noise_scale(state))
+  got = float(optax_accum.gradient_noise_scale(sharded))
+  assert int(sharded.noise_scale.windows) == steps // k
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  assert report.every_call_bytes < 1024
+  assert report.emitting_bytes >= 4 * 4
+
+
+@pytest.mark.skipif(
+  jax.__version_info__ < (0, 10, 0), reason="axis_name needs jax>=0.10"
+)
+def test_under_plain_jit_on_a_mesh_tracking_is_refused_naming_it():
+  tx = optax_accum.accumulate(
+    2, optax.sgd(0.0), track_noise_scale=True, axis_name="data"
+  )
+  vg = optax_accum.microbatched_value_and_grad(
+    lambda w, x: (jnp.mean((x @ w) ** 2), x.shape[0]), 1, axis_name="data"
+  )
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    state = tx.init(W)
+    x = jax.device_put(jnp.ones((16, 4)), P("data"))
+
+    def step(s, x):
+      _, g, n = vg(W, x)
+      return tx.update(g, s, W, weight=n)
+
+    with pytest.raises(ValueError) as e:
+      jax.jit(step)(state, x)
+  assert e.value.argument == "track_noise_scale"
