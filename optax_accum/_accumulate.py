@@ -87,10 +87,8 @@ class Accumulator:
     set_('names', _checks.axis_name(self.axis_name))
     track = (self.track_noise_scale, self.noise_scale_decay)
     set_('track_noise_scale', _checks.noise_scale(*track))
-    set_(
-      'inner_tx',
-      None if self.inner is None else optax.with_extra_args_support(self.inner),
-    )
+    inner = self.inner and optax.with_extra_args_support(self.inner)
+    set_('inner_tx', inner)
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(self.init, self.update)  # type: ignore[arg-type]
@@ -102,11 +100,9 @@ class Accumulator:
     gradient_step = jnp.zeros([], jnp.int32)
     skip_state = None  # None: no should_skip_update_fn
     if self.should_skip_update_fn is not None:
-      _, skip_state = _checks.skip_result(
-        self.should_skip_update_fn(
-          optax.tree.zeros_like(params), gradient_step, params
-        )
-      )
+      zeros = optax.tree.zeros_like(params)
+      verdict = self.should_skip_update_fn(zeros, gradient_step, params)
+      _, skip_state = _checks.skip_result(verdict)
     inner_state = None  # None: the chainable form
     if self.inner_tx is not None:
       inner_state = _strong(self.inner_tx.init(params))
@@ -133,18 +129,16 @@ class Accumulator:
     self, updates, state, params=None, *, weight=None, flush=None, **extra_args
   ):
     """One mini-step; see :func:`optax_accum.accumulate`."""
-    return self.mini_step(
-      updates, state, params, weight, flush, extra_args, UPDATE
-    )
+    args = (weight, flush, extra_args, UPDATE)
+    return self.mini_step(updates, state, params, *args)
 
   def apply(
     self, updates, state, params, *, weight=None, flush=None, **extra_args
   ):
     """One mini-step returning ``(params, state)``: on mid-steps the params
     pass through untouched and no zero updates are written."""
-    return self.mini_step(
-      updates, state, params, weight, flush, extra_args, APPLY
-    )
+    args = (weight, flush, extra_args, APPLY)
+    return self.mini_step(updates, state, params, *args)
 
   def mini_step(self, grads, state, params, weight, flush, extra, output):
     """The pipeline: arrive, add, decide, one conditional, next state."""
@@ -163,17 +157,12 @@ class Accumulator:
       noise = _noise.add(noise, sq_norm, weight, fresh, layout)
     mini_step = state.mini_step + 1
     end = mini_step >= k if flush is None else (mini_step >= k) | flush
-    ended = functools.partial(
-      self._end_window, layout, output, grads, extra, state
-    )
-    held = functools.partial(
-      self._mid_step, layout, output, grads, extra, state
-    )
+    branch = lambda f: functools.partial(f, layout, output, grads, extra, state)
+    ended, held = branch(self._end_window), branch(self._mid_step)
     out, inner_state, stats = cond(end, ended, held, sums, noise, params)
     stepped, rejected, grad_norm, skip_state, noise = stats
-    gradient_step = jnp.where(
-      stepped, optax.safe_increment(state.gradient_step), state.gradient_step
-    )
+    step = state.gradient_step
+    gradient_step = jnp.where(stepped, optax.safe_increment(step), step)
     _, acc_weight, acc_value = sums
     return out, state._replace(
       mini_step=jnp.where(end, 0, mini_step),
@@ -195,14 +184,9 @@ class Accumulator:
       return mean, None
     if isinstance(inner_state, _NoneState):  # an inner whose state is None
       return self.inner_tx.update(mean, None, params, **extra)[0], inner_state  # type: ignore
-    new_updates, new_state = self.inner_tx.update(
-      mean, inner_state, params, **extra
-    )
-    return new_updates, jax.tree.map(
-      lambda new, old: jnp.asarray(new, jnp.result_type(old)),
-      new_state,
-      inner_state,
-    )
+    updates, new = self.inner_tx.update(mean, inner_state, params, **extra)
+    like = lambda new, old: jnp.asarray(new, jnp.result_type(old))
+    return updates, jax.tree.map(like, new, inner_state)
 
   def _end_window(
     self, layout, output, grads, extra, state, sums, noise, params
@@ -213,34 +197,27 @@ class Accumulator:
     acc_sum, weight, value = sums
     stepped = weight != 0  # a window of total weight 0 takes no step
     weight = jnp.where(stepped, weight, jnp.ones_like(weight))
-    grad_norm = _accumulator.norm(acc_sum, layout.complete) / weight.astype(
-      jnp.float32
-    )
+    norm = _accumulator.norm(acc_sum, layout.complete)
+    grad_norm = norm / weight.astype(jnp.float32)
     rejected, skip_state = jnp.zeros([], jnp.bool_), state.skip_state
     if self.should_skip_update_fn is not None:
-      skip, skip_state = layout.agree(
-        self.should_skip_update_fn(
-          _accumulator.mean(acc_sum, weight, grads), state.gradient_step, params
-        )
-      )
+      mean = _accumulator.mean(acc_sum, weight, grads)
+      verdict = self.should_skip_update_fn(mean, state.gradient_step, params)
+      skip, skip_state = layout.agree(verdict)
       rejected = jnp.asarray(skip) & stepped
       stepped = stepped & ~rejected
       skip_state = _strong(skip_state)
     if 'value' in extra:  # the window's weighted mean reaches inner
       dtype = _accumulator.promote(extra['value'], jnp.float32)
-      extra = {
-        **extra,
-        'value': (value / weight.astype(value.dtype)).astype(dtype),
-      }
+      mean_value = (value / weight.astype(value.dtype)).astype(dtype)
+      extra = {**extra, 'value': mean_value}
 
     def step(acc_sum, weight, inner_state, params):
       # The mean is formed here, where XLA fuses its multiply into the
       # inner update; as an operand it would be written to a temporary.
       mean = _accumulator.mean(acc_sum, weight, grads)
-      new_updates, new_inner = self._inner_update(
-        mean, inner_state, params, extra
-      )
-      return output.step(new_updates, params), new_inner
+      updates, new_inner = self._inner_update(mean, inner_state, params, extra)
+      return output.step(updates, params), new_inner
 
     def hold(acc_sum, weight, inner_state, params):
       del acc_sum, weight
@@ -250,20 +227,16 @@ class Accumulator:
       stepped, step, hold, acc_sum, weight, state.inner_opt_state, params
     )
     if noise is not None:  # the window's estimates, from the reduced sums
-      decay = self.noise_scale_decay
-      noise = _noise.end_window(
-        noise, noise_sums, grad_norm, weight, stepped, decay
-      )
+      ends = (noise_sums, grad_norm, weight, stepped, self.noise_scale_decay)
+      noise = _noise.end_window(noise, *ends)
     return out, new_inner, (stepped, rejected, grad_norm, skip_state, noise)
 
   def _mid_step(self, layout, output, grads, extra, state, sums, noise, params):
     """The branch of a mid-step: params untouched (or zero updates)."""
     del sums
-    no = jnp.zeros([], jnp.bool_)
-    out, inner_state = self._hold(
-      layout, output, grads, extra, state.inner_opt_state, params
-    )
-    return out, inner_state, (no, no, state.grad_norm, state.skip_state, noise)
+    no, inner = jnp.zeros([], jnp.bool_), state.inner_opt_state
+    out, inner = self._hold(layout, output, grads, extra, inner, params)
+    return out, inner, (no, no, state.grad_norm, state.skip_state, noise)
 
   def _hold(self, layout, output, grads, extra, inner_state, params):
     """No gradient step: ``output.hold`` and the inner state untouched."""
@@ -274,14 +247,9 @@ class Accumulator:
         # the gradients, as optax.MultiSteps' mid-steps.
         like = lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype)
         return jax.tree.map(lambda g: layout.zeros(like(g), g), grads)
-      shapes, _ = jax.eval_shape(
-        lambda g, s, p: self._inner_update(
-          jax.tree.map(layout.reduced_like, g), s, p, extra
-        ),
-        grads,
-        inner_state,
-        params,
-      )
+      reduced = lambda g: jax.tree.map(layout.reduced_like, g)  # abstractly
+      run = lambda g, s, p: self._inner_update(reduced(g), s, p, extra)
+      shapes, _ = jax.eval_shape(run, grads, inner_state, params)
       if jax.tree.structure(shapes) != jax.tree.structure(grads):
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       return jax.tree.map(layout.zeros, shapes, grads)
@@ -379,12 +347,6 @@ def accumulate(
     ``optax.MultiSteps``; token-weighted mean: transformers PR #34191;
     deferred reduction: PyTorch DDP ``no_sync``, MaxText PR #5099.
   """
-  return Accumulator(
-    every_k_schedule=every_k_schedule,
-    inner=inner,
-    accumulator_dtype=accumulator_dtype,
-    should_skip_update_fn=should_skip_update_fn,
-    axis_name=axis_name,
-    track_noise_scale=track_noise_scale,
-    noise_scale_decay=noise_scale_decay,
-  ).transformation()
+  options = (accumulator_dtype, should_skip_update_fn, axis_name)
+  noise = (track_noise_scale, noise_scale_decay)
+  return Accumulator(every_k_schedule, inner, *options, *noise).transformation()

@@ -14,9 +14,10 @@ from optax_accum._errors import fail
 
 def _flat(tree, is_leaf=None) -> dict[tuple[str, ...], Any]:
   """Leaves by path of names, whatever the node types (dict or tuple)."""
-  name = lambda e: str(
-    getattr(e, "name", getattr(e, "key", getattr(e, "idx", e)))
+  attr = lambda e: next(
+    (a for a in ("name", "key", "idx") if hasattr(e, a)), ""
   )
+  name = lambda e: str(getattr(e, attr(e)) if attr(e) else e)
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
   return {tuple(name(e) for e in path): x for path, x in leaves}
 
@@ -31,18 +32,11 @@ def _check_against_metadata(saved_tree, abstract_state, path):
   )
   if missing or extra:
     show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) or "none"
-    items = [
-      d
-      for d in (sorted(os.listdir(path)) if os.path.isdir(path) else [])
-      if os.path.exists(os.path.join(path, d, "_METADATA"))
-    ]
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    items = [d for d in found if os.path.exists(f"{path}/{d}/_METADATA")]
     hint = f"; pass an item's folder, {path}/{items[0]}" if items else ""
-    fail(
-      ValueError,
-      "tx",
-      f"its state has {show(missing)} where the checkpoint at {path} has "
-      f"{show(extra)}{hint}",
-    )
+    here = f"its state has {show(missing)} where the checkpoint at {path}"
+    fail(ValueError, "tx", f"{here} has {show(extra)}{hint}")
   for key, target in want.items():
     got, here = (
       f"{np.dtype(x.dtype)}{list(x.shape)}" for x in (saved[key], target)
@@ -117,9 +111,8 @@ def restore_checkpoint(
   if not os.path.exists(path):
     fail(FileNotFoundError, "path", f"{path}, where nothing exists")
   metadata = checkpointer.metadata(path)
-  saved_tree = getattr(
-    getattr(metadata, "item_metadata", metadata), "tree", metadata
-  )
+  item = getattr(metadata, "item_metadata", metadata)
+  saved_tree = getattr(item, "tree", metadata)
   # A state with unreduced leaves is saved reduced (orbax cannot write
   # unreduced arrays): restored so, then resharded to its unreduced types.
   saved_state = reduced_state(abstract_state)
@@ -153,9 +146,8 @@ def _reduced_leaf(x):
       return x
     if mesh.empty:
       return x
-    return jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
-    )
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   spec = _call_checks.spec_of(x)
   if not spec.unreduced:
     return x
@@ -199,9 +191,8 @@ def reduced_state(opt_state: Any) -> Any:
       reduce = jax.jit(lambda xs: [_reduced_leaf(x) for x in xs])
       for i, x in zip(todo, reduce([leaves[i] for i in todo])):
         leaves[i] = x
-  return treedef.unflatten(
-    [_reduced_leaf(x) if a else x for x, a in zip(leaves, abstract)]
-  )
+  leaves = [_reduced_leaf(x) if a else x for x, a in zip(leaves, abstract)]
+  return treedef.unflatten(leaves)
 
 
 def unreduced_state(opt_state: Any, like: Any) -> Any:

@@ -31,18 +31,14 @@ def _split(batches, num_microbatches: int):
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for _, x in leaves}
   for path, x in leaves:
     if jnp.ndim(x) == 0 or len(sizes) > 1 or jnp.shape(x)[0] % num_microbatches:
-      fail(
-        ValueError,
-        'batch_argnums',
-        f'shape {jnp.shape(x)} at {leaf_name(path)}; give every batch leaf '
-        f'one leading size divisible by k (sizes: {sorted(sizes, key=str)})',
+      at = f'shape {jnp.shape(x)} at {leaf_name(path)}'
+      want = (
+        f'one leading size divisible by k (sizes: {sorted(sizes, key=str)})'
       )
-
+      fail(ValueError, 'batch_argnums', f'{at}; give every batch leaf {want}')
   k = num_microbatches
-  strided = any(
-    jnp.ndim(x) and _call_checks.spec_of(x)[:1] not in ((), (None,))
-    for _, x in leaves
-  )
+  sharded = lambda x: _call_checks.spec_of(x)[:1] not in ((), (None,))
+  strided = any(jnp.ndim(x) and sharded(x) for _, x in leaves)
 
   def split(x):
     x = jnp.asarray(x)
@@ -164,9 +160,8 @@ def microbatched_value_and_grad(
   k, batch_argnums = check_args(
     loss_fn, num_microbatches, reduction, batch_argnums, key_argnum
   )
-  sums = WindowSums(
-    loss_fn, k, has_aux, reduction, batch_argnums, key_argnum, unroll
-  )
+  options = (has_aux, reduction, batch_argnums, key_argnum, unroll)
+  sums = WindowSums(loss_fn, k, *options)
   names = _checks.axis_name(axis_name)
   if names is not None:
     return _unreduced.value_and_grad(sums, names)
@@ -176,11 +171,8 @@ def microbatched_value_and_grad(
     denom = jnp.where(w_sum == 0, 1.0, w_sum)  # NaN stays NaN
     # A multiply, which XLA fuses into each consumer (the optimizer's
     # kernels); a divide it would write to a full-size temporary first.
-    grads = jax.tree.map(
-      lambda g, p: (g * (1 / denom.astype(g.dtype))).astype(jnp.result_type(p)),
-      g_sum,
-      params,
-    )
+    mean = lambda g, p: (g * (1 / denom.astype(g.dtype))).astype(p.dtype)
+    grads = jax.tree.map(mean, g_sum, jax.tree.map(jnp.asarray, params))
     loss = l_sum / denom.astype(l_sum.dtype)
     if has_aux:
       aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_sum)
@@ -230,13 +222,9 @@ class WindowSums:
 
   def weight_dtype(self, params):
     """float32, or the widest accumulator dtype of the params."""
-    return _accumulator.promote(
-      jnp.float32,
-      *(
-        jnp.finfo(_accumulator.default_dtype(jnp.result_type(p))).dtype
-        for p in jax.tree.leaves(params)
-      ),
-    )
+    real = lambda p: jnp.finfo(_accumulator.default_dtype(p.dtype)).dtype
+    leaves = jax.tree.leaves(jax.tree.map(jnp.asarray, params))
+    return _accumulator.promote(jnp.float32, *map(real, leaves))
 
   def call_args(self, args, micro, i):
     """The arguments of micro-batch ``i``."""
@@ -251,17 +239,15 @@ class WindowSums:
   def body(self, params, args, carry, xs):
     """Adds one micro-batch's terms into the carried sums."""
     i, micro = xs
-    grads, (weight, loss, aux) = jax.grad(self.weighted_loss, has_aux=True)(
-      params, self.call_args(args, micro, i)
-    )
+    grad = jax.grad(self.weighted_loss, has_aux=True)
+    grads, (weight, loss, aux) = grad(params, self.call_args(args, micro, i))
     g_sum, w_sum, l_sum, a_sum = carry
     # sum_i w_i dL_i (mean) or sum_i dL_i (sum), divided once at the end.
     # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
     scale = weight if self.reduction == 'mean' else jnp.ones_like(weight)
     zero = weight == 0
-    add = lambda a, x, s: (
-      a + jnp.where(zero, 0, x.astype(a.dtype) * s.astype(a.dtype))
-    )
+    term = lambda x, s, d: x.astype(d) * s.astype(d)
+    add = lambda a, x, s: a + jnp.where(zero, 0, term(x, s, a.dtype))
     g_sum = jax.tree.map(lambda a, g: add(a, g, scale), g_sum, grads)
     a_sum = jax.tree.map(lambda a, x: add(a, x, weight), a_sum, aux)
     return (g_sum, w_sum + weight, add(l_sum, loss, scale), a_sum), None
@@ -272,33 +258,20 @@ class WindowSums:
     ):
       if n > len(args):
         fail(ValueError, name, f'{n}, beyond the {len(args) + 1} arguments')
-    split = _split(
-      {n: args[n - 1] for n in self.batch_argnums}, self.num_microbatches
-    )
+    batches = {n: args[n - 1] for n in self.batch_argnums}
+    split = _split(batches, self.num_microbatches)
     key = None if self.key_argnum is None else args[self.key_argnum - 1]
-    if key is not None and not (
-      jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
-      or (jnp.result_type(key) == jnp.uint32 and jnp.shape(key)[-1:] == (2,))
-    ):
+    if key is not None and not _is_key(key):
       fail(TypeError, 'key_argnum', f'{jax.typeof(key)}, not a random key')
     first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
-    loss0, aux0 = jax.eval_shape(
-      lambda p: self.weighted_loss(p, self.call_args(args, first[1], 0))[1][1:],
-      params,
-    )
+    call0 = lambda p: self.weighted_loss(p, self.call_args(args, first[1], 0))
+    loss0, aux0 = jax.eval_shape(lambda p: call0(p)[1][1:], params)
     # The loss and aux sums in float32, or their own dtype when wider.
-    zeros = lambda s, d: jnp.zeros(s.shape, _accumulator.promote(s.dtype, d))
-    carry0 = (
-      jax.tree.map(
-        lambda p: jnp.zeros_like(
-          p, dtype=(_accumulator.default_dtype(jnp.result_type(p)))
-        ),
-        params,
-      ),
-      jnp.zeros([], self.weight_dtype(params)),
-      zeros(loss0, jnp.float32),
-      jax.tree.map(lambda s: zeros(s, jnp.float32), aux0),
-    )
+    zeros = lambda s: jnp.zeros(s.shape, _accumulator.promote(s.dtype, 'f4'))
+    acc_dtype = lambda p: _accumulator.default_dtype(jnp.result_type(p))
+    g0 = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)), params)
+    w0 = jnp.zeros([], self.weight_dtype(params))
+    carry0 = (g0, w0, zeros(loss0), jax.tree.map(zeros, aux0))
     body = functools.partial(self.body, params, args)
     # Inside shard_map(check_vma=True) a sum varies across devices where its
     # terms do: the initial carry takes the types of one step's output.
@@ -311,6 +284,13 @@ class WindowSums:
       unroll=self.unroll,
     )
     return sums
+
+
+def _is_key(key) -> bool:
+  """A typed ``jax.random`` key or a raw uint32 one (``[..., 2]``)."""
+  dtype = jnp.result_type(key)
+  raw = dtype == jnp.uint32 and jnp.shape(key)[-1:] == (2,)
+  return raw or jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _vary_like(x, like):

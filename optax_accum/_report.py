@@ -48,9 +48,8 @@ class ReductionReport:
   def by_axis(self) -> dict[Any, tuple[int, int]]:
     every = lambda a: self._sum(lambda r: r.axes == a and not r.emitting)
     emitting = lambda a: self._sum(lambda r: r.axes == a and r.emitting)
-    return {
-      a: (every(a), emitting(a)) for a in {r.axes for r in self.reductions}
-    }
+    axes = {r.axes for r in self.reductions}
+    return {a: (every(a), emitting(a)) for a in axes}
 
 
 def _computations(text):
@@ -92,11 +91,8 @@ def _groups(line) -> Optional[set[frozenset[int]]]:
   if explicit:
     found = re.findall(r'\{([\d, ]*)\}', explicit.group(1))
     return {frozenset(int(i) for i in g.split(',') if i.strip()) for g in found}
-  iota = re.search(
-    r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\]'
-    r'(?:T\(([\d,]+)\))?',
-    line,
-  )
+  iota = r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?'
+  iota = re.search(iota, line)
   named = re.search(
     r"mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\]"
     r"(?:T\(([\d,]+)\))?\))? \{([^}]*)\}",
@@ -212,7 +208,6 @@ def reduction_report(
       size = _bytes(m.group(1))
       if m.group(2) == 'reduce-scatter' and groups:
         size *= len(next(iter(groups)))
-      found.append(
-        Reduction(m.group(2), size, _axes(groups, mesh), emitting, in_loop)
-      )
+      axes = _axes(groups, mesh)
+      found.append(Reduction(m.group(2), size, axes, emitting, in_loop))
   return ReductionReport(tuple(found))
