@@ -35,9 +35,7 @@ class Output(NamedTuple):
 
 
 UPDATE = Output(step=lambda u, p: u, hold=lambda zeros, p: zeros())
-APPLY = Output(
-  step=lambda u, p: optax.apply_updates(p, u), hold=lambda zeros, p: p
-)
+APPLY = Output(step=lambda u, p: optax.apply_updates(p, u), hold=lambda z, p: p)
 
 
 def cond(pred, true_fn, false_fn, *operands):
@@ -223,9 +221,8 @@ class Accumulator:
       del acc_sum, weight
       return self._hold(layout, output, grads, extra, inner_state, params)
 
-    out, new_inner = cond(
-      stepped, step, hold, acc_sum, weight, state.inner_opt_state, params
-    )
+    operands = (acc_sum, weight, state.inner_opt_state, params)
+    out, new_inner = cond(stepped, step, hold, *operands)
     if noise is not None:  # the window's estimates, from the reduced sums
       ends = (noise_sums, grad_norm, weight, stepped, self.noise_scale_decay)
       noise = _noise.end_window(noise, *ends)

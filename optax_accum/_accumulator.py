@@ -11,11 +11,8 @@ from optax_accum import _layout
 def default_dtype(param_dtype) -> jnp.dtype:
   """float32 (complex64), or the param dtype when it is wider."""
   param_dtype = jnp.dtype(param_dtype)
-  floor = jnp.dtype(
-    jnp.complex64
-    if jnp.issubdtype(param_dtype, jnp.complexfloating)
-    else jnp.float32
-  )
+  complex_ = jnp.issubdtype(param_dtype, jnp.complexfloating)
+  floor = jnp.dtype(jnp.complex64 if complex_ else jnp.float32)
   if param_dtype.itemsize >= floor.itemsize:
     return jax.dtypes.canonicalize_dtype(param_dtype)
   return floor
@@ -36,9 +33,8 @@ def init(params, accumulator_dtype, names):
   def zeros(path, p):
     dtype = jnp.result_type(p)
     if accumulator_dtype is None:
-      acc_dtype = (
-        default_dtype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else dtype
-      )
+      inexact = jnp.issubdtype(dtype, jnp.inexact)
+      acc_dtype = default_dtype(dtype) if inexact else dtype
     else:
       acc_dtype = jnp.dtype(accumulator_dtype)
     _checks.param_dtype(path, dtype, acc_dtype)
@@ -77,9 +73,8 @@ def add(state, grads, weight, value, fresh, layout):
   acc_value = jnp.where(fresh, jnp.zeros_like(state.acc_value), state.acc_value)
   if value is not None:
     vdtype = acc_value.dtype
-    term = jnp.where(
-      w > 0, w.astype(vdtype) * value.astype(vdtype), jnp.zeros([], vdtype)
-    )
+    term = w.astype(vdtype) * value.astype(vdtype)
+    term = jnp.where(w > 0, term, jnp.zeros([], vdtype))
     acc_value = acc_value + layout.scalar(term)
   return acc_grads, acc_weight, acc_value
 

@@ -137,12 +137,10 @@ def misspelt_keywords(extra_args) -> None:
   for name in extra_args:
     close = difflib.get_close_matches(name, _OWN_KEYWORDS, n=1, cutoff=0.8)
     if name not in _OWN_KEYWORDS and close:
-      warnings.warn(
-        f'accumulate got `{name}`, which it does not read: did you mean '
-        f'`{close[0]}`? Silence this warning if an inner optimizer takes it.',
-        UserWarning,
-        stacklevel=_user_stacklevel(),
-      )
+      ask = f'did you mean `{close[0]}`? Silence this warning if an inner'
+      said = f'accumulate got `{name}`, which it does not read: {ask}'
+      level = _user_stacklevel()
+      warnings.warn(f'{said} optimizer takes it.', UserWarning, level)
 
 
 def _user_stacklevel() -> int:
@@ -169,12 +167,9 @@ def no_chainable_form(chainable: bool, argument: str) -> None:
   transformation this library did not build runs the elements after it on
   every mini-step's zeros, so it is refused."""
   if chainable:
-    fail(
-      ValueError,
-      argument,
-      'holds a chainable-form accumulate(k) whose followers would run on '
-      'every mini-step: write optax_accum.chain(accumulate(k), opt)',
-    )
+    form = 'a chainable-form accumulate(k) whose followers would run on'
+    fix = 'write optax_accum.chain(accumulate(k), opt)'
+    fail(ValueError, argument, f'holds {form} every mini-step: {fix}')
 
 
 # ------------------------------------------- each call: parallel types
@@ -188,9 +183,8 @@ def spec_of(x) -> P:
 
 def unreduced_axes(x) -> frozenset:
   manual = getattr(jax.typeof(x), 'manual_axis_type', None)
-  return frozenset(spec_of(x).unreduced) | frozenset(
-    getattr(manual, 'unreduced', ()) or ()
-  )
+  manual = getattr(manual, 'unreduced', ()) or ()
+  return frozenset(spec_of(x).unreduced) | frozenset(manual)
 
 
 def varying_axes(x) -> frozenset:
@@ -210,13 +204,9 @@ def acted_on_parts(grads, error: Exception) -> None:
   the accumulator (a clip, a scale) saw each device's part of the sum."""
   axes = sorted(_axes_of(grads, unreduced_axes))
   if axes and 'reduced' in str(error):
-    fail(
-      ValueError,
-      'tx',
-      f'an element before the accumulator acted on gradients unreduced over '
-      f'{axes}: put it after, optax_accum.chain(accumulate(k, ...), clip, opt)',
-      error,
-    )
+    fix = 'put it after, optax_accum.chain(accumulate(k, ...), clip, opt)'
+    acted = 'an element before the accumulator acted on gradients unreduced'
+    fail(ValueError, 'tx', f'{acted} over {axes}: {fix}', error)
 
 
 def _axes_of(tree, axes_fn) -> set:

@@ -29,9 +29,8 @@ class Chain:
     """The elements' states, as a tuple; refuses a hidden chainable form."""
     states = tuple(t.init(params) for t in self.head)
     for i, s in enumerate(states):
-      _call_checks.no_chainable_form(
-        _state.holds_chainable_form(s), f'transforms[{i}]'
-      )
+      chainable = _state.holds_chainable_form(s)
+      _call_checks.no_chainable_form(chainable, f'transforms[{i}]')
     if self.acc is None:
       return states
     return (*states, self.acc.init(params))
@@ -48,9 +47,8 @@ class Chain:
     size = len(self.head) + (self.acc is not None)
     if not (type(state) is tuple and len(state) == size):  # pylint: disable=unidiomatic-typecheck
       fail(TypeError, 'state', f'a {type(state).__name__}; use tx.init(params)')
-    _call_checks.keywords_read(
-      extra_args, self.acc is not None or bool(_state.accumulate_states(state))
-    )
+    holds = self.acc is not None or bool(_state.accumulate_states(state))
+    _call_checks.keywords_read(extra_args, holds)
     new_state = list(state)
     for i, t in enumerate(self.head):
       updates, new_state[i] = t.update(updates, state[i], params, **extra_args)
@@ -58,9 +56,8 @@ class Chain:
       return output.step(updates, params), tuple(new_state)
     weight = extra_args.pop('weight', None)
     flush = extra_args.pop('flush', None)
-    out, new_state[-1] = self.acc.mini_step(
-      updates, state[-1], params, weight, flush, extra_args, output
-    )
+    args = (weight, flush, extra_args, output)
+    out, new_state[-1] = self.acc.mini_step(updates, state[-1], params, *args)
     return out, tuple(new_state)
 
 
@@ -115,11 +112,8 @@ def chain(
   """
   for i, t in enumerate(transforms):
     _checks.transformation(t, f'transforms[{i}]')
-  positions = [
-    i
-    for i, t in enumerate(transforms)
-    if _accumulate.accumulator_of(t) is not None
-  ]
+  accumulators = [_accumulate.accumulator_of(t) for t in transforms]
+  positions = [i for i, a in enumerate(accumulators) if a is not None]
   if len(positions) > 1:
     second = f'transforms[{positions[1]}]'
     fail(ValueError, second, 'a second accumulator; use accumulate(k1 * k2)')

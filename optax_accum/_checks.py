@@ -40,9 +40,8 @@ def window_k(value) -> jax.Array:
 
 
 def real_dtype(dtype) -> bool:
-  return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(
-    dtype, jnp.floating
-  )
+  kinds = (jnp.integer, jnp.floating)
+  return any(jnp.issubdtype(dtype, kind) for kind in kinds)
 
 
 def _probe(k, gradient_step):
@@ -108,11 +107,8 @@ def accumulator_dtype(value):
   allowed = ('float32', 'float64', 'bfloat16', 'complex64', 'complex128')
   if dtype is None or dtype.name not in allowed:  # float16 ends at 65504
     floating = dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-    fail(
-      ValueError if floating else TypeError,
-      'accumulator_dtype',
-      f'{value!r}; give None or {", ".join(allowed)}',
-    )
+    error, names = ValueError if floating else TypeError, ', '.join(allowed)
+    fail(error, 'accumulator_dtype', f'{value!r}; give None or {names}')
   return jax.dtypes.canonicalize_dtype(dtype)
 
 
@@ -170,9 +166,6 @@ def skip_result(result) -> Any:
   if not (isinstance(result, tuple) and len(result) == 2) or (
     jnp.shape(result[0]) != () or jnp.result_type(result[0]) != jnp.bool_
   ):
-    fail(
-      ValueError,
-      'should_skip_update_fn',
-      f'it returned {result!r}, not (skip, skip_state) with a bool skip',
-    )
+    want = 'not (skip, skip_state) with a bool skip'
+    fail(ValueError, 'should_skip_update_fn', f'it returned {result!r}, {want}')
   return result

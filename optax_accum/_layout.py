@@ -207,9 +207,8 @@ class Mesh(_Axes):
   def zeros(self, shape, g):
     spec = spec_of(g).update(unreduced=frozenset())
     like = jnp.shape(g) == shape.shape  # sharded as the emitted update
-    return jnp.zeros(
-      shape.shape, shape.dtype, out_sharding=spec if like else None
-    )
+    out_sharding = spec if like else None
+    return jnp.zeros(shape.shape, shape.dtype, out_sharding=out_sharding)
 
 
 def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
@@ -244,13 +243,8 @@ def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
 def init_names(axis_names) -> Optional[tuple[str, ...]]:
   """The Explicit axes of >1 device ``init`` types the sums unreduced on."""
   mesh = jax.sharding.get_abstract_mesh()
-  if (
-    axis_names is None
-    or mesh.empty
-    or any(
-      n in mesh.manual_axes or n not in mesh.explicit_axes for n in axis_names
-    )
-  ):
+  out = lambda n: n in mesh.manual_axes or n not in mesh.explicit_axes
+  if axis_names is None or mesh.empty or any(map(out, axis_names)):
     return None
   return axis_names if axes_size(axis_names) > 1 else None
 
@@ -260,9 +254,8 @@ def unreduced_zeros(path, p, dtype, names):
   spec = spec_of(p)
   if spec_axes(spec) & set(names):
     fail(ValueError, 'axis_name', f'{names} shards {leaf_name(path)} (FSDP)')
-  return jnp.zeros(
-    jnp.shape(p), dtype, out_sharding=spec.update(unreduced=frozenset(names))
-  )
+  spec = spec.update(unreduced=frozenset(names))
+  return jnp.zeros(jnp.shape(p), dtype, out_sharding=spec)
 
 
 def scalar_zeros(dtype, names):

@@ -34,13 +34,11 @@ def add(noise, sq_norm, weight, fresh, layout) -> NoiseScaleState:
   (overwritten where ``fresh``); weight 0 adds nothing."""
   w = jnp.float32(1) if weight is None else weight.astype(jnp.float32)
   term = jnp.where(w > 0, w * sq_norm.astype(jnp.float32), 0.0)
-  grow = lambda acc, x: jnp.where(
-    fresh, layout.scalar(x), acc + layout.scalar(x)
-  )
-  count = grow(noise.acc_count, (w > 0).astype(jnp.float32))
-  return noise._replace(
-    acc_sq_norm=grow(noise.acc_sq_norm, term), acc_count=count
-  )
+  grow = lambda acc, x: jnp.where(fresh, x, acc + x)
+  count = layout.scalar((w > 0).astype(jnp.float32))
+  count = grow(noise.acc_count, count)
+  sq_norms = grow(noise.acc_sq_norm, layout.scalar(term))
+  return noise._replace(acc_sq_norm=sq_norms, acc_count=count)
 
 
 def sums(noise):
@@ -106,12 +104,9 @@ def gradient_noise_scale(opt_state: Any) -> jax.Array:
     McCandlish et al. 2018, arXiv 1812.06162, App. A.1 (equal weights).
   """
   nnx = lambda x: hasattr(x, 'get_value')  # nnx.Optimizer's opt_state
-  pure = jax.tree.map(
-    lambda x: x.get_value() if nnx(x) else x, opt_state, is_leaf=nnx
-  )
-  s = next(
-    (s.noise_scale for s in accumulate_states(pure) if s.noise_scale), None
-  )
+  value = lambda x: x.get_value() if nnx(x) else x
+  states = accumulate_states(jax.tree.map(value, opt_state, is_leaf=nnx))
+  s = next((s.noise_scale for s in states if s.noise_scale), None)
   if s is None:
     fail(ValueError, 'track_noise_scale', 'False for every accumulator')
   ratio = s.trace / jnp.where(s.grad_sq == 0, jnp.nan, s.grad_sq)

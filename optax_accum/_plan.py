@@ -46,9 +46,8 @@ def _abstract(x, rows=None):
   shape = tuple(x.shape) if rows is None else (rows, *x.shape[1:])
   sharding = getattr(x, 'sharding', None)
   named = isinstance(sharding, jax.sharding.NamedSharding)
-  return jax.ShapeDtypeStruct(
-    shape, x.dtype, sharding=named and sharding or None
-  )
+  sharding = sharding if named else None
+  return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
 
 
 def _batch(args, batch_argnums):
@@ -174,16 +173,14 @@ def plan_microbatches(
   if not callable(step):
     fail(TypeError, 'step', f'{step!r}, not callable')
   limit = _memory_limit(memory_limit, args)
-  nums = tuple(
-    [batch_argnums] if isinstance(batch_argnums, int) else batch_argnums
-  )
+  one = isinstance(batch_argnums, int)
+  nums = tuple([batch_argnums] if one else batch_argnums)
   if not nums or any(not 0 <= n < len(args) for n in nums):
     fail(ValueError, 'batch_argnums', f'{batch_argnums!r}; {len(args)} args')
   size, shards = _batch(args, nums)
   sizes = [m for m in range(1, size + 1) if size % m == 0 and m % shards == 0]
-  jitted = (
-    step if hasattr(step, 'lower') else jax.jit(step, static_argnames=k_argname)
-  )
+  jit = lambda f: jax.jit(f, static_argnames=k_argname)
+  jitted = step if hasattr(step, 'lower') else jit(step)
   peaks: dict[int, int] = {}
 
   def peak(m):
@@ -203,6 +200,5 @@ def plan_microbatches(
     fail(ValueError, 'memory_limit', f'{limit} bytes; {least}')
   m = sizes[lo]
   table = tuple(sorted(peaks.items()))
-  return MicrobatchPlan(
-    m, size // m, peaks[m], _predicted(peaks, m), limit, table
-  )
+  found = (peaks[m], _predicted(peaks, m), limit, table)
+  return MicrobatchPlan(m, size // m, *found)

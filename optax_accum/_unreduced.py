@@ -59,9 +59,8 @@ def _batch_axes(axis_name, names, args, batch_argnums, k):
   """The mesh axes sharding the batch arguments' leading axis, checked."""
   batch_axes: tuple[str, ...] = ()
   for n in batch_argnums:
-    for path, x in jax.tree.leaves_with_path(
-      args[n - 1] if n <= len(args) else ()
-    ):
+    batch = args[n - 1] if n <= len(args) else ()
+    for path, x in jax.tree.leaves_with_path(batch):
       spec = _call_checks.spec_of(x) if jnp.ndim(x) else P()
       lead = _layout.entry_axes(spec[0]) if len(spec) else ()
       per_device = jnp.shape(x)[0] // _layout.axes_size(lead) if lead else 0
@@ -87,12 +86,8 @@ def _local(sums, names, param_specs, batch_axes, single, p_local, *args):
       key, lax.axis_index(batch_axes)
     )
   is_spec = lambda s: isinstance(s, P)
-  p_var = jax.tree.map(
-    lambda x, spec: _layout.vary(_gather(x, spec), batch_axes + names),
-    p_local,
-    param_specs,
-    is_leaf=is_spec,
-  )
+  whole = lambda x, spec: _layout.vary(_gather(x, spec), batch_axes + names)
+  p_var = jax.tree.map(whole, p_local, param_specs, is_leaf=is_spec)
   g_sum, w_sum, l_sum, a_sum = sums(p_var, *args)
   total, l_tot, a_tot = lax.psum((w_sum, l_sum, a_sum), batch_axes)
   denom = jnp.where(total == 0, 1.0, total)  # NaN stays NaN
@@ -121,30 +116,20 @@ def value_and_grad(sums, names):
   is_spec = lambda s: isinstance(s, P)
 
   def value_and_grad(params, *args):
-    param_specs, arg_specs, batch_axes = _check_call(
-      axis_name,
-      names,
-      params,
-      list(args),
-      sums.batch_argnums,
-      sums.num_microbatches,
-    )
+    split = (sums.batch_argnums, sums.num_microbatches)
+    checked = _check_call(axis_name, names, params, list(args), *split)
+    param_specs, arg_specs, batch_axes = checked
     # An axis of size 1 has nothing to defer; JAX (0.10) cannot lower a
     # pcast to unreduced over it: the gradient is typed outside instead.
     single = _layout.axes_size(names) == 1
-    grad_specs = jax.tree.map(
-      lambda s: s.update(unreduced=frozenset(names)),
-      param_specs,
-      is_leaf=is_spec,
-    )
-    local = functools.partial(
-      _local, sums, names, param_specs, batch_axes, single
-    )
-    value, grads, total = jax.shard_map(
-      local,
-      in_specs=(param_specs, *arg_specs),
-      out_specs=(P(), param_specs if single else grad_specs, P()),
-    )(params, *args)
+    unreduced = lambda s: s.update(unreduced=frozenset(names))
+    grad_specs = jax.tree.map(unreduced, param_specs, is_leaf=is_spec)
+    parts = (sums, names, param_specs, batch_axes, single)
+    local = functools.partial(_local, *parts)
+    out_specs = (P(), param_specs if single else grad_specs, P())
+    in_specs = (param_specs, *arg_specs)
+    mapped = jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)
+    value, grads, total = mapped(params, *args)
     if single:
       grads = jax.tree.map(jax.reshard, grads, grad_specs, is_leaf=is_spec)
     return value, grads, total

@@ -72,11 +72,8 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
       if not isinstance(value, Tracer) and not np.all(
         np.asarray(value) == np.asarray(first)
       ):
-        fail(
-          ValueError,
-          'opt_state',
-          f'members disagree on {name} (weight, flush batched?)',
-        )
+        why = f'members disagree on {name} (weight, flush batched?)'
+        fail(ValueError, 'opt_state', why)
       shared[name] = first
     return node._replace(**shared)
 

@@ -26,10 +26,8 @@ def _steps_taken(opt_state, dtype) -> jax.Array:
 
 def _extra(weight, flush, extra_args, value=None) -> dict[str, Any]:
   given = {'weight': weight, 'flush': flush, 'value': value}
-  return {
-    **(extra_args or {}),
-    **{k: v for k, v in given.items() if v is not None},
-  }
+  given = {k: v for k, v in given.items() if v is not None}
+  return {**(extra_args or {}), **given}
 
 
 class Optimizer(nnx.Optimizer):
@@ -87,7 +85,8 @@ class Optimizer(nnx.Optimizer):
     grads = nnx.as_pure(nnx.state(grads, self.wrt, graph=graph))
     opt_state = nnx.as_pure(self.opt_state)
     extra = nnx.as_pure(_extra(weight, flush, extra_args))
-    new_params, new_opt_state = _apply.apply_gradients(
+    apply = _apply.apply_gradients
+    new_params, new_opt_state = apply(
       self.tx, grads, opt_state, params, **extra
     )
     nnx.update(model, new_params)
