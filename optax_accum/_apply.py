@@ -21,19 +21,13 @@ def apply_gradients(
 ) -> tuple[optax.Params, optax.OptState]:
   r"""One mini-step of ``tx`` applied to ``params``: ``(params, opt_state)``.
 
-  The same numbers as
-
-  .. code-block:: python
-
-    updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
-    params = optax.apply_updates(params, updates)
-
-  but for an optimizer built by :func:`optax_accum.accumulate` or
+  The numbers of ``tx.update`` then ``optax.apply_updates``; for an
+  optimizer built by :func:`optax_accum.accumulate` or
   :func:`optax_accum.chain` the apply happens inside the accumulator's
   conditional (mid-steps leave ``params`` untouched). Any other ``tx``
-  takes the two lines above; one holding a chainable-form
-  ``accumulate(k)`` (``optax.chain(accumulate(k), opt)``) is refused. Return
-  ``(params, opt_state)`` from a jitted step in the order they were donated.
+  holding a chainable-form ``accumulate(k)`` (``optax.chain(accumulate(k),
+  opt)``) is refused. Return ``(params, opt_state)`` from a jitted step in
+  the order they were donated.
 
   Args:
     tx: the optimizer, typically ``optax_accum.chain(accumulate(k), opt)``.

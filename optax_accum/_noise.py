@@ -103,9 +103,7 @@ def gradient_noise_scale(opt_state: Any) -> jax.Array:
   References:
     McCandlish et al. 2018, arXiv 1812.06162, App. A.1 (equal weights).
   """
-  nnx = lambda x: hasattr(x, 'get_value')  # nnx.Optimizer's opt_state
-  value = lambda x: x.get_value() if nnx(x) else x
-  states = accumulate_states(jax.tree.map(value, opt_state, is_leaf=nnx))
+  states = accumulate_states(opt_state)  # nnx.Optimizer's read too
   s = next((s.noise_scale for s in states if s.noise_scale), None)
   if s is None:
     fail(ValueError, 'track_noise_scale', 'False for every accumulator')

@@ -67,7 +67,11 @@ class AccumulateState(NamedTuple):
 
 
 def accumulate_states(tree) -> list[AccumulateState]:
-  """Every :class:`AccumulateState` in a pytree, in pytree order."""
+  """Every :class:`AccumulateState` in a pytree, in pytree order, with the
+  values of ``nnx.Optimizer``'s variables."""
+  nnx = lambda x: hasattr(x, 'get_value')
+  value = lambda x: x.get_value() if nnx(x) else x
+  tree = jax.tree.map(value, tree, is_leaf=nnx)
   is_acc = lambda x: isinstance(x, AccumulateState)
   return [s for s in jax.tree.leaves(tree, is_leaf=is_acc) if is_acc(s)]
 
@@ -80,8 +84,7 @@ def holds_chainable_form(tree) -> bool:
 def has_updated(opt_state: Any) -> jax.Array:
   """Tells whether the last mini-step took a gradient step.
 
-  Reads ``has_updated`` of the first :class:`AccumulateState` in
-  ``opt_state`` (``optax.MultiSteps.has_updated`` infers it).
+  Reads the first :class:`AccumulateState` in ``opt_state``.
 
   Args:
     opt_state: an optimizer state pytree holding an ``AccumulateState``.
@@ -106,6 +109,4 @@ def has_updated(opt_state: Any) -> jax.Array:
   states = accumulate_states(opt_state)
   if not states:
     fail(ValueError, 'opt_state', 'holds no AccumulateState')
-  flag = states[0].has_updated
-  flag = flag.get_value() if hasattr(flag, 'get_value') else flag  # nnx  # type: ignore
-  return jnp.asarray(flag)
+  return jnp.asarray(states[0].has_updated)

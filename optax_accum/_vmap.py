@@ -65,23 +65,16 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
       fail(ValueError, 'opt_state', 'its should_skip_update_fn is per member')
     if jax.numpy.ndim(node.mini_step) != 1:
       fail(ValueError, 'opt_state', 'not stacked: use jax.vmap(tx.init)')
-    shared = {}
-    for name in _SHARED:
-      value = getattr(node, name)
-      first = value[0]
-      if not isinstance(value, Tracer) and not np.all(
-        np.asarray(value) == np.asarray(first)
-      ):
+    shared = {name: getattr(node, name) for name in _SHARED}
+    for name, value in shared.items():
+      if not isinstance(value, Tracer) and np.any(value != value[0]):
         why = f'members disagree on {name} (weight, flush batched?)'
         fail(ValueError, 'opt_state', why)
-      shared[name] = first
-    return node._replace(**shared)
+    return node._replace(**{n: v[0] for n, v in shared.items()})
 
   def axes_of(node):
     axes = jax.tree.map(lambda _: 0, node)
-    if not is_acc(node):
-      return axes
-    return axes._replace(**{name: None for name in _SHARED})
+    return axes._replace(**dict.fromkeys(_SHARED)) if is_acc(node) else axes
 
   state = jax.tree.map(unstack, opt_state, is_leaf=is_acc)
   axes = jax.tree.map(axes_of, opt_state, is_leaf=is_acc)
