@@ -19,8 +19,8 @@ class MicrobatchPlan:
   """What :func:`optax_accum.plan_microbatches` returns, bytes per device:
   ``k * micro_batch_size`` is the global batch; ``peak_bytes``, the chosen
   step's compiled peak; ``predicted_bytes``, the line through the two
-  nearest other probes there (None with one probe); ``probes``, ``((size,
-  peak_bytes), ...)`` of every compilation, ascending."""
+  nearest other probes there (None where the whole batch fits);
+  ``probes``, ``((size, peak_bytes), ...)`` of every compilation."""
 
   micro_batch_size: int
   k: int
@@ -45,8 +45,8 @@ def _abstract(x, rows=None):
     return x
   shape = tuple(x.shape) if rows is None else (rows, *x.shape[1:])
   sharding = getattr(x, 'sharding', None)
-  named = isinstance(sharding, jax.sharding.NamedSharding)
-  sharding = sharding if named else None
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = None
   return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
 
 
@@ -83,10 +83,9 @@ def _memory_limit(memory_limit, args) -> int:
 
 def _search(sizes, peak, limit) -> int:
   """The index of the largest size whose peak fits (-1: none), the next
-  one's not. First the two largest sizes; then twice the size the line (a
-  fixed cost plus a cost per item) through the bracket's ends, or the two
-  smallest probes while none fits, puts at the limit where that falls
-  inside the bracket; else bisection."""
+  one's not: the two largest sizes, then twice where the line through the
+  bracket's ends (or the two smallest probes, while none fits) meets the
+  limit, if inside the bracket; else bisection."""
   n, fits = len(sizes), {}
   lo, hi = -1, n
   for tries in range(2 * n):
@@ -128,11 +127,11 @@ def plan_microbatches(
   """The largest micro-batch whose compiled ``step`` fits ``memory_limit``.
 
   Compiles ``step`` for micro-batch sizes that divide the global batch
-  (abstract shapes: nothing runs), reads each one's peak bytes per device
-  from ``memory_analysis()`` (temp + arguments + outputs - aliased) and
-  searches: the two largest sizes, then where a line (a fixed cost plus a
-  cost per item) through the probes meets the limit, so 3 to 5
-  compilations, at most 4 + log2(divisors). The chosen size's compiled
+  (nothing runs) and reads each one's peak bytes per device from
+  ``memory_analysis()`` (temp + arguments + outputs - aliased): the two
+  largest sizes, then where a line (a fixed cost plus a cost per item)
+  through the probes meets the limit and a neighbour, so 3 to 5
+  compilations (at most 5 + log2(divisors)). The chosen size's compiled
   peak fits; the next larger size's does not (peaks grow with the size).
 
   Args:
@@ -140,12 +139,11 @@ def plan_microbatches(
       plain function. Cross-step form: it takes one micro-batch. In-step
       form (``k_argname``): it takes the global batch and the number of
       micro-batches as the keyword ``k_argname``, static in its jit.
-    *args: its arguments, arrays or ``jax.ShapeDtypeStruct`` (shardings
-      kept), with the global batch at ``batch_argnums``: pytrees whose
-      leaves share one leading size, the items (samples).
+    *args: its arguments (arrays or ``jax.ShapeDtypeStruct``), the global
+      batch at ``batch_argnums``: pytrees of one leading size (items).
     batch_argnums: the positions of the batch in ``args`` (0-based).
-    memory_limit: bytes per device; by default the device's
-      ``memory_stats()["bytes_limit"]`` less 10%.
+    memory_limit: bytes per device; None: ``memory_stats()["bytes_limit"]``
+      less 10%.
     k_argname: None (cross-step form) or the keyword taking k.
 
   Returns:
@@ -167,8 +165,7 @@ def plan_microbatches(
     (32, True)
 
   References:
-    jax-ml/jax #31292 (``memory_analysis`` for batch sizes); Accelerate's
-    ``find_executable_batch_size`` (the same answer by running out).
+    jax-ml/jax #31292; Accelerate's ``find_executable_batch_size``.
   """
   if not callable(step):
     fail(TypeError, 'step', f'{step!r}, not callable')
@@ -198,6 +195,9 @@ def plan_microbatches(
   if lo < 0:
     least = f'the smallest size, {sizes[0]}, needs {peaks[sizes[0]]}'
     fail(ValueError, 'memory_limit', f'{limit} bytes; {least}')
+  near = sorted(range(len(sizes)), key=lambda i: abs(i - lo))  # for the
+  while lo < len(sizes) - 1 and len(peaks) < min(3, len(sizes)):  # line
+    peak(sizes[next(i for i in near if sizes[i] not in peaks)])
   m = sizes[lo]
   table = tuple(sorted(peaks.items()))
   found = (peaks[m], _predicted(peaks, m), limit, table)
