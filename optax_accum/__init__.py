@@ -1,5 +1,7 @@
 """optax_accum: exact gradient accumulation for Optax and Flax."""
 
+import importlib
+
 from optax_accum._accumulate import accumulate
 from optax_accum._apply import apply_gradients
 from optax_accum._chain import chain
@@ -22,8 +24,6 @@ __version__ = "0.5.0"
 def __getattr__(name: str):
   """``optax_accum.flax`` is imported on first use (it needs flax)."""
   if name == "flax":
-    import importlib
-
     return importlib.import_module("optax_accum.flax")
   raise AttributeError(f"module 'optax_accum' has no attribute {name!r}")
 

@@ -113,6 +113,7 @@ class Accumulator:
       gradient_step=gradient_step,
       every_k=self.schedule(gradient_step),
       acc_grads=acc_grads,
+      acc_compensation=None,
       acc_weight=_layout.scalar_zeros(wdtype, names),
       acc_value=_layout.scalar_zeros(value_dtype, names),
       has_updated=jnp.zeros([], jnp.bool_),

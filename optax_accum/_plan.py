@@ -11,8 +11,6 @@ import jax
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
 
-MARGIN = 0.1  # of the device's memory, left for the runtime and fragments
-
 
 @dataclasses.dataclass(frozen=True)
 class MicrobatchPlan:
@@ -73,7 +71,7 @@ def _memory_limit(memory_limit, args) -> int:
     stats = device.memory_stats() or {}
     if 'bytes_limit' not in stats:
       fail(ValueError, 'memory_limit', f'None, and {device} reports none')
-    return int(stats['bytes_limit'] * (1 - MARGIN))
+    return int(stats['bytes_limit'] * 0.9)  # 10% for the runtime's own
   if isinstance(memory_limit, bool) or not isinstance(memory_limit, Real):
     fail(TypeError, 'memory_limit', f'{memory_limit!r}, not bytes')
   if not 0 < float(memory_limit) < float('inf'):

@@ -5,7 +5,7 @@ import dataclasses
 import itertools
 import math
 import re
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -17,8 +17,7 @@ _CALLS = re.compile(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Reduction:
+class Reduction(NamedTuple):
   """One all-reduce or reduce-scatter (``axes`` None: no mesh axes match)."""
 
   op: str

@@ -22,6 +22,7 @@ class AccumulateState(NamedTuple):
     acc_grads: pytree shaped like the params, :math:`\\sum_i w_i g_i` over
       the window in flight, in the accumulator dtype (the last window's
       when ``mini_step`` is 0; the next micro-batch overwrites it).
+    acc_compensation: None (kept so states saved by 0.4 restore).
     acc_weight: scalar :math:`\\sum_i w_i` of the window in flight (its
       number of micro-batches without ``weight``), in the widest real
       accumulator dtype (float32 at least: float64 for float64 params).
@@ -56,6 +57,7 @@ class AccumulateState(NamedTuple):
   gradient_step: jax.Array
   every_k: jax.Array
   acc_grads: optax.Updates
+  acc_compensation: None
   acc_weight: jax.Array
   acc_value: jax.Array
   has_updated: jax.Array

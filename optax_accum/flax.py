@@ -19,9 +19,8 @@ from optax_accum._errors import fail
 
 def _steps_taken(opt_state, dtype) -> jax.Array:
   """1 where the mini-step took a gradient step (always 1 without one)."""
-  if not _state.accumulate_states(opt_state):
-    return jnp.ones([], dtype)
-  return _state.has_updated(opt_state).astype(dtype)
+  states = _state.accumulate_states(opt_state)
+  return jnp.asarray(states[0].has_updated if states else True).astype(dtype)
 
 
 def _extra(weight, flush, extra_args, value=None) -> dict[str, Any]:
