@@ -192,7 +192,8 @@ class Accumulator:
   ):
     """The branch that ends a window: its one reduction, skip, and the
     gradient step unless the window has weight 0 or is rejected."""
-    *sums, noise_sums = layout.reduce((*sums, _noise.sums(noise)))
+    noise_sums = noise and (noise.acc_sq_norm, noise.acc_count)  # or None
+    *sums, noise_sums = layout.reduce((*sums, noise_sums))
     acc_sum, weight, value = sums
     stepped = weight != 0  # a window of total weight 0 takes no step
     weight = jnp.where(stepped, weight, jnp.ones_like(weight))
@@ -296,16 +297,14 @@ def accumulate(
     should_skip_update_fn: ``fn(mean, gradient_step, params) -> (skip,
       skip_state)`` (as ``optax.MultiSteps``), once per window on its mean:
       a skipped window takes no gradient step.
-    axis_name: the data-parallel mesh axis (or tuple of axes) reduced once
-      per window. ``init`` under ``jax.set_mesh`` types the sums unreduced
-      over it, for ``update`` under plain ``jax.jit`` (gradients from
-      ``microbatched_value_and_grad(..., axis_name=...)``, ``weight`` the
-      global count) or ``jax.shard_map`` (gradients w.r.t. ``lax.pcast(params,
-      axis_name, to='varying')``, ``weight`` this device's count).
-    track_noise_scale: also estimate the gradient noise scale from each
-      window's micro-batches (:func:`optax_accum.gradient_noise_scale`):
-      one squared norm per mini-step (per device with ``axis_name``, in
-      ``jax.shard_map`` or ``pmap``; not under plain ``jax.jit``).
+    axis_name: the data-parallel mesh axis (or axes) reduced once per
+      window; ``init`` under ``jax.set_mesh``. Under plain ``jax.jit``:
+      gradients from ``microbatched_value_and_grad(..., axis_name=...)``,
+      ``weight`` global; in ``jax.shard_map``: each device's own gradient
+      (w.r.t. ``lax.pcast(params, axis_name, to='varying')``) and weight.
+    track_noise_scale: estimate :func:`optax_accum.gradient_noise_scale`
+      from each window: one squared norm per mini-step (with ``axis_name``,
+      per device in ``jax.shard_map`` or ``pmap``; not under plain jit).
     noise_scale_decay: in [0, 1), the per-window decay of its averages.
 
   Update keyword arguments:
@@ -325,9 +324,8 @@ def accumulate(
   Raises:
     TypeError: a wrong type (``inner=optax.adamw``, ``flush=1``, an integer
       param). ValueError: a value out of range (k, ``weight``), a nested
-      accumulator, updates unlike the params; with ``axis_name``, gradients
-      or states that do not fit it. NameError: no ``axis_name`` axis where
-      ``update`` runs. Each error names its argument (``.argument``).
+      accumulator, updates unlike the params, or unfit for ``axis_name``.
+      NameError: no ``axis_name`` axis here. ``.argument`` names each.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum

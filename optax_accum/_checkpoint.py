@@ -59,8 +59,7 @@ def restore_checkpoint(
 
   Args:
     path: the checkpoint directory (a str or ``pathlib.Path``).
-    tx: the optimizer to continue with (``accumulate``, ``optax_accum.chain``
-      or any chain holding them).
+    tx: the optimizer to continue with.
     params: the params (arrays or ``jax.ShapeDtypeStruct``) ``tx`` trains;
       only their structure, shapes, dtypes and shardings are used.
     checkpointer: an ``orbax.checkpoint.StandardCheckpointer`` (or one with
@@ -70,24 +69,20 @@ def restore_checkpoint(
     The restored optimizer state, structured as ``tx.init(params)``.
 
   Raises:
-    ValueError: the checkpoint's state has another structure, shape or
-      dtype than ``tx.init(params)`` (another optimizer, params or
-      ``accumulator_dtype``).
-    FileNotFoundError: nothing exists at ``path``.
-    TypeError: ``checkpointer`` is a ``CheckpointManager`` (restore its step
-      into :func:`reduced_state` of the target, then :func:`unreduced_state`).
-    ImportError: orbax-checkpoint is not installed (``pip install
-      optax_accum[checkpoint]``).
+    ValueError: the checkpoint's structure, a shape or dtype differs from
+      ``tx.init(params)``'s. FileNotFoundError: nothing at ``path``.
+    TypeError: ``checkpointer`` is a ``CheckpointManager`` (restore into
+      :func:`reduced_state` of the target, then :func:`unreduced_state`).
+    ImportError: no orbax-checkpoint (``optax_accum[checkpoint]``).
 
   Examples:
-    >>> import tempfile, os
-    >>> import jax.numpy as jnp, optax, optax_accum
+    >>> import tempfile, jax.numpy as jnp, optax, optax_accum
     >>> import orbax.checkpoint as ocp
     >>> params = {'w': jnp.zeros(3)}
     >>> tx = optax_accum.accumulate(5, optax.adamw(1e-3))
     >>> state = tx.init(params)
     >>> _, state = tx.update({'w': jnp.ones(3)}, state, params)
-    >>> path = os.path.join(tempfile.mkdtemp(), 'opt_state')
+    >>> path = tempfile.mkdtemp() + '/opt_state'
     >>> ckptr = ocp.StandardCheckpointer()
     >>> ckptr.save(path, state); ckptr.wait_until_finished()
     >>> restored = optax_accum.restore_checkpoint(path, tx, params, ckptr)
@@ -95,7 +90,7 @@ def restore_checkpoint(
     1
 
   References:
-    Orbax checkpointing, https://orbax.readthedocs.io/en/latest/.
+    Orbax, https://orbax.readthedocs.io/en/latest/.
   """
   if checkpointer is None:
     try:
@@ -158,10 +153,9 @@ def reduced_state(opt_state: Any) -> Any:
   """The optimizer state with every leaf typed unreduced reduced.
 
   With ``axis_name`` the sums are typed unreduced, which orbax, numpy and
-  ``jax.device_put`` cannot take: this gives the same values reduced (one
-  all-reduce per sum), for any pytree (``{"params": ..., "opt_state":
-  ...}``); on ``jax.ShapeDtypeStruct`` leaves, the restore target on the
-  mesh that is set. :func:`unreduced_state` is its inverse.
+  ``jax.device_put`` cannot take: this gives them reduced (one all-reduce
+  each) in any pytree; on ``jax.ShapeDtypeStruct`` leaves, a restore
+  target on the mesh that is set. :func:`unreduced_state` is its inverse.
 
   Args:
     opt_state: a pytree of arrays or ``jax.ShapeDtypeStruct``.
@@ -196,8 +190,7 @@ def reduced_state(opt_state: Any) -> Any:
 
 
 def unreduced_state(opt_state: Any, like: Any) -> Any:
-  """The inverse of :func:`reduced_state`: leaves unreduced where ``like``'s
-  are.
+  """The inverse of :func:`reduced_state`: unreduced where ``like`` is.
 
   Args:
     opt_state: a state from :func:`reduced_state` (a restored checkpoint).
@@ -209,8 +202,7 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     communication; mid-window, the run resumes to float32 rounding).
 
   Raises:
-    ValueError: ``opt_state`` and ``like`` have different structures, or no
-      mesh is set.
+    ValueError: structures differ, or no mesh is set.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
@@ -220,8 +212,8 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
     ...   target = jax.eval_shape(tx.init, params)
     ...   restored = optax_accum.reduced_state(tx.init(params))  # as loaded
     ...   state = optax_accum.unreduced_state(restored, target)
-    >>> jax.typeof(state.acc_grads['w']).sharding.spec.unreduced == (
-    ...     target.acc_grads['w'].sharding.spec.unreduced)
+    >>> got, want = state.acc_grads['w'], target.acc_grads['w']
+    >>> jax.typeof(got).sharding.spec.unreduced == want.sharding.spec.unreduced
     True
   """
   if jax.tree.structure(opt_state) != jax.tree.structure(like):

@@ -1,14 +1,13 @@
 """The parallel layout of an accumulator: where its sums live and how the
 window's one reduction runs, decided once per trace by :func:`of`.
 
-Without ``axis_name`` (:class:`Layout`) every method is an identity. With
-it, each device adds its own gradient into its own sum and the sums meet
-in one reduction when the window ends (DDP's ``no_sync``, MaxText #5099):
-:class:`Checked` in ``jax.shard_map`` (varying gradients, ``lax.psum``);
-:class:`Mesh` under plain ``jax.jit`` with ``jax.set_mesh`` (gradients typed
-unreduced, ``jax.reshard``); :class:`Unchecked` in ``shard_map(check_vma=
-False)`` or ``pmap`` (a state stacked by the caller); :class:`Single` for
-axes of one device (reduced on arrival).
+Without ``axis_name`` (:class:`Layout`) every method is an identity. With it,
+each device adds into its own sum and the sums meet in one reduction per window
+(DDP's ``no_sync``, MaxText #5099): :class:`Checked` in ``jax.shard_map``
+(varying gradients, ``lax.psum``); :class:`Mesh` under plain ``jax.jit`` with
+``jax.set_mesh`` (gradients typed unreduced, ``jax.reshard``);
+:class:`Unchecked` in ``shard_map(check_vma=False)`` or ``pmap`` (a state
+stacked by the caller); :class:`Single`, axes of one device (no reduction).
 
 The state's layout, and why. ``Checked`` and ``Mesh`` share one state made
 by ``init`` under ``jax.set_mesh``: the three sums typed *unreduced* over

@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import jax
 from jax import lax
+from jax.core import Tracer
 import jax.numpy as jnp
 
 from optax_accum import _accumulator
@@ -54,6 +55,8 @@ def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
   int and a tuple (k concrete: an int, numpy or JAX integer scalar)."""
   if not callable(loss_fn):
     fail(TypeError, 'loss_fn', f'{loss_fn!r}, not a function of params')
+  if isinstance(num_microbatches, Tracer):  # jit: static_argnames
+    fail(TypeError, 'num_microbatches', 'traced; make it a static argument')
   try:
     k = None if isinstance(num_microbatches, bool) else index(num_microbatches)
   except TypeError:
@@ -115,19 +118,17 @@ def microbatched_value_and_grad(
       ``jax.random.fold_in(key, i)`` (with ``axis_name``, of the key folded
       with the device's index first).
     unroll: ``lax.scan``'s ``unroll`` (``True``: straight-line code).
-    axis_name: None, or an Explicit axis (or tuple) of the mesh set with
-      ``jax.set_mesh`` sharding the batch: ``loss_fn`` runs per device in a
-      ``jax.shard_map`` (params sharded over other batch axes gathered,
-      their gradients reduce-scattered: HSDP) and ``grads`` come out
-      unreduced over it, for ``accumulate(..., axis_name=...)``; ``loss``,
-      ``aux``, ``weight`` global, ``num_microbatches`` per device.
+    axis_name: None, or Explicit mesh axes (``jax.set_mesh``) sharding the
+      batch: ``loss_fn`` runs per device in a ``jax.shard_map`` (HSDP:
+      params sharded over other batch axes gathered) and ``grads`` come out
+      unreduced over them, for ``accumulate(..., axis_name=...)``;
+      ``num_microbatches`` per device.
 
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
     weight)``, or ``((loss, aux), grads, weight)`` with ``has_aux``:
     ``grads`` shaped and typed like the params, ``loss`` and ``aux`` in
-    float32 (or their own dtype when wider), ``weight`` the total in
-    float32 (float64 for float64 params).
+    float32 (or wider), ``weight`` the total (float64 for float64 params).
 
   Raises:
     ValueError: ``num_microbatches``, ``reduction`` or an argnum out of

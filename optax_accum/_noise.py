@@ -41,11 +41,6 @@ def add(noise, sq_norm, weight, fresh, layout) -> NoiseScaleState:
   return noise._replace(acc_sq_norm=sq_norms, acc_count=count)
 
 
-def sums(noise):
-  """The window's per-device sums, reduced with the gradients' (or None)."""
-  return None if noise is None else (noise.acc_sq_norm, noise.acc_count)
-
-
 def end_window(noise, sums, mean_norm, weight, used, decay) -> NoiseScaleState:
   """The window's estimates from its reduced ``sums``, averaged in where
   ``used`` (a gradient step of two micro-batches of nonzero weight)."""
@@ -77,19 +72,18 @@ def gradient_noise_scale(opt_state: Any) -> jax.Array:
     |G|^2 \approx \frac{n b - a}{n - 1},
 
   each averaged over windows (``noise_scale_decay``; the ratio needs no bias
-  correction). Windows rejected by ``should_skip_update_fn`` or of total
-  weight 0 are left out.
+  correction), leaving out windows skipped or of total weight 0.
 
   Args:
     opt_state: an optimizer state holding an :class:`AccumulateState`.
 
   Returns:
-    A float32 scalar; NaN before the first window of two micro-batches;
-    noisy, even negative, while ``|G|^2`` is small against the noise.
+    A float32 scalar (per device or member for a stacked state); NaN before
+    a window of two micro-batches; noisy, even negative, while ``|G|^2``
+    is small against the noise.
 
   Raises:
-    ValueError: no accumulator in ``opt_state`` tracks it (``.argument``:
-      ``track_noise_scale``).
+    ValueError: no accumulator tracks it (naming ``track_noise_scale``).
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum

@@ -3,10 +3,14 @@ memory budget, found from ``memory_analysis()`` before anything runs."""
 
 from collections.abc import Callable, Sequence
 import dataclasses
-from numbers import Real
+import inspect
+import itertools
+from numbers import Integral
+from operator import index
 from typing import Any, Optional, Union
 
 import jax
+import numpy as np
 
 from optax_accum._errors import fail
 from optax_accum._errors import leaf_name
@@ -30,8 +34,7 @@ class MicrobatchPlan:
 
 def peak_bytes(compiled) -> int:
   """temp + arguments + outputs - aliased (donated) bytes, per device."""
-  m = compiled.memory_analysis()
-  kinds = ('temp', 'argument', 'output')
+  m, kinds = compiled.memory_analysis(), ('temp', 'argument', 'output')
   used = sum(getattr(m, f'{kind}_size_in_bytes') for kind in kinds)
   return int(used - m.alias_size_in_bytes)
 
@@ -39,8 +42,8 @@ def peak_bytes(compiled) -> int:
 def _abstract(x, rows=None):
   """An array as a ``jax.ShapeDtypeStruct`` (named sharding kept), with
   ``rows`` leading rows where given."""
-  if not hasattr(x, 'shape'):  # a Python scalar stays (weakly typed)
-    return x
+  if not isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+    return x  # a Python or numpy scalar stays (it may be static)
   shape = tuple(x.shape) if rows is None else (rows, *x.shape[1:])
   sharding = getattr(x, 'sharding', None)
   if not isinstance(sharding, jax.sharding.NamedSharding):
@@ -72,31 +75,42 @@ def _memory_limit(memory_limit, args) -> int:
     if 'bytes_limit' not in stats:
       fail(ValueError, 'memory_limit', f'None, and {device} reports none')
     return int(stats['bytes_limit'] * 0.9)  # 10% for the runtime's own
-  if isinstance(memory_limit, bool) or not isinstance(memory_limit, Real):
+  bad = isinstance(memory_limit, (bool, np.bool_, str, bytes))
+  if bad or not hasattr(memory_limit, '__float__'):  # int, numpy, JAX
     fail(TypeError, 'memory_limit', f'{memory_limit!r}, not bytes')
-  if not 0 < float(memory_limit) < float('inf'):
-    fail(ValueError, 'memory_limit', f'{memory_limit!r}, not > 0 bytes')
+  if not 1 <= float(memory_limit) < float('inf'):
+    fail(ValueError, 'memory_limit', f'{memory_limit!r}, not >= 1 byte')
   return int(float(memory_limit))
+
+
+def _k_keyword(step, k_argname) -> None:
+  """``k_argname``: None or a keyword of ``step`` (of the function jitted)."""
+  try:
+    params = inspect.signature(getattr(step, '__wrapped__', step)).parameters
+  except (TypeError, ValueError):  # no signature: the call will tell
+    return
+  var = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  if k_argname is not None and not (k_argname in params or var):
+    fail(TypeError, 'k_argname', f'{k_argname!r}, not among {list(params)}')
 
 
 def _search(sizes, peak, limit) -> int:
   """The index of the largest size whose peak fits (-1: none), the next
-  one's not: the two largest sizes, then twice where the line through the
-  bracket's ends (or the two smallest probes, while none fits) meets the
-  limit, if inside the bracket; else bisection."""
-  n, fits = len(sizes), {}
+  one's not: the largest size, the middle one, twice where the line
+  through the bracket's ends (or the two smallest probes, while none fits)
+  meets the limit, then bisection."""
+  n, probed = len(sizes), []
   lo, hi = -1, n
-  for tries in range(2 * n):
-    if hi - lo <= 1:
-      break
-    i = n - 1 - tries
-    if tries >= 2:
-      ends = (lo, hi) if lo >= 0 else sorted(fits)[:2]
-      i = sum(m <= _line(sizes, peak, ends)(limit) for m in sizes) - 1
-      if tries >= 4 or not lo < i < hi:
-        i = (lo + hi) // 2
-    fits[i] = peak(sizes[i]) <= limit
-    lo, hi = (i, hi) if fits[i] else (lo, i)
+  while hi - lo > 1:
+    t = len(probed)
+    i = (n - 1, (n - 1) // 2)[t] if t < 2 else (lo + hi) // 2
+    if t in (2, 3):
+      ends = (lo, hi) if lo >= 0 else sorted(probed)[:2]
+      at = _line(sizes, peak, ends)(limit) * (1 + 1e-9)  # float rounding
+      i = sum(m <= at for m in sizes) - 1
+    i = min(max(i, lo + 1), hi - 1)
+    probed.append(i)
+    lo, hi = (i, hi) if peak(sizes[i]) <= limit else (lo, i)
   return lo
 
 
@@ -107,8 +121,11 @@ def _line(sizes, peak, ends):
 
 
 def _predicted(peaks, m) -> Optional[int]:
-  """The line through the two probes nearest ``m`` (but ``m``), at ``m``."""
-  near = sorted((p for p in peaks if p != m), key=lambda p: abs(p - m))[:2]
+  """The line through the two probes nearest ``m`` (but ``m``, and size 1
+  where others are: XLA can lay it out otherwise), at ``m``."""
+  others = [p for p in peaks if p not in (m, 1)]
+  others = others if len(others) >= 2 else [p for p in peaks if p != m]
+  near = sorted(others, key=lambda p: abs(p - m))[:2]
   if len(near) < 2:
     return None
   (m0, p0), (m1, p1) = [(p, peaks[p]) for p in near]
@@ -126,10 +143,10 @@ def plan_microbatches(
 
   Compiles ``step`` for micro-batch sizes that divide the global batch
   (nothing runs) and reads each one's peak bytes per device from
-  ``memory_analysis()`` (temp + arguments + outputs - aliased): the two
-  largest sizes, then where a line (a fixed cost plus a cost per item)
-  through the probes meets the limit and a neighbour, so 3 to 5
-  compilations (at most 5 + log2(divisors)). The chosen size's compiled
+  ``memory_analysis()`` (temp + arguments + outputs - aliased): the largest
+  size, the middle one, twice where a line (a fixed cost plus a cost per
+  item) through the probes meets the limit, then bisection: 3 to 5
+  compilations, at most 5 + log2(divisors). The chosen size's compiled
   peak fits; the next larger size's does not (peaks grow with the size).
 
   Args:
@@ -168,10 +185,15 @@ def plan_microbatches(
   if not callable(step):
     fail(TypeError, 'step', f'{step!r}, not callable')
   limit = _memory_limit(memory_limit, args)
-  one = isinstance(batch_argnums, int)
-  nums = tuple([batch_argnums] if one else batch_argnums)
+  argnums: Any = batch_argnums
+  try:
+    one = isinstance(argnums, Integral)
+    nums = tuple(map(index, (argnums,) if one else argnums))
+  except TypeError:
+    fail(TypeError, 'batch_argnums', f'{batch_argnums!r}; give ints')
   if not nums or any(not 0 <= n < len(args) for n in nums):
     fail(ValueError, 'batch_argnums', f'{batch_argnums!r}; {len(args)} args')
+  _k_keyword(step, k_argname)
   size, shards = _batch(args, nums)
   sizes = [m for m in range(1, size + 1) if size % m == 0 and m % shards == 0]
   jit = lambda f: jax.jit(f, static_argnames=k_argname)
@@ -190,8 +212,12 @@ def plan_microbatches(
     return peaks[m]
 
   lo = _search(sizes, peak, limit)
+  if lo < 0:  # size 1 can cost more than 2 (XLA lays it out otherwise):
+    fit = lambda i: peak(sizes[i]) <= limit  # up from 2 while sizes fit
+    lo = max(itertools.takewhile(fit, range(1, len(sizes))), default=-1)
   if lo < 0:
-    least = f'the smallest size, {sizes[0]}, needs {peaks[sizes[0]]}'
+    least = min(peaks, key=lambda size: peaks[size])
+    least = f'the least peak is {peaks[least]}, at size {least}'
     fail(ValueError, 'memory_limit', f'{limit} bytes; {least}')
   near = sorted(range(len(sizes)), key=lambda i: abs(i - lo))  # for the
   while lo < len(sizes) - 1 and len(peaks) < min(3, len(sizes)):  # line

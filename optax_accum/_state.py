@@ -19,27 +19,23 @@ class AccumulateState(NamedTuple):
       ``every_k_schedule`` is evaluated on it.
     every_k: int32 scalar, the k of the window in flight, fixed by its first
       micro-batch; with no window in flight, the schedule's k for the next.
-    acc_grads: pytree shaped like the params, :math:`\\sum_i w_i g_i` over
-      the window in flight, in the accumulator dtype (the last window's
-      when ``mini_step`` is 0; the next micro-batch overwrites it).
+    acc_grads: like the params, :math:`\\sum_i w_i g_i` of the window in
+      flight (the last one's when ``mini_step`` is 0), accumulator dtype.
     acc_compensation: None (kept so states saved by 0.4 restore).
     acc_weight: scalar :math:`\\sum_i w_i` of the window in flight (its
-      number of micro-batches without ``weight``), in the widest real
-      accumulator dtype (float32 at least: float64 for float64 params).
+      micro-batches without ``weight``), the widest real accumulator dtype.
     acc_value: scalar :math:`\\sum_i w_i v_i` of the ``value`` arguments of
       the window in flight (float64 under x64); 0 without ``value``.
     has_updated: bool scalar, whether the last mini-step took a step.
     num_rejected: int32 scalar, windows ``should_skip_update_fn`` rejected.
     grad_norm: float32 scalar, the L2 norm of the last window's mean.
-    skip_state: what ``should_skip_update_fn`` returned for the last
-      window (None without one).
+    skip_state: ``should_skip_update_fn``'s for the last window, or None.
     inner_opt_state: the inner optimizer's state, in the dtypes its init
       gave; ``None`` in the chainable form (``inner=None``).
     noise_scale: None, or with ``track_noise_scale=True`` the sums and
       averages behind :func:`optax_accum.gradient_noise_scale`.
 
-  With ``axis_name`` (``init`` under ``jax.set_mesh``) the three sums are
-  typed unreduced; :func:`optax_accum.reduced_state` gives them reduced.
+  With ``axis_name`` the sums are typed unreduced (:func:`reduced_state`).
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum

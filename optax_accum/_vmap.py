@@ -19,9 +19,8 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
   """Splits an ensemble's optimizer state for ``jax.vmap``: shared counters.
 
   Stacked counters make ``lax.cond`` a select under ``jax.vmap`` (the inner
-  optimizer runs every mini-step). This keeps member 0's counters and
-  returns ``in_axes``/``out_axes`` that leave them unbatched; pass
-  ``weight`` and ``flush`` unbatched too.
+  runs every mini-step): this keeps member 0's, unbatched by the returned
+  axes; pass ``weight`` and ``flush`` unbatched too.
 
   Args:
     opt_state: a state stacked along axis 0 (``jax.vmap(tx.init)``), with
@@ -34,9 +33,8 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
     for ``jax.vmap``'s ``in_axes`` and ``out_axes``.
 
   Raises:
-    ValueError: a state not stacked per member, counters that differ
-      between members, a ``should_skip_update_fn`` (its verdict is per
-      member), or no ``AccumulateState`` (``.argument``: ``opt_state``).
+    ValueError: a state not stacked, counters that differ between members,
+      a ``should_skip_update_fn`` (per member) or no ``AccumulateState``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
@@ -51,8 +49,7 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
     1
 
   References:
-    praxis ``ShardedStaticAccumulator`` (which keeps a conditional alive
-    under vmap); jax-ml/jax #8409.
+    praxis ``ShardedStaticAccumulator``; jax-ml/jax #8409.
   """
   is_acc = lambda x: isinstance(x, AccumulateState)
   if not accumulate_states(opt_state):

@@ -43,9 +43,8 @@ class Optimizer(nnx.Optimizer):
     wrt: the filter of the trained variables, as for ``nnx.Optimizer``.
 
   Raises:
-    RuntimeError: flax older than 0.12.7 (no ``nnx.as_pure``).
-    ValueError: from ``update``, the errors of
-      :func:`optax_accum.apply_gradients`.
+    RuntimeError: flax older than 0.12.7 (no ``nnx.as_pure``). ValueError:
+      from ``update``, those of :func:`optax_accum.apply_gradients`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
@@ -62,8 +61,7 @@ class Optimizer(nnx.Optimizer):
     (1, 0)
 
   References:
-    ``flax.nnx.Optimizer``; MaxText PR #812 (step counters that count
-    gradient steps).
+    ``flax.nnx.Optimizer``; MaxText PR #812 (counting gradient steps).
   """
 
   def __init__(self, model, tx, *args, **kwargs):
