@@ -131,12 +131,10 @@ class Accumulator:
     args = (weight, flush, extra_args, UPDATE)
     return self.mini_step(updates, state, params, *args)
 
-  def apply(
-    self, updates, state, params, *, weight=None, flush=None, **extra_args
-  ):
-    """One mini-step returning ``(params, state)``: on mid-steps the params
-    pass through untouched and no zero updates are written."""
-    args = (weight, flush, extra_args, APPLY)
+  def apply(self, updates, state, params, *, weight=None, flush=None, **kw):
+    """One mini-step returning ``(params, state)``, params untouched (and no
+    zero updates written) on mid-steps."""
+    args = (weight, flush, kw, APPLY)
     return self.mini_step(updates, state, params, *args)
 
   def mini_step(self, grads, state, params, weight, flush, extra, output):
@@ -309,12 +307,11 @@ def accumulate(
 
   Update keyword arguments:
     weight: the items (tokens) the micro-batch's loss averages over, 0 or
-      in [2**-64, 2**64] (only ratios matter); weight 0 adds nothing (even
-      NaN), a window of total weight 0 takes no step, a bad traced weight
-      makes the update NaN.
+      in [2**-64, 2**64]; 0 adds nothing (even NaN), a window of total 0
+      takes no step, a bad traced weight makes the update NaN.
     flush: a bool scalar; true ends the window after this micro-batch.
     value: a real scalar, the loss: ``inner`` (``reduce_on_plateau``) gets
-      the window's weighted mean. Other keywords reach ``inner`` as passed
+      the window's weighted mean. Other keywords reach ``inner`` as given
       with the window's last micro-batch.
 
   Returns:

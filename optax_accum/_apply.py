@@ -38,16 +38,13 @@ def apply_gradients(
       :func:`optax_accum.accumulate`) and what ``tx``'s elements take.
 
   Returns:
-    ``(params, opt_state)``: new params (the same values on mid-steps) and
-    the new state.
+    ``(params, opt_state)``, the params unchanged on mid-steps.
 
   Raises:
-    TypeError: ``tx`` is not a transformation (a factory, or an
-      ``optax.MultiSteps``).
-    ValueError: ``params`` is None; ``weight`` or ``flush`` given to a
-      ``tx`` without an accumulator; a ``tx`` not built by this library
-      that holds a chainable-form accumulator; the errors of ``tx.update``.
-      Each error names its argument (``.argument``).
+    TypeError: ``tx`` not a transformation (a factory, a MultiSteps).
+    ValueError: ``params`` None; ``weight``/``flush`` and no accumulator; a
+      ``tx`` not built here holding a chainable-form accumulator; those of
+      ``tx.update``. Each names its argument (``.argument``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum

@@ -265,5 +265,4 @@ def mesh_call(names, grads, value) -> None:
 
 
 def _shown(names):
-  names = tuple(names)
-  return names[0] if len(names) == 1 else names
+  return names[0] if len(names := tuple(names)) == 1 else names

@@ -97,18 +97,15 @@ def chain(
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum
-    >>> tx = optax_accum.chain(
-    ...     optax_accum.accumulate(4),
-    ...     optax.clip_by_global_norm(1.0),  # the window's mean
-    ...     optax.adamw(1e-3),  # once per gradient step
-    ... )
+    >>> tx = optax_accum.chain(  # clip and adamw: once per gradient step
+    ...     optax_accum.accumulate(4), optax.clip_by_global_norm(1.0),
+    ...     optax.adamw(1e-3))
     >>> params = {'w': jnp.zeros(3)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params)
 
   References:
-    ``optax.apply_every``'s documented trap ("the states of the other
-    transformations will still be updated at every step").
+    ``optax.apply_every``'s documented trap (other states update each step).
   """
   for i, t in enumerate(transforms):
     _checks.transformation(t, f'transforms[{i}]')

@@ -97,7 +97,6 @@ def restore_checkpoint(
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       fail(ImportError, "checkpointer", "None; pip install orbax-checkpoint", e)
-
     checkpointer = ocp.StandardCheckpointer()
   if hasattr(checkpointer, "latest_step"):  # a CheckpointManager
     fail(TypeError, "checkpointer", "a CheckpointManager; see reduced_state")

@@ -21,7 +21,7 @@ class MicrobatchPlan:
   """What :func:`optax_accum.plan_microbatches` returns, bytes per device:
   ``k * micro_batch_size`` is the global batch; ``peak_bytes``, the chosen
   step's compiled peak; ``predicted_bytes``, the line through the two
-  nearest other probes there (None where the whole batch fits);
+  nearest other probes there (None with fewer, as when k is 1);
   ``probes``, ``((size, peak_bytes), ...)`` of every compilation."""
 
   micro_batch_size: int
@@ -32,22 +32,14 @@ class MicrobatchPlan:
   probes: tuple[tuple[int, int], ...]
 
 
-def peak_bytes(compiled) -> int:
-  """temp + arguments + outputs - aliased (donated) bytes, per device."""
-  m, kinds = compiled.memory_analysis(), ('temp', 'argument', 'output')
-  used = sum(getattr(m, f'{kind}_size_in_bytes') for kind in kinds)
-  return int(used - m.alias_size_in_bytes)
-
-
 def _abstract(x, rows=None):
-  """An array as a ``jax.ShapeDtypeStruct`` (named sharding kept), with
-  ``rows`` leading rows where given."""
+  """An array as a ``jax.ShapeDtypeStruct`` (named sharding, ``rows``)."""
   if not isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
     return x  # a Python or numpy scalar stays (it may be static)
   shape = tuple(x.shape) if rows is None else (rows, *x.shape[1:])
   sharding = getattr(x, 'sharding', None)
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    sharding = None
+  named = isinstance(sharding, jax.sharding.NamedSharding)
+  sharding = sharding if named else None
   return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
 
 
@@ -78,9 +70,30 @@ def _memory_limit(memory_limit, args) -> int:
   bad = isinstance(memory_limit, (bool, np.bool_, str, bytes))
   if bad or not hasattr(memory_limit, '__float__'):  # int, numpy, JAX
     fail(TypeError, 'memory_limit', f'{memory_limit!r}, not bytes')
-  if not 1 <= float(memory_limit) < float('inf'):
-    fail(ValueError, 'memory_limit', f'{memory_limit!r}, not >= 1 byte')
-  return int(float(memory_limit))
+  try:
+    limit = float(memory_limit)
+  except OverflowError:  # an int beyond float64
+    limit = float('inf')
+  if not 1 <= limit < float('inf'):
+    fail(ValueError, 'memory_limit', f'{memory_limit!r}, not finite >= 1')
+  return int(limit)
+
+
+def lowering(step, args, k_argname):
+  """``step``'s own ``lower`` (of a partial's jitted function too), so the
+  donation and in-place updates (``nnx.jit``) are those that will run."""
+  if hasattr(step, 'lower'):
+    return step.lower
+  func: Any = getattr(step, 'func', None)
+  bound = getattr(step, 'keywords', {})
+  if hasattr(func, 'lower'):  # functools.partial of a jitted step
+    return lambda *a, **kw: func.lower(*step.args, *a, **{**bound, **kw})
+  nnx = lambda x: any(
+    c.__module__.startswith('flax.nnx') for c in type(x).__mro__
+  )
+  if any(map(nnx, jax.tree.leaves(args, is_leaf=nnx))):  # in-place updates
+    fail(TypeError, 'step', 'a plain function of NNX objects: nnx.jit it')
+  return jax.jit(step, static_argnames=k_argname).lower
 
 
 def _k_keyword(step, k_argname) -> None:
@@ -95,10 +108,9 @@ def _k_keyword(step, k_argname) -> None:
 
 
 def _search(sizes, peak, limit) -> int:
-  """The index of the largest size whose peak fits (-1: none), the next
-  one's not: the largest size, the middle one, twice where the line
-  through the bracket's ends (or the two smallest probes, while none fits)
-  meets the limit, then bisection."""
+  """The index of the largest size whose peak fits (-1: none), the next one's
+  not: the largest size, the middle one, twice where the line through the
+  bracket's ends (or the two smallest probes) meets the limit, bisection."""
   n, probed = len(sizes), []
   lo, hi = -1, n
   while hi - lo > 1:
@@ -145,15 +157,15 @@ def plan_microbatches(
   (nothing runs) and reads each one's peak bytes per device from
   ``memory_analysis()`` (temp + arguments + outputs - aliased): the largest
   size, the middle one, twice where a line (a fixed cost plus a cost per
-  item) through the probes meets the limit, then bisection: 3 to 5
+  item) through the probes meets the limit, then bisection: 3 to 7
   compilations, at most 5 + log2(divisors). The chosen size's compiled
   peak fits; the next larger size's does not (peaks grow with the size).
 
   Args:
-    step: the train step, jitted as you run it (donation included) or a
-      plain function. Cross-step form: it takes one micro-batch. In-step
-      form (``k_argname``): it takes the global batch and the number of
-      micro-batches as the keyword ``k_argname``, static in its jit.
+    step: the train step as you run it: ``jax.jit``- or ``nnx.jit``-ed
+      (donation counts), a ``functools.partial`` of one (to bind keywords)
+      or a pure function. Cross-step form: it takes one micro-batch;
+      in-step form: the global batch and k as the static ``k_argname``.
     *args: its arguments (arrays or ``jax.ShapeDtypeStruct``), the global
       batch at ``batch_argnums``: pytrees of one leading size (items).
     batch_argnums: the positions of the batch in ``args`` (0-based).
@@ -196,8 +208,7 @@ def plan_microbatches(
   _k_keyword(step, k_argname)
   size, shards = _batch(args, nums)
   sizes = [m for m in range(1, size + 1) if size % m == 0 and m % shards == 0]
-  jit = lambda f: jax.jit(f, static_argnames=k_argname)
-  jitted = step if hasattr(step, 'lower') else jit(step)
+  lower = lowering(step, args, k_argname)
   peaks: dict[int, int] = {}
 
   def peak(m):
@@ -208,7 +219,9 @@ def plan_microbatches(
         jax.tree.map(rows if n in nums else _abstract, a)
         for n, a in enumerate(args)
       ]
-      peaks[m] = peak_bytes(jitted.lower(*call, **kw).compile())
+      a: Any = lower(*call, **kw).compile().memory_analysis()  # per device:
+      used = a.temp_size_in_bytes + a.argument_size_in_bytes  # donated
+      peaks[m] = int(used + a.output_size_in_bytes - a.alias_size_in_bytes)
     return peaks[m]
 
   lo = _search(sizes, peak, limit)
@@ -222,7 +235,6 @@ def plan_microbatches(
   near = sorted(range(len(sizes)), key=lambda i: abs(i - lo))  # for the
   while lo < len(sizes) - 1 and len(peaks) < min(3, len(sizes)):  # line
     peak(sizes[next(i for i in near if sizes[i] not in peaks)])
-  m = sizes[lo]
-  table = tuple(sorted(peaks.items()))
+  m, table = sizes[lo], tuple(sorted(peaks.items()))
   found = (peaks[m], _predicted(peaks, m), limit, table)
   return MicrobatchPlan(m, size // m, *found)

@@ -10,6 +10,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import numpy as np
 
+from optax_accum import _plan
+
 _OP = re.compile(r'= (.+?) (all-reduce|reduce-scatter)(?:-start)?\((.*)$')
 _CALLS = re.compile(
   r'(to_apply|calls|body|condition|true_computation|'
@@ -161,15 +163,15 @@ def reduction_report(
 ) -> ReductionReport:
   """Compiles ``fn`` for these arguments and reports where it reduces.
 
-  Lowers and compiles ``fn`` (jitted or not; nothing runs) and lists every
-  all-reduce and reduce-scatter of its HLO: bytes per device (a
-  reduce-scatter's operand), the mesh axes its device groups span, whether
-  it runs in a conditional's branch (an accumulator's gradient step) or a
-  loop body (a micro-batch scan). In tests: ``every_call_bytes`` small,
-  ``emitting_bytes`` the gradient's, is "reduces once per window".
+  Lowers and compiles ``fn`` (nothing runs) and lists every all-reduce and
+  reduce-scatter of its HLO: bytes per device (a reduce-scatter's
+  operand), the mesh axes its device groups span, whether it runs in a
+  conditional's branch (a gradient step) or a loop body (a micro-batch
+  scan). ``every_call_bytes`` small and ``emitting_bytes`` the gradient's
+  is "reduces once per window".
 
   Args:
-    fn: the step, as you call it (``jax.jit``-ed or a plain function).
+    fn: the step as you run it (as ``step`` of :func:`plan_microbatches`).
     *args: its arguments: arrays or ``jax.ShapeDtypeStruct`` (with the
       shardings they will have).
     **kwargs: its keyword arguments.
@@ -180,7 +182,8 @@ def reduction_report(
     come from the arguments' mesh or the one set with ``jax.set_mesh``.
 
   Raises:
-    The errors of ``jax.jit(fn).lower(*args, **kwargs).compile()``.
+    TypeError: a plain function of NNX objects (``nnx.jit`` it); the errors
+      of ``fn.lower(*args, **kwargs).compile()``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_accum
@@ -189,11 +192,10 @@ def reduction_report(
     (0, 0)
 
   References:
-    MaxText PR #5104 (an every-micro-batch all-reduce found in HLO);
-    XLA's HLO text format (``replica_groups``).
+    MaxText PR #5104 (an every-micro-batch all-reduce found in HLO).
   """
-  jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
-  text = jitted.lower(*args, **kwargs).compile().as_text()
+  lower = _plan.lowering(fn, (args, kwargs), None)
+  text = lower(*args, **kwargs).compile().as_text()
   comps, entry = _computations(text)
   places = _places(comps, entry)
   mesh = _mesh_of((args, kwargs))

@@ -82,10 +82,9 @@ def holds_chainable_form(tree) -> bool:
 def has_updated(opt_state: Any) -> jax.Array:
   """Tells whether the last mini-step took a gradient step.
 
-  Reads the first :class:`AccumulateState` in ``opt_state``.
-
   Args:
-    opt_state: an optimizer state pytree holding an ``AccumulateState``.
+    opt_state: an optimizer state pytree holding an ``AccumulateState``
+      (the first one is read).
 
   Returns:
     A bool scalar array.
@@ -102,7 +101,7 @@ def has_updated(opt_state: Any) -> jax.Array:
     False
 
   References:
-    ``optax.MultiSteps.has_updated``.
+    ``optax.MultiSteps.has_updated`` (which infers it from its counter).
   """
   states = accumulate_states(opt_state)
   if not states:

@@ -94,16 +94,14 @@ class Optimizer(nnx.Optimizer):
 class TrainState(train_state.TrainState):
   """Linen ``TrainState`` for accumulation: ``step`` counts gradient steps.
 
-  A drop-in for ``flax.training.train_state.TrainState.create(apply_fn=...,
-  params=..., tx=...)``. ``apply_gradients(grads=..., weight=...,
-  flush=..., value=..., extra_args=..., **kwargs)`` is one mini-step through
+  A drop-in for ``flax.training.train_state.TrainState.create(...)``:
+  ``apply_gradients(grads=..., weight=..., flush=..., value=...,
+  extra_args=..., **kwargs)`` is one mini-step of
   :func:`optax_accum.apply_gradients` (``extra_args``, a dict, reach the
-  rest of ``tx``; ``**kwargs`` replace fields). ``step`` counts gradient
-  steps.
+  rest of ``tx``; ``**kwargs`` replace fields).
 
   Raises:
-    ValueError: from ``apply_gradients``, the errors of
-      :func:`optax_accum.apply_gradients`.
+    ValueError: those of :func:`optax_accum.apply_gradients`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum

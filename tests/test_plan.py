@@ -228,3 +228,51 @@ def test_a_size_one_dearer_than_size_two_does_not_hide_size_two():
     pytest.skip("size 1 is not dearer than size 2 here")
   plan = optax_accum.plan_microbatches(step, w, batch(256), memory_limit=two)
   assert plan.micro_batch_size == 2
+
+
+def test_a_partial_of_a_jitted_step_keeps_its_donation():
+  @functools.partial(jax.jit, donate_argnums=0, static_argnames="scale")
+  def step(w, x, *, scale):
+    return w - scale * jnp.sum(x)
+
+  args = (jnp.zeros((512, 512)), jnp.zeros((64, 4)))
+  bound = functools.partial(step, scale=2.0)
+  plan = optax_accum.plan_microbatches(bound, *args, memory_limit=10**9)
+  assert plan.peak_bytes == compiled_peak(step, *args, scale=2.0)
+  kept = jax.jit(lambda w, x: w - 2.0 * jnp.sum(x))
+  assert plan.peak_bytes < compiled_peak(kept, *args) - 512 * 512 * 2
+
+
+def test_an_nnx_step_is_planned_as_nnx_jit_runs_it():
+  """The in-place update of an nnx.jit step counts; a plain function of
+  NNX objects (whose in-place update jax.jit would drop) is refused."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  model = nnx.Linear(64, 256, rngs=nnx.Rngs(0))
+  tx = optax_accum.chain(optax_accum.accumulate(4), optax.adamw(1e-3))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  batch = jax.ShapeDtypeStruct((128, 64), jnp.float32)
+
+  def step(model, opt, x):
+    loss = lambda m: jnp.mean(m(x) ** 2)
+    opt.update(model, nnx.grad(loss)(model))
+
+  jitted = nnx.jit(step)
+  plan = optax_accum.plan_microbatches(
+    jitted, model, opt, batch, batch_argnums=2, memory_limit=10**9
+  )
+  want = compiled_peak(jitted, model, opt, batch)
+  assert plan.peak_bytes == want
+  with pytest.raises(TypeError) as e:
+    optax_accum.plan_microbatches(
+      step, model, opt, batch, batch_argnums=2, memory_limit=10**9
+    )
+  assert e.value.argument == "step"
+
+
+def test_a_limit_beyond_float64_is_named():
+  with pytest.raises(ValueError) as e:
+    optax_accum.plan_microbatches(
+      cross_step, W, ACC.init(W), batch_of(GLOBAL), memory_limit=10**400
+    )
+  assert e.value.argument == "memory_limit"
