@@ -276,3 +276,22 @@ def test_a_limit_beyond_float64_is_named():
       cross_step, W, ACC.init(W), batch_of(GLOBAL), memory_limit=10**400
     )
   assert e.value.argument == "memory_limit"
+
+
+def test_the_default_limit_is_the_device_s_less_ten_percent(monkeypatch):
+  """Where JAX reports the device's memory (GPU, TPU; faked here), the
+  default budget is its bytes_limit less 10%."""
+
+  class Device:
+    def memory_stats(self):
+      return {"bytes_limit": 5 * 10**6}
+
+  monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+  args = (
+    jax.ShapeDtypeStruct((64, 64), jnp.float32),
+    jax.ShapeDtypeStruct((32, 64), jnp.float32),
+  )
+  step = jax.jit(lambda w, x: w - x.T @ x)
+  plan = optax_accum.plan_microbatches(step, *args)
+  assert plan.memory_limit == int(5 * 10**6 * 0.9)
+  assert plan.k == 1
