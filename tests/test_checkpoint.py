@@ -152,17 +152,24 @@ def test_partition_of_two_accumulators_restores_its_own_checkpoint(tmp_path):
   chex.assert_trees_all_equal(got, want)
 
 
-def test_nested_chain_state_restores(tmp_path):
-  params = {"w": jnp.ones(3)}
-  tx = optax.chain(
-    optax.chain(optax.scale(1.0), optax_accum.accumulate(3, optax.sgd(0.1)))
-  )
+def _one_step_saved_and_restored(tmp_path, tx, params):
+  """The state after one mini-step, and it saved and restored."""
   state = tx.init(params)
   _, state = tx.update({"w": jnp.ones(3)}, state, params)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(tmp_path / "s", state)
   ckptr.wait_until_finished()
-  restored = optax_accum.restore_checkpoint(tmp_path / "s", tx, params, ckptr)
+  return state, optax_accum.restore_checkpoint(
+    tmp_path / "s", tx, params, ckptr
+  )
+
+
+def test_nested_chain_state_restores(tmp_path):
+  params = {"w": jnp.ones(3)}
+  tx = optax.chain(
+    optax.chain(optax.scale(1.0), optax_accum.accumulate(3, optax.sgd(0.1)))
+  )
+  state, restored = _one_step_saved_and_restored(tmp_path, tx, params)
   chex.assert_trees_all_equal(restored, state)
   assert int(restored[0][1].mini_step) == 1
 
@@ -346,11 +353,6 @@ def test_a_state_saved_by_0_4_restores(tmp_path):
   assert fields[4] == "acc_compensation"
   tx = optax_accum.accumulate(3, optax.adam(0.1))
   params = {"w": jnp.zeros(3)}
-  state = tx.init(params)
-  _, state = tx.update({"w": jnp.ones(3)}, state, params)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(tmp_path / "s", state)
-  ckptr.wait_until_finished()
-  restored = optax_accum.restore_checkpoint(tmp_path / "s", tx, params, ckptr)
+  state, restored = _one_step_saved_and_restored(tmp_path, tx, params)
   assert int(restored.mini_step) == 1
   assert restored.acc_compensation is None
