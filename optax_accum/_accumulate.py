@@ -1,10 +1,7 @@
-"""``accumulate``: one pipeline for every mini-step.
-
-arrive -> add into the sum -> decide whether the window ends -> one
-conditional -> next state. The parallel layout is decided once per trace
-(``_layout.of``) and what a mini-step returns (updates, or applied params)
-is an :class:`Output` pair, so neither is a flag threaded through branches.
-"""
+"""``accumulate``: arrive -> add into the sum -> decide whether the window
+ends -> one conditional -> next state, for every mini-step. The parallel
+layout (``_layout.of``) and what a mini-step returns (:class:`Output`) are
+objects decided once, not flags threaded through branches."""
 
 from collections.abc import Callable
 import dataclasses
@@ -23,6 +20,7 @@ from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _layout
 from optax_accum import _noise
+from optax_accum._errors import fail
 from optax_accum._state import AccumulateState
 from optax_accum._state import accumulate_states
 
@@ -139,8 +137,9 @@ class Accumulator:
 
   def mini_step(self, grads, state, params, weight, flush, extra, output):
     """The pipeline: arrive, add, decide, one conditional, next state."""
-    if 'value' in extra and extra['value'] is None:  # as weight=None
-      extra = {k: v for k, v in extra.items() if k != 'value'}
+    given = lambda k, v: v is not None or k not in ('value', 'sq_norms')
+    extra = {k: v for k, v in extra.items() if given(k, v)}  # None: not given
+    sq_norms = _call_checks.sq_norms(extra.pop('sq_norms', None))
     arrived = _call_checks.mini_step(grads, state, params, weight, flush, extra)
     layout = _layout.of(self.names)
     layout.check(state, *arrived)
@@ -149,9 +148,11 @@ class Accumulator:
     k = jnp.where(fresh, self.schedule(state.gradient_step), state.every_k)
     sums = _accumulator.add(state, grads, weight, value, fresh, layout)
     noise = state.noise_scale
-    if noise is not None:  # one w |g|^2 per micro-batch (this device's)
-      sq_norm = _accumulator.sq_norm(grads)
-      noise = _noise.add(noise, sq_norm, weight, fresh, layout)
+    if noise is not None:  # handed over (in-step), or this micro-batch's
+      if sq_norms is None and not layout.own_weight:  # gradients summed
+        fail(ValueError, 'track_noise_scale', 'under plain jit: pass sq_norms')
+      own = lambda: _noise.own(_accumulator.sq_norm(grads), weight)
+      noise = _noise.add(noise, sq_norms or own(), fresh, layout)
     mini_step = state.mini_step + 1
     end = mini_step >= k if flush is None else (mini_step >= k) | flush
     branch = lambda f: functools.partial(f, layout, output, grads, extra, state)
@@ -287,22 +288,19 @@ def accumulate(
     every_k_schedule: micro-batches per window, an int in [1, 2**31 - 1] or
       a traceable ``gradient_step -> k`` (rounded; below 1 or NaN means 1).
       A window keeps the k it started with (``AccumulateState.every_k``).
-    inner: an ``optax.GradientTransformation`` run once per window, or None
-      (the chainable form).
-    accumulator_dtype: None (per leaf: float32, complex64 for complex
-      params, or the param dtype when wider), float32, float64, bfloat16
-      or a complex dtype.
+    inner: a transformation run once per window, or None (chainable form).
+    accumulator_dtype: None (per leaf float32, complex64 for complex params,
+      or wider params' dtype), float32, float64, bfloat16 or complex.
     should_skip_update_fn: ``fn(mean, gradient_step, params) -> (skip,
-      skip_state)`` (as ``optax.MultiSteps``), once per window on its mean:
-      a skipped window takes no gradient step.
+      skip_state)`` (``optax.MultiSteps``'s), on each window's mean.
     axis_name: the data-parallel mesh axis (or axes) reduced once per
       window; ``init`` under ``jax.set_mesh``. Under plain ``jax.jit``:
       gradients from ``microbatched_value_and_grad(..., axis_name=...)``,
       ``weight`` global; in ``jax.shard_map``: each device's own gradient
       (w.r.t. ``lax.pcast(params, axis_name, to='varying')``) and weight.
-    track_noise_scale: estimate :func:`optax_accum.gradient_noise_scale`
-      from each window: one squared norm per mini-step (with ``axis_name``,
-      per device in ``jax.shard_map`` or ``pmap``; not under plain jit).
+    track_noise_scale: estimate :func:`optax_accum.gradient_noise_scale`:
+      one squared norm per mini-step (per device with ``axis_name``; under
+      plain jit on a mesh, the in-step form's ``sq_norms``).
     noise_scale_decay: in [0, 1), the per-window decay of its averages.
 
   Update keyword arguments:
@@ -313,6 +311,8 @@ def accumulate(
     value: a real scalar, the loss: ``inner`` (``reduce_on_plateau``) gets
       the window's weighted mean. Other keywords reach ``inner`` as given
       with the window's last micro-batch.
+    sq_norms: for ``track_noise_scale``, the micro-batches' squared norms
+      from ``microbatched_value_and_grad(..., sq_norms=True)`` (in-step).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an

@@ -1,9 +1,6 @@
-"""The checks each call runs, before it adds a micro-batch: structure and
-shape (as ``optax.chain`` checks them), concrete ``weight``, ``flush`` and
-``value``, what ``apply_gradients`` can tell from a state, and the parallel
-types that would otherwise give wrong numbers. Construction and init checks
-are in ``_checks``; every raise goes through ``_errors.fail``.
-"""
+"""The checks of each call (construction's and init's: ``_checks``):
+structure and shape, concrete ``weight``, ``flush``, ``value`` and
+``sq_norms``, and the parallel types that would give wrong numbers."""
 
 import difflib
 import sys
@@ -118,6 +115,17 @@ def weight_of(value, dtype=jnp.float32):
   return jnp.where(good, value, jnp.full_like(value, jnp.nan))
 
 
+def sq_norms(value):
+  """None, or ``(sum_i w_i |g_i|^2, count)``: two real scalars."""
+  if value is not None and not (isinstance(value, tuple) and len(value) == 2):
+    fail(
+      TypeError, 'sq_norms', f'{value!r}; pass microbatched_value_and_grad\'s'
+    )
+  for x in value or ():
+    _real_scalar(x, 'sq_norms')
+  return value
+
+
 def flush_of(value):
   if value is None:
     return None
@@ -128,7 +136,7 @@ def flush_of(value):
   fail(TypeError, 'flush', f'{value!r}; write flush=bool(...) or (x > 0)')
 
 
-_OWN_KEYWORDS = ('weight', 'flush', 'value')
+_OWN_KEYWORDS = ('weight', 'flush', 'value', 'sq_norms')
 
 
 def misspelt_keywords(extra_args) -> None:

@@ -84,10 +84,9 @@ def chain(
       of them an ``accumulate(...)``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. With the accumulator first
-    its state is an :class:`optax_accum.AccumulateState` whose
-    ``inner_opt_state`` holds the later elements' states; otherwise a tuple
-    of the elements' states, as ``optax.chain``.
+    An ``optax.GradientTransformationExtraArgs``; its state an
+    :class:`optax_accum.AccumulateState` with the accumulator first (the
+    later elements' in ``inner_opt_state``), else ``optax.chain``'s tuple.
 
   Raises:
     TypeError: an element is not a ``GradientTransformation``.

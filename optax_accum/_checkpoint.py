@@ -160,7 +160,7 @@ def reduced_state(opt_state: Any) -> Any:
     opt_state: a pytree of arrays or ``jax.ShapeDtypeStruct``.
 
   Returns:
-    The pytree, structured as ``opt_state``, with no unreduced leaf.
+    The pytree, with no unreduced leaf.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_accum
@@ -197,8 +197,7 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
       ``jax.set_mesh``, whose leaves give the types.
 
   Returns:
-    ``opt_state`` resharded to the unreduced types of ``like``'s leaves (no
-    communication; mid-window, the run resumes to float32 rounding).
+    ``opt_state`` resharded to ``like``'s unreduced types (no communication).
 
   Raises:
     ValueError: structures differ, or no mesh is set.

@@ -1,7 +1,6 @@
-"""The checks of construction (the configuration) and init (the params);
-each call's are in ``_call_checks``. A check exists only where the mistake
-would otherwise give a wrong number or an error that does not say what to
-write; traced values never raise (a bad traced weight gives NaN)."""
+"""The checks of construction and init (each call's: ``_call_checks``),
+where a mistake would give a wrong number or an error that does not say
+what to write; traced values never raise (a bad traced weight: NaN)."""
 
 from collections.abc import Callable
 import numbers

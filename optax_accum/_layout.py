@@ -70,6 +70,7 @@ class Layout:
   """No ``axis_name``: every method is an identity."""
 
   names: tuple[str, ...] = ()
+  own_weight = True  # each device's weight is its own (False: global)
 
   def check(self, state, grads, weight, flush, value) -> None:
     del weight, flush, value
@@ -188,8 +189,8 @@ class Mesh(_Axes):
   def check(self, state, grads, weight, flush, value) -> None:
     _call_checks.unreduced_state(self.names, state.acc_grads, state.acc_weight)
     _call_checks.mesh_call(self.names, grads, value)
-    if state.noise_scale is not None:  # each device's w_d is not known here
-      fail(ValueError, 'track_noise_scale', 'under plain jit: use shard_map')
+
+  own_weight = False
 
   def scalar(self, x):  # a global scalar, held as one unreduced part
     return jax.reshard(x, P(unreduced=frozenset(self.names)))
@@ -211,8 +212,7 @@ class Mesh(_Axes):
 
 
 def of(axis_names: Optional[tuple[str, ...]]) -> Layout:
-  """The layout of an ``update`` with these axes, where it runs now (raises
-  NameError for an axis not here, ValueError for an Auto or partial one)."""
+  """The layout of an ``update`` with these axes where it runs now."""
   if axis_names is None:
     return Layout()
   mesh = jax.sharding.get_abstract_mesh()

@@ -24,10 +24,9 @@ _REDUCTIONS = ('mean', 'sum')
 
 
 def _split(batches, num_microbatches: int):
-  """``{argnum: batch}`` with (B, ...) leaves, one B for all, to (k, B / k,
-  ...) leaves: micro-batch i holds rows i * B / k onwards, or, where a leaf's
-  rows are sharded over devices, rows i, i + k, ... (so each micro-batch
-  spans every device and nothing moves), the same rows for every leaf."""
+  """``{argnum: batch}`` of (B, ...) leaves to (k, B / k, ...): micro-batch
+  i holds rows i * B / k on, or rows i, i + k, ... where rows are sharded
+  (each micro-batch spans every device; nothing moves)."""
   leaves = jax.tree.leaves_with_path(batches)
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for _, x in leaves}
   for path, x in leaves:
@@ -68,11 +67,10 @@ def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
   one = isinstance(batch_argnums, numbers.Integral)
   batch_argnums = (batch_argnums,) if one else tuple(batch_argnums)
   keys = () if key_argnum is None else (key_argnum,)
+  bad = lambda n: isinstance(n, bool) or not isinstance(n, numbers.Integral)
+  clash = set(keys) & set(batch_argnums)
   for name, nums in (('batch_argnums', batch_argnums), ('key_argnum', keys)):
-    if any(
-      isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
-      for n in nums
-    ) or (name == 'key_argnum' and set(nums) & set(batch_argnums)):
+    if any(bad(n) or n < 1 for n in nums) or (name == 'key_argnum' and clash):
       fail(ValueError, name, f'{nums!r}; give distinct positions >= 1')
   return k, tuple(int(n) for n in batch_argnums)
 
@@ -87,6 +85,7 @@ def microbatched_value_and_grad(
   key_argnum: Union[int, None] = None,
   unroll: Union[int, bool] = 1,
   axis_name: Union[str, tuple[str, ...], None] = None,
+  sq_norms: bool = False,
 ) -> Callable[..., Any]:
   r"""Turns a loss into the token-weighted value and gradient of a window.
 
@@ -123,10 +122,14 @@ def microbatched_value_and_grad(
       params sharded over other batch axes gathered) and ``grads`` come out
       unreduced over them, for ``accumulate(..., axis_name=...)``;
       ``num_microbatches`` per device.
+    sq_norms: also return ``(sum_i w_i |g_i|^2, n)`` of the micro-batch mean
+      gradients (float32, summed over devices), for ``accumulate``'s
+      ``sq_norms`` (the noise scale of the in-step form).
 
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
-    weight)``, or ``((loss, aux), grads, weight)`` with ``has_aux``:
+    weight)``, ``((loss, aux), grads, weight)`` with ``has_aux``, then
+    ``sq_norms`` where asked:
     ``grads`` shaped and typed like the params, ``loss`` and ``aux`` in
     float32 (or wider), ``weight`` the total (float64 for float64 params).
 
@@ -140,18 +143,11 @@ def microbatched_value_and_grad(
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_accum
-    >>> def loss_fn(w, x, mask):  # a token-masked mean
-    ...   per_token = (x * w) ** 2
-    ...   n = jnp.sum(mask)
-    ...   return jnp.sum(per_token * mask) / jnp.maximum(n, 1), n
-    >>> x = jnp.arange(8.0); mask = jnp.array([1, 1, 1, 0, 1, 0, 0, 0.])
-    >>> f = optax_accum.microbatched_value_and_grad(
-    ...     loss_fn, 2, batch_argnums=(1, 2))
-    >>> loss, g, n = jax.jit(f)(jnp.float32(1.0), x, mask)
-    >>> bool(jnp.allclose(g, jax.grad(lambda w: loss_fn(w, x, mask)[0])(1.0)))
-    True
-    >>> float(n)
-    4.0
+    >>> loss_fn = lambda w, x: (jnp.mean((x * w) ** 2), x.shape[0])
+    >>> f = optax_accum.microbatched_value_and_grad(loss_fn, 2)
+    >>> loss, g, n = jax.jit(f)(1.0, jnp.arange(8.0))
+    >>> float(loss), float(g), float(n)  # the mean over the 8 rows
+    (17.5, 35.0, 8.0)
 
   References:
     ``optax.microbatching.microbatch`` (whose mean is unweighted); Hugging
@@ -161,7 +157,7 @@ def microbatched_value_and_grad(
   k, batch_argnums = check_args(
     loss_fn, num_microbatches, reduction, batch_argnums, key_argnum
   )
-  options = (has_aux, reduction, batch_argnums, key_argnum, unroll)
+  options = (has_aux, reduction, batch_argnums, key_argnum, unroll, sq_norms)
   sums = WindowSums(loss_fn, k, *options)
   names = _checks.axis_name(axis_name)
   if names is not None:
@@ -175,10 +171,7 @@ def microbatched_value_and_grad(
     mean = lambda g, p: (g * (1 / denom.astype(g.dtype))).astype(p.dtype)
     grads = jax.tree.map(mean, g_sum, jax.tree.map(jnp.asarray, params))
     loss = l_sum / denom.astype(l_sum.dtype)
-    if has_aux:
-      aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_sum)
-      return (loss, aux), grads, w_sum
-    return loss, grads, w_sum
+    return sums.outputs(loss, grads, w_sum, a_sum, denom)
 
   return value_and_grad
 
@@ -196,6 +189,15 @@ class WindowSums:
   batch_argnums: tuple[int, ...]
   key_argnum: Union[int, None]
   unroll: Union[int, bool]
+  sq_norms: bool = False
+
+  def outputs(self, loss, grads, total, a_sum, denom):
+    """What the function returns: ``(loss, grads, weight)`` (``(loss, aux)``
+    with ``has_aux``), then ``sq_norms`` where asked."""
+    a_sum, norms = a_sum if self.sq_norms else (a_sum, None)
+    aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_sum)
+    out = ((loss, aux) if self.has_aux else loss, grads, total)
+    return (*out, norms) if self.sq_norms else out
 
   def weighted_loss(self, params, args):
     """``(loss, (weight, loss, aux))`` of one micro-batch, checked."""
@@ -246,6 +248,9 @@ class WindowSums:
     # sum_i w_i dL_i (mean) or sum_i dL_i (sum), divided once at the end.
     # A weight-0 micro-batch adds nothing, even a NaN gradient or loss.
     scale = weight if self.reduction == 'mean' else jnp.ones_like(weight)
+    if self.sq_norms:  # w |mean g_i|^2 and w (1 / w), summed as aux is
+      mean_sq = _accumulator.sq_norm(grads) / jnp.square(weight / scale)
+      aux = (aux, (mean_sq, 1 / weight))
     zero = weight == 0
     term = lambda x, s, d: x.astype(d) * s.astype(d)
     add = lambda a, x, s: a + jnp.where(zero, 0, term(x, s, a.dtype))
@@ -254,9 +259,8 @@ class WindowSums:
     return (g_sum, w_sum + weight, add(l_sum, loss, scale), a_sum), None
 
   def __call__(self, params, *args):
-    for name, n in [('batch_argnums', n) for n in self.batch_argnums] + (
-      [] if self.key_argnum is None else [('key_argnum', self.key_argnum)]
-    ):
+    keys = [] if self.key_argnum is None else [('key_argnum', self.key_argnum)]
+    for name, n in [('batch_argnums', n) for n in self.batch_argnums] + keys:
       if n > len(args):
         fail(ValueError, name, f'{n}, beyond the {len(args) + 1} arguments')
     batches = {n: args[n - 1] for n in self.batch_argnums}
@@ -267,6 +271,8 @@ class WindowSums:
     first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
     call0 = lambda p: self.weighted_loss(p, self.call_args(args, first[1], 0))
     loss0, aux0 = jax.eval_shape(lambda p: call0(p)[1][1:], params)
+    if self.sq_norms:
+      aux0 = (aux0, (jax.ShapeDtypeStruct((), jnp.float32),) * 2)
     # The loss and aux sums in float32, or their own dtype when wider.
     zeros = lambda s: jnp.zeros(s.shape, _accumulator.promote(s.dtype, 'f4'))
     acc_dtype = lambda p: _accumulator.default_dtype(jnp.result_type(p))

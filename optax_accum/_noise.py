@@ -29,16 +29,20 @@ def init(names) -> NoiseScaleState:
   return NoiseScaleState(part(), part(), z(), z(), jnp.zeros([], jnp.int32))
 
 
-def add(noise, sq_norm, weight, fresh, layout) -> NoiseScaleState:
-  """``w |g|^2`` and the count of one micro-batch, summed over the window
-  (overwritten where ``fresh``); weight 0 adds nothing."""
+def own(sq_norm, weight):
+  """One micro-batch's ``(w |g|^2, 1)``; ``(0, 0)`` at weight 0."""
   w = jnp.float32(1) if weight is None else weight.astype(jnp.float32)
   term = jnp.where(w > 0, w * sq_norm.astype(jnp.float32), 0.0)
+  return term, (w > 0).astype(jnp.float32)
+
+
+def add(noise, sq_norms, fresh, layout) -> NoiseScaleState:
+  """``(sum_i w_i |g_i|^2, count)`` of a mini-step's micro-batches, summed
+  over the window (overwritten where ``fresh``)."""
+  sq, n = (layout.scalar(jnp.asarray(x, jnp.float32)) for x in sq_norms)
   grow = lambda acc, x: jnp.where(fresh, x, acc + x)
-  count = layout.scalar((w > 0).astype(jnp.float32))
-  count = grow(noise.acc_count, count)
-  sq_norms = grow(noise.acc_sq_norm, layout.scalar(term))
-  return noise._replace(acc_sq_norm=sq_norms, acc_count=count)
+  sq, n = grow(noise.acc_sq_norm, sq), grow(noise.acc_count, n)
+  return noise._replace(acc_sq_norm=sq, acc_count=n)
 
 
 def end_window(noise, sums, mean_norm, weight, used, decay) -> NoiseScaleState:

@@ -177,10 +177,9 @@ def plan_microbatches(
     A :class:`MicrobatchPlan`.
 
   Raises:
-    ValueError: ``memory_limit`` below the smallest size's peak (named in
-      the message), or None where the device reports no memory;
-      ``batch_argnums`` out of range or at leaves of differing leading
-      sizes. TypeError: ``step`` not callable, ``memory_limit`` not bytes.
+    ValueError: ``memory_limit`` below every peak (the least named), or
+      None where the device reports none; ``batch_argnums`` out of range
+      or sizes differing. TypeError: an argument of a wrong kind.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_accum

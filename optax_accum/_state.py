@@ -13,27 +13,23 @@ class AccumulateState(NamedTuple):
   """State of the transformation returned by :func:`optax_accum.accumulate`.
 
   Attributes:
-    mini_step: int32 scalar, the micro-batches added to the window in
-      flight (0 when none is).
-    gradient_step: int32 scalar, the gradient steps taken; the
-      ``every_k_schedule`` is evaluated on it.
-    every_k: int32 scalar, the k of the window in flight, fixed by its first
-      micro-batch; with no window in flight, the schedule's k for the next.
+    mini_step: int32 scalar, the micro-batches of the window in flight.
+    gradient_step: int32 scalar, the gradient steps (the schedule's input).
+    every_k: int32 scalar, the k of the window in flight (or of the next).
     acc_grads: like the params, :math:`\\sum_i w_i g_i` of the window in
       flight (the last one's when ``mini_step`` is 0), accumulator dtype.
     acc_compensation: None (kept so states saved by 0.4 restore).
     acc_weight: scalar :math:`\\sum_i w_i` of the window in flight (its
       micro-batches without ``weight``), the widest real accumulator dtype.
-    acc_value: scalar :math:`\\sum_i w_i v_i` of the ``value`` arguments of
-      the window in flight (float64 under x64); 0 without ``value``.
+    acc_value: scalar :math:`\\sum_i w_i v_i` of the ``value`` arguments.
     has_updated: bool scalar, whether the last mini-step took a step.
     num_rejected: int32 scalar, windows ``should_skip_update_fn`` rejected.
     grad_norm: float32 scalar, the L2 norm of the last window's mean.
     skip_state: ``should_skip_update_fn``'s for the last window, or None.
-    inner_opt_state: the inner optimizer's state, in the dtypes its init
-      gave; ``None`` in the chainable form (``inner=None``).
-    noise_scale: None, or with ``track_noise_scale=True`` the sums and
-      averages behind :func:`optax_accum.gradient_noise_scale`.
+    inner_opt_state: ``inner``'s state (its init's dtypes); None in the
+      chainable form.
+    noise_scale: with ``track_noise_scale=True``, the sums and averages of
+      :func:`optax_accum.gradient_noise_scale`; else None.
 
   With ``axis_name`` the sums are typed unreduced (:func:`reduced_state`).
 
@@ -83,8 +79,7 @@ def has_updated(opt_state: Any) -> jax.Array:
   """Tells whether the last mini-step took a gradient step.
 
   Args:
-    opt_state: an optimizer state pytree holding an ``AccumulateState``
-      (the first one is read).
+    opt_state: an optimizer state holding an ``AccumulateState`` (read).
 
   Returns:
     A bool scalar array.

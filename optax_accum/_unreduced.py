@@ -35,8 +35,7 @@ def _reduce_to_shard(g, spec: P, reduce_axes: tuple[str, ...]):
 
 
 def _check_call(axis_name, names, params, args, batch_argnums, k):
-  """Checks a call; returns the specs of the params and of the arguments,
-  and the batch axes."""
+  """Checks a call; the specs of the params, of the arguments; batch axes."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not all(n in mesh.explicit_axes for n in names):
     fail(ValueError, 'axis_name', f'{axis_name!r}, no Explicit axis of {mesh}')
@@ -75,10 +74,9 @@ def _batch_axes(axis_name, names, args, batch_argnums, k):
 
 
 def _local(sums, names, param_specs, batch_axes, single, p_local, *args):
-  """One device's part, inside the shard_map: the whole params gathered and
-  differentiated as this device's own (varying) copy; its gradient sum
-  reduced over the batch axes but ``names`` (fsdp), once per call, and left
-  unreduced over ``names``."""
+  """One device's part in the shard_map: the params gathered and
+  differentiated as its own (varying) copy; its gradient sum reduced over
+  the batch axes but ``names`` (fsdp) and left unreduced over ``names``."""
   args = list(args)
   if sums.key_argnum is not None and sums.key_argnum <= len(args):
     key = args[sums.key_argnum - 1]
@@ -102,10 +100,7 @@ def _local(sums, names, param_specs, batch_axes, single, p_local, *args):
 
   grads = jax.tree.map(finish, g_sum, p_local, param_specs, is_leaf=is_spec)
   loss = l_tot / denom.astype(l_tot.dtype)
-  if sums.has_aux:
-    aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_tot)
-    return (loss, aux), grads, total
-  return loss, grads, total
+  return sums.outputs(loss, grads, total, a_tot, denom)
 
 
 def value_and_grad(sums, names):
@@ -127,11 +122,12 @@ def value_and_grad(sums, names):
     parts = (sums, names, param_specs, batch_axes, single)
     local = functools.partial(_local, *parts)
     out_specs = (P(), param_specs if single else grad_specs, P())
+    out_specs += (P(),) * sums.sq_norms  # (its two scalars, reduced)
     in_specs = (param_specs, *arg_specs)
     mapped = jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)
-    value, grads, total = mapped(params, *args)
+    value, grads, total, *norms = mapped(params, *args)
     if single:
       grads = jax.tree.map(jax.reshard, grads, grad_specs, is_leaf=is_spec)
-    return value, grads, total
+    return (value, grads, total, *norms)
 
   return value_and_grad

@@ -28,9 +28,8 @@ def share_counters(opt_state: Any) -> tuple[Any, Any]:
       ``nnx.as_pure(optimizer.opt_state)``).
 
   Returns:
-    ``(opt_state, axes)``: the state with the counters of every
-    ``AccumulateState`` unstacked, and a pytree prefix of 0 and ``None``
-    for ``jax.vmap``'s ``in_axes`` and ``out_axes``.
+    ``(opt_state, axes)``: the state, counters unstacked, and a pytree
+    prefix of 0 and None for ``jax.vmap``'s ``in_axes`` and ``out_axes``.
 
   Raises:
     ValueError: a state not stacked, counters that differ between members,

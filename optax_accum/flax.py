@@ -72,20 +72,16 @@ class Optimizer(nnx.Optimizer):
   def update(
     self, model, grads, /, *, weight=None, flush=None, **extra_args
   ):  # pytype: disable=signature-mismatch
-    """One mini-step: accumulates ``grads`` and, at the end of a window,
-    updates ``model``'s ``wrt`` variables. Returns None, where
-    ``nnx.Optimizer.update`` returns the updates: the apply happens inside
-    the accumulator's conditional, so no updates are formed (read
-    ``optax_accum.has_updated(optimizer.opt_state)`` instead)."""
+    """One mini-step; at a window's end ``model``'s ``wrt`` variables are
+    updated inside the accumulator's conditional, so no updates are formed
+    to return (``optax_accum.has_updated(optimizer.opt_state)`` tells)."""
     graph = getattr(self, 'graph', None)
     params = nnx.as_pure(nnx.state(model, self.wrt, graph=graph))
     grads = nnx.as_pure(nnx.state(grads, self.wrt, graph=graph))
     opt_state = nnx.as_pure(self.opt_state)
     extra = nnx.as_pure(_extra(weight, flush, extra_args))
-    apply = _apply.apply_gradients
-    new_params, new_opt_state = apply(
-      self.tx, grads, opt_state, params, **extra
-    )
+    args = (self.tx, grads, opt_state, params)
+    new_params, new_opt_state = _apply.apply_gradients(*args, **extra)
     nnx.update(model, new_params)
     nnx.update(self.opt_state, nnx.state(new_opt_state, graph=graph))
     self.step[...] += _steps_taken(new_opt_state, self.step[...].dtype)

@@ -217,3 +217,87 @@ def test_under_plain_jit_on_a_mesh_tracking_is_refused_naming_it():
     with pytest.raises(ValueError) as e:
       jax.jit(step)(state, x)
   assert e.value.argument == "track_noise_scale"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_in_step_form_hands_its_norms_over_for_the_same_estimate(
+  reduction,
+):
+  """microbatched_value_and_grad(..., sq_norms=True) over k micro-batches
+  and accumulate(1, ..., sq_norms=...) give the cross-step estimate."""
+  rng = np.random.default_rng(3)
+  k, windows, rows = 4, 30, 8
+
+  def loss_fn(w, x, y, mask):
+    per = mask * (x @ w - y) ** 2
+    n = jnp.sum(mask)
+    total = jnp.sum(per)
+    return (total / jnp.maximum(n, 1) if reduction == "mean" else total), n
+
+  vg = optax_accum.microbatched_value_and_grad(
+    loss_fn, k, batch_argnums=(1, 2, 3), reduction=reduction, sq_norms=True
+  )
+  inside = optax_accum.accumulate(1, optax.sgd(0.0), track_noise_scale=True)
+  cross = optax_accum.accumulate(k, optax.sgd(0.0), track_noise_scale=True)
+  s_in, s_cross = inside.init(W), cross.init(W)
+  one = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  for _ in range(windows):
+    idx = rng.integers(0, len(Y), k * rows)
+    x, y = jnp.asarray(X[idx]), jnp.asarray(Y[idx])
+    mask = jnp.asarray(rng.random(k * rows) < 0.7, jnp.float32)
+    _, g, n, sq = jax.jit(vg)(W, x, y, mask)
+    _, s_in = inside.update(g, s_in, W, weight=n, sq_norms=sq)
+    for i in range(k):
+      part = slice(i * rows, (i + 1) * rows)
+      (_, m), gi = one(W, x[part], y[part], mask[part])
+      if reduction == "sum":
+        gi = gi / jnp.maximum(m, 1)
+      _, s_cross = cross.update(gi, s_cross, W, weight=m)
+  want = float(optax_accum.gradient_noise_scale(s_cross))
+  got = float(optax_accum.gradient_noise_scale(s_in))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+  jax.__version_info__ < (0, 10, 0), reason="axis_name needs jax>=0.10"
+)
+def test_under_plain_jit_on_a_mesh_the_handed_over_norms_give_the_estimate():
+  """The in-step form on a mesh (axis_name) gives the estimate that one
+  device forms from the same micro-batches."""
+  rng = np.random.default_rng(4)
+
+  def loss_fn(w, x, y):
+    return jnp.mean((x @ w - y) ** 2), jnp.float32(x.shape[0])
+
+  tx = optax_accum.accumulate(
+    2, optax.sgd(0.0), track_noise_scale=True, axis_name="data"
+  )
+  vg = optax_accum.microbatched_value_and_grad(
+    loss_fn, 2, batch_argnums=(1, 2), axis_name="data", sq_norms=True
+  )
+  one = optax_accum.accumulate(32, optax.sgd(0.0), track_noise_scale=True)
+  s_one = one.init(W)
+  grad = jax.jit(jax.grad(lambda w, x, y: loss_fn(w, x, y)[0]))
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    state = tx.init(W)
+
+    def step(s, x, y):
+      _, g, n, sq = vg(W, x, y)
+      return tx.update(g, s, W, weight=n, sq_norms=sq)[1]
+
+    step = jax.jit(step)
+    for _ in range(20):
+      idx = rng.integers(0, len(Y), 64)  # 8 devices x 2 micro-batches x 4
+      x, y = jnp.asarray(X[idx]), jnp.asarray(Y[idx])
+      for _ in range(2):  # two mini-steps of the window
+        put = [jax.device_put(a, P("data")) for a in (x, y)]
+        state = step(state, *put)
+        # the same 16 micro-batches of 4 rows: each device splits its own
+        for d in range(8):
+          for i in range(2):
+            rows = d * 8 + i * 4 + jnp.arange(4)
+            g = grad(W, x[rows], y[rows])
+            _, s_one = one.update(g, s_one, W, weight=4.0)
+  want = float(optax_accum.gradient_noise_scale(s_one))
+  got = float(optax_accum.gradient_noise_scale(state))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
