@@ -49,6 +49,8 @@ class Chain:
       fail(TypeError, 'state', f'a {type(state).__name__}; use tx.init(params)')
     holds = self.acc is not None or bool(_state.accumulate_states(state))
     _call_checks.keywords_read(extra_args, holds)
+    if self.head and extra_args.get('sq_norms') is not None:  # of raw grads
+      fail(ValueError, 'sq_norms', 'with elements before the accumulator')
     new_state = list(state)
     for i, t in enumerate(self.head):
       updates, new_state[i] = t.update(updates, state[i], params, **extra_args)

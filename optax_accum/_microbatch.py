@@ -194,9 +194,10 @@ class WindowSums:
   def outputs(self, loss, grads, total, a_sum, denom):
     """What the function returns: ``(loss, grads, weight)`` (``(loss, aux)``
     with ``has_aux``), then ``sq_norms`` where asked."""
-    a_sum, norms = a_sum if self.sq_norms else (a_sum, None)
+    a_sum, norms = a_sum if self.sq_norms else (a_sum, (0, 0))
     aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_sum)
     out = ((loss, aux) if self.has_aux else loss, grads, total)
+    norms = (norms[0], jnp.round(norms[1]))  # n, summed as w (1 / w)
     return (*out, norms) if self.sq_norms else out
 
   def weighted_loss(self, params, args):

@@ -172,8 +172,7 @@ def reduction_report(
 
   Args:
     fn: the step as you run it (as ``step`` of :func:`plan_microbatches`).
-    *args: its arguments: arrays or ``jax.ShapeDtypeStruct`` (with the
-      shardings they will have).
+    *args: its arguments (arrays or ``jax.ShapeDtypeStruct``, as sharded).
     **kwargs: its keyword arguments.
 
   Returns:

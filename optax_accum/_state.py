@@ -19,8 +19,7 @@ class AccumulateState(NamedTuple):
     acc_grads: like the params, :math:`\\sum_i w_i g_i` of the window in
       flight (the last one's when ``mini_step`` is 0), accumulator dtype.
     acc_compensation: None (kept so states saved by 0.4 restore).
-    acc_weight: scalar :math:`\\sum_i w_i` of the window in flight (its
-      micro-batches without ``weight``), the widest real accumulator dtype.
+    acc_weight: scalar :math:`\\sum_i w_i` (widest real accumulator dtype).
     acc_value: scalar :math:`\\sum_i w_i v_i` of the ``value`` arguments.
     has_updated: bool scalar, whether the last mini-step took a step.
     num_rejected: int32 scalar, windows ``should_skip_update_fn`` rejected.

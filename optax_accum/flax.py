@@ -34,8 +34,7 @@ class Optimizer(nnx.Optimizer):
 
   A drop-in for ``nnx.Optimizer(model, tx, wrt=...)``: ``update(model,
   grads, weight=..., flush=..., **extra_args)`` is one mini-step through
-  :func:`optax_accum.apply_gradients`, returning None; ``step`` (uint32)
-  counts gradient steps (``nnx.Optimizer``'s counts calls).
+  :func:`optax_accum.apply_gradients`; ``step`` (uint32) counts gradient steps.
 
   Args:
     model: the NNX module to train.

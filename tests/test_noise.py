@@ -301,3 +301,31 @@ def test_under_plain_jit_on_a_mesh_the_handed_over_norms_give_the_estimate():
   want = float(optax_accum.gradient_noise_scale(s_one))
   got = float(optax_accum.gradient_noise_scale(state))
   np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_a_count_summed_in_float32_stays_a_count():
+  """n is summed as w (1 / w) in the scan: for weights such as 41 that is
+  0.99999994 in float32, and two micro-batches must still count as 2."""
+
+  def loss_fn(v, x):
+    return jnp.mean((x @ v) ** 2), jnp.float32(41.0)
+
+  vg = optax_accum.microbatched_value_and_grad(loss_fn, 2, sq_norms=True)
+  x = jnp.asarray(X[:8])
+  _, g, n, sq = vg(W, x)
+  assert float(sq[1]) == 2.0
+  tx = optax_accum.accumulate(1, optax.sgd(0.0), track_noise_scale=True)
+  _, state = tx.update(g, tx.init(W), W, weight=n, sq_norms=sq)
+  assert int(state.noise_scale.windows) == 1
+
+
+def test_handed_over_norms_with_elements_before_the_accumulator_are_refused():
+  tx = optax_accum.chain(
+    optax.scale(2.0),
+    optax_accum.accumulate(1, track_noise_scale=True),
+    optax.sgd(0.0),
+  )
+  state = tx.init(W)
+  with pytest.raises(ValueError) as e:
+    tx.update(W, state, W, weight=4.0, sq_norms=(1.0, 2.0))
+  assert e.value.argument == "sq_norms"
