@@ -218,8 +218,8 @@ def plan_microbatches(
         jax.tree.map(rows if n in nums else _abstract, a)
         for n, a in enumerate(args)
       ]
-      a: Any = lower(*call, **kw).compile().memory_analysis()  # per device:
-      used = a.temp_size_in_bytes + a.argument_size_in_bytes  # donated
+      a: Any = lower(*call, **kw).compile().memory_analysis()  # per device
+      used = a.temp_size_in_bytes + a.argument_size_in_bytes  # less aliased
       peaks[m] = int(used + a.output_size_in_bytes - a.alias_size_in_bytes)
     return peaks[m]
 
@@ -231,8 +231,8 @@ def plan_microbatches(
     least = min(peaks, key=lambda size: peaks[size])
     least = f'the least peak is {peaks[least]}, at size {least}'
     fail(ValueError, 'memory_limit', f'{limit} bytes; {least}')
-  near = sorted(range(len(sizes)), key=lambda i: abs(i - lo))  # for the
-  while lo < len(sizes) - 1 and len(peaks) < min(3, len(sizes)):  # line
+  near = sorted(range(len(sizes)), key=lambda i: abs(i - lo))  # two other
+  while lo < len(sizes) - 1 and len(peaks) < min(3, len(sizes)):  # probes
     peak(sizes[next(i for i in near if sizes[i] not in peaks)])
   m, table = sizes[lo], tuple(sorted(peaks.items()))
   found = (peaks[m], _predicted(peaks, m), limit, table)
