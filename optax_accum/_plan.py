@@ -157,8 +157,8 @@ def plan_microbatches(
   (nothing runs) and reads each one's peak bytes per device from
   ``memory_analysis()`` (temp + arguments + outputs - aliased): the largest
   size, the middle one, twice where a line (a fixed cost plus a cost per
-  item) through the probes meets the limit, then bisection: 3 to 7
-  compilations, at most 5 + log2(divisors). The chosen size's compiled
+  item) through the probes meets the limit, then bisection: at most
+  5 + log2(divisors) compilations. The chosen size's compiled
   peak fits; the next larger size's does not (peaks grow with the size).
 
   Args:
