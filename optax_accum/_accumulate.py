@@ -139,7 +139,9 @@ class Accumulator:
     """The pipeline: arrive, add, decide, one conditional, next state."""
     given = lambda k, v: v is not None or k not in ('value', 'sq_norms')
     extra = {k: v for k, v in extra.items() if given(k, v)}  # None: not given
-    sq_norms = _call_checks.sq_norms(extra.pop('sq_norms', None))
+    sq_norms = extra.pop('sq_norms', None)
+    if sq_norms is not None:
+      _call_checks.sq_norms(sq_norms)
     arrived = _call_checks.mini_step(grads, state, params, weight, flush, extra)
     layout = _layout.of(self.names)
     layout.check(state, *arrived)
@@ -196,8 +198,8 @@ class Accumulator:
     acc_sum, weight, value = sums
     stepped = weight != 0  # a window of total weight 0 takes no step
     weight = jnp.where(stepped, weight, jnp.ones_like(weight))
-    norm = _accumulator.norm(acc_sum, layout.complete)
-    grad_norm = norm / weight.astype(jnp.float32)
+    norm = jnp.sqrt(_accumulator.sq_norm(acc_sum, layout.complete))
+    grad_norm = norm.astype(jnp.float32) / weight.astype(jnp.float32)
     rejected, skip_state = jnp.zeros([], jnp.bool_), state.skip_state
     if self.should_skip_update_fn is not None:
       mean = _accumulator.mean(acc_sum, weight, grads)
@@ -211,18 +213,15 @@ class Accumulator:
       mean_value = (value / weight.astype(value.dtype)).astype(dtype)
       extra = {**extra, 'value': mean_value}
 
-    def step(acc_sum, weight, inner_state, params):
+    def step(inner_state, params, acc_sum, weight):
       # The mean is formed here, where XLA fuses its multiply into the
       # inner update; as an operand it would be written to a temporary.
       mean = _accumulator.mean(acc_sum, weight, grads)
       updates, new_inner = self._inner_update(mean, inner_state, params, extra)
       return output.step(updates, params), new_inner
 
-    def hold(acc_sum, weight, inner_state, params):
-      del acc_sum, weight
-      return self._hold(layout, output, grads, extra, inner_state, params)
-
-    operands = (acc_sum, weight, state.inner_opt_state, params)
+    hold = functools.partial(self._hold, layout, output, grads, extra)
+    operands = (state.inner_opt_state, params, acc_sum, weight)
     out, new_inner = cond(stepped, step, hold, *operands)
     if noise is not None:  # the window's estimates, from the reduced sums
       ends = (noise_sums, grad_norm, weight, stepped, self.noise_scale_decay)
@@ -236,7 +235,7 @@ class Accumulator:
     out, inner = self._hold(layout, output, grads, extra, inner, params)
     return out, inner, (no, no, state.grad_norm, state.skip_state, noise)
 
-  def _hold(self, layout, output, grads, extra, inner_state, params):
+  def _hold(self, layout, output, grads, extra, inner_state, params, *_):
     """No gradient step: ``output.hold`` and the inner state untouched."""
 
     def zeros():

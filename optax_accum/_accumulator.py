@@ -54,22 +54,19 @@ def add(state, grads, weight, value, fresh, layout):
   wdtype = state.acc_weight.dtype
   w = jnp.ones([], wdtype) if weight is None else weight.astype(wdtype)
 
-  def weighted(g, dtype):
-    g = g.astype(dtype)
-    if weight is None:
-      return g
-    scaled = g * layout.scale(w).astype(dtype)
-    return jnp.where(w > 0, scaled, jnp.zeros_like(scaled))
-
-  def plain(acc, g):
-    term = layout.term(weighted(g, acc.dtype))
+  def one(acc, g):
+    term = g.astype(acc.dtype)
+    if weight is not None:
+      term = term * layout.scale(w).astype(acc.dtype)
+      term = jnp.where(w > 0, term, jnp.zeros_like(term))
+    term = layout.term(term)
     return jnp.where(fresh, term, acc + term)
 
-  acc_grads = jax.tree.map(plain, state.acc_grads, grads)
+  acc_grads = jax.tree.map(one, state.acc_grads, grads)
   # The scalar sums start over with the window too (0 after a window ends
   # anyway; a restored state of another version may hold more).
-  fresh_sum = lambda acc, x: jnp.where(fresh, x, acc + x)
-  acc_weight = fresh_sum(state.acc_weight, layout.scalar(w))
+  w_term = layout.scalar(w)
+  acc_weight = jnp.where(fresh, w_term, state.acc_weight + w_term)
   acc_value = jnp.where(fresh, jnp.zeros_like(state.acc_value), state.acc_value)
   if value is not None:
     vdtype = acc_value.dtype
@@ -99,8 +96,3 @@ def sq_norm(tree, complete=lambda x: x) -> jax.Array:
   dtype = promote(jnp.float32, *(x.dtype for x in leaves))
   squares = [complete(jnp.sum(jnp.square(x.astype(dtype)))) for x in leaves]
   return sum(squares[1:], squares[0])
-
-
-def norm(tree, complete) -> jax.Array:
-  """The global L2 norm, float32."""
-  return jnp.sqrt(sq_norm(tree, complete)).astype(jnp.float32)

@@ -64,12 +64,12 @@ def apply_gradients(
     ``flax.training.train_state.TrainState.apply_gradients``; PyTorch's
     accumulation loop, which steps the optimizer once per window.
   """
-  _checks.transformation(tx, 'tx')
   if params is None:
     fail(ValueError, 'params', 'None; pass those the gradient was taken at')
   runner = _accumulate.accumulator_of(tx) or _chain.chain_of(tx)
   if runner is not None:
     return runner.apply(grads, opt_state, params, **extra_args)
+  _checks.transformation(tx, 'tx')
   _call_checks.no_chainable_form(_state.holds_chainable_form(opt_state), 'tx')
   holds = bool(_state.accumulate_states(opt_state))
   _call_checks.keywords_read(extra_args, holds)

@@ -24,22 +24,23 @@ def mini_step(grads, state, params, weight, flush, extra):
   as arrays, the weight and value in the state's dtypes for them."""
   if not isinstance(state, AccumulateState):
     fail(TypeError, 'state', f'a {type(state).__name__}; use tx.init(params)')
-  made, here = _mesh_of(state.mini_step), jax.sharding.get_abstract_mesh()
-  if not (made.empty or here.empty or made == here):
+  made = getattr(jax.typeof(state.mini_step).sharding, 'mesh', None)
+  here = jax.sharding.get_abstract_mesh()
+  if not (made is None or made.empty or here.empty or made == here):
     fail(ValueError, 'state', f'made on {made.shape}, used on {here.shape}')
   for argument, x in (('weight', weight), ('flush', flush)):
-    if _batched(x) and not _batched(state.mini_step):  # share_counters
+    if x is not None and _batched(x) and not _batched(state.mini_step):
       fail(ValueError, argument, 'per member, counters shared; in_axes=None')
-  updates(grads, state.acc_grads)
-  params_like(params, grads)
-  misspelt_keywords(extra)
+  structure(grads, state.acc_grads, params)
+  if extra:
+    misspelt_keywords(extra)
   if 'value' in extra:
     _real_scalar(extra['value'], 'value')
     extra = {'value': jnp.asarray(extra['value'], state.acc_value.dtype)}
   return (
     jax.tree.map(jnp.asarray, grads),
-    weight_of(weight, state.acc_weight.dtype),
-    flush_of(flush),
+    None if weight is None else weight_of(weight, state.acc_weight.dtype),
+    None if flush is None else flush_of(flush),
     extra.get('value'),
   )
 
@@ -49,40 +50,25 @@ def _batched(x) -> bool:
   return type(x).__name__ == 'BatchTracer'
 
 
-def _mesh_of(x):
-  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
-  return jax.sharding.AbstractMesh((), ()) if mesh is None else mesh
-
-
-def updates(grads, acc_grads) -> None:
-  """The gradients have the params' structure, shapes and kind."""
+def structure(grads, acc_grads, params) -> None:
+  """The gradients have the params' structure, shapes and kind; params of
+  the gradients' structure have their shapes (optax.lookahead's params hold
+  more than the gradients: init with params.fast)."""
   got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
-  if got != want:  # optax.lookahead: init with params.fast
+  if got != want:
     fail(ValueError, 'updates', f'structure {got}; init made {want}')
-  _shapes('updates', grads, acc_grads)
-  for (path, g), a in zip(
-    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
+  like = params is not None and jax.tree.structure(params) == got
+  leaves = jax.tree.leaves(params) if like else [None] * got.num_leaves
+  for (path, g), a, p in zip(
+    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads), leaves
   ):
+    for argument, x in (('updates', g), ('params', p)):
+      if x is not None and jnp.shape(x) != jnp.shape(a):
+        at = f'{jnp.shape(x)} at {leaf_name(path)}'
+        want = f'the params have {jnp.shape(a)}'
+        fail(ValueError, argument, f'shape {at}; {want}')
     if jnp.iscomplexobj(g) and not jnp.iscomplexobj(a):
       fail(TypeError, 'updates', f'complex at {leaf_name(path)}, params real')
-
-
-def params_like(value, grads) -> None:
-  """Params of the gradients' structure have their shapes (optax.lookahead's
-  params hold more than the gradients)."""
-  if value is not None and jax.tree.structure(value) == jax.tree.structure(
-    grads
-  ):
-    _shapes('params', value, grads)
-
-
-def _shapes(argument, tree, like) -> None:
-  for (path, x), y in zip(
-    jax.tree.leaves_with_path(tree), jax.tree.leaves(like)
-  ):
-    if jnp.shape(x) != jnp.shape(y):
-      at = f'{jnp.shape(x)} at {leaf_name(path)}'
-      fail(ValueError, argument, f'shape {at}; the params have {jnp.shape(y)}')
 
 
 def _real_scalar(value: Any, argument: str) -> None:
@@ -127,8 +113,6 @@ def sq_norms(value):
 
 
 def flush_of(value):
-  if value is None:
-    return None
   if isinstance(value, bool) or (
     jnp.shape(value) == () and getattr(value, 'dtype', None) == jnp.bool_
   ):
@@ -190,9 +174,11 @@ def spec_of(x) -> P:
 
 
 def unreduced_axes(x) -> frozenset:
-  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  typ = jax.typeof(x)
+  spec = getattr(getattr(typ, 'sharding', None), 'spec', None)
+  manual = getattr(typ, 'manual_axis_type', None)
   manual = getattr(manual, 'unreduced', ()) or ()
-  return frozenset(spec_of(x).unreduced) | frozenset(manual)
+  return frozenset(getattr(spec, 'unreduced', ())) | frozenset(manual)
 
 
 def varying_axes(x) -> frozenset:
@@ -221,13 +207,15 @@ def _axes_of(tree, axes_fn) -> set:
   return set().union(*(axes_fn(x) for x in jax.tree.leaves(tree)))
 
 
-def no_axis_call(grads, acc_grads) -> None:
-  """Without ``axis_name``: gradients that need one."""
-  unreduced = _axes_of(grads, unreduced_axes)
-  extra = _axes_of(grads, varying_axes) - _axes_of(acc_grads, varying_axes)
-  if unreduced or (extra and jax.tree.leaves(acc_grads)):
-    axes = _shown(sorted(unreduced or extra))
-    fail(ValueError, 'axis_name', f'None; the gradients need {axes!r}')
+def no_axis_call(state, grads, weight, flush, value) -> None:
+  """Without ``axis_name``: gradients typed per device (unreduced, or
+  varying over axes the state does not) need one."""
+  del weight, flush, value
+  for g, a in zip(jax.tree.leaves(grads), jax.tree.leaves(state.acc_grads)):
+    axes = unreduced_axes(g) or (varying_axes(g) - varying_axes(a))
+    if axes:
+      need = _shown(sorted(axes))
+      fail(ValueError, 'axis_name', f'None; the gradients need {need!r}')
 
 
 def unreduced_state(names, acc_grads, acc_weight) -> None:
