@@ -49,11 +49,16 @@ def _split(batches, num_microbatches: int):
   return jax.tree.map(split, batches)
 
 
-def check_args(loss_fn, num_microbatches, reduction, batch_argnums, key_argnum):
+def check_args(
+  loss_fn, num_microbatches, reduction, batch_argnums, key_argnum, **flags
+):
   """Checks the construction arguments; returns ``(k, batch_argnums)``, an
   int and a tuple (k concrete: an int, numpy or JAX integer scalar)."""
   if not callable(loss_fn):
     fail(TypeError, 'loss_fn', f'{loss_fn!r}, not a function of params')
+  for name, flag in flags.items():  # has_aux, sq_norms: a wrong one would
+    if not isinstance(flag, bool):  # read the outputs as another form
+      fail(TypeError, name, f'{flag!r}, not a bool')
   if isinstance(num_microbatches, Tracer):  # jit: static_argnames
     fail(TypeError, 'num_microbatches', 'traced; make it a static argument')
   try:
@@ -155,7 +160,13 @@ def microbatched_value_and_grad(
     gradient accumulation.
   """
   k, batch_argnums = check_args(
-    loss_fn, num_microbatches, reduction, batch_argnums, key_argnum
+    loss_fn,
+    num_microbatches,
+    reduction,
+    batch_argnums,
+    key_argnum,
+    has_aux=has_aux,
+    sq_norms=sq_norms,
   )
   options = (has_aux, reduction, batch_argnums, key_argnum, unroll, sq_norms)
   sums = WindowSums(loss_fn, k, *options)

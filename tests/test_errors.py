@@ -141,6 +141,20 @@ CASES = {
     ValueError,
     "batch_argnums",
   ),
+  "sq_norms not a bool": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x: (p, 1.0), 2, sq_norms="yes"
+    ),
+    TypeError,
+    "sq_norms",
+  ),
+  "has_aux not a bool": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x: (p, 1.0), 2, has_aux=1
+    ),
+    TypeError,
+    "has_aux",
+  ),
   "loss_fn not callable": (
     lambda: optax_accum.microbatched_value_and_grad("loss", 2),
     TypeError,
