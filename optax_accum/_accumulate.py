@@ -20,6 +20,7 @@ from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _layout
 from optax_accum import _noise
+from optax_accum._call_checks import varying_axes
 from optax_accum._errors import fail
 from optax_accum._state import AccumulateState
 from optax_accum._state import accumulate_states
@@ -32,15 +33,29 @@ class Output(NamedTuple):
   hold: Callable[[Callable[[], Any], Any], Any]
 
 
+def _applied(updates, params):
+  got, want = jax.tree.structure(params), jax.tree.structure(updates)
+  if got != want:  # optax.lookahead's updates are LookaheadParams
+    fail(ValueError, 'params', f'structure {got}; the updates have {want}')
+  return optax.apply_updates(params, updates)
+
+
 UPDATE = Output(step=lambda u, p: u, hold=lambda zeros, p: zeros())
-APPLY = Output(step=lambda u, p: optax.apply_updates(p, u), hold=lambda z, p: p)
+APPLY = Output(step=_applied, hold=lambda zeros, p: p)
 
 
 def cond(pred, true_fn, false_fn, *operands):
-  """``lax.cond``; on a concrete ``pred`` (eager), the branch as Python."""
-  if isinstance(pred, Tracer):
-    return lax.cond(pred, true_fn, false_fn, *operands)
-  return (true_fn if bool(pred) else false_fn)(*operands)
+  """``lax.cond``; on a concrete ``pred`` (eager), the branch as Python. In
+  ``jax.shard_map`` each output varies over the axes either branch's does
+  (a per-device state's sums against the counters it passes through)."""
+  if not isinstance(pred, Tracer):
+    return (true_fn if bool(pred) else false_fn)(*operands)
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    outs = [jax.eval_shape(f, *operands) for f in (true_fn, false_fn)]
+    axes = jax.tree.map(lambda a, b: varying_axes(a) | varying_axes(b), *outs)
+    agree = lambda f: lambda *o: jax.tree.map(_layout.vary, f(*o), axes)
+    true_fn, false_fn = agree(true_fn), agree(false_fn)
+  return lax.cond(pred, true_fn, false_fn, *operands)
 
 
 def _strong(tree):
@@ -106,7 +121,7 @@ class Accumulator:
       if accumulate_states(inner_state):
         _checks.nested_accumulator()
     value_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-    return AccumulateState(
+    state = AccumulateState(
       mini_step=jnp.zeros([], jnp.int32),
       gradient_step=gradient_step,
       every_k=self.schedule(gradient_step),
@@ -121,6 +136,9 @@ class Accumulator:
       inner_opt_state=inner_state,
       noise_scale=_noise.init(names) if self.track_noise_scale else None,
     )
+    axes = frozenset().union(*map(varying_axes, jax.tree.leaves(params)))
+    vary = lambda x: _layout.vary(x, axes)  # a per-device state
+    return jax.tree.map(vary, state) if axes else state  # (in shard_map)
 
   def update(
     self, updates, state, params=None, *, weight=None, flush=None, **extra_args
@@ -238,15 +256,18 @@ class Accumulator:
   def _hold(self, layout, output, grads, extra, inner_state, params, *_):
     """No gradient step: ``output.hold`` and the inner state untouched."""
 
-    def zeros():
-      if not any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
-        # Eager: the inner is not run, even abstractly; zeros typed like
-        # the gradients, as optax.MultiSteps' mid-steps.
-        like = lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype)
-        return jax.tree.map(lambda g: layout.zeros(like(g), g), grads)
+    def zeros():  # typed like the inner's updates, as optax.MultiSteps'
       reduced = lambda g: jax.tree.map(layout.reduced_like, g)  # abstractly
       run = lambda g, s, p: self._inner_update(reduced(g), s, p, extra)
-      shapes, _ = jax.eval_shape(run, grads, inner_state, params)
+      try:
+        shapes, _ = jax.eval_shape(run, grads, inner_state, params)
+      except jax.errors.ConcretizationTypeError:
+        if any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
+          raise
+        # Eager, an inner branching on values in Python: the gradients'.
+        shapes = jax.tree.map(
+          lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype), grads
+        )
       if jax.tree.structure(shapes) != jax.tree.structure(grads):
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       return jax.tree.map(layout.zeros, shapes, grads)
@@ -254,10 +275,13 @@ class Accumulator:
     return output.hold(zeros, params), inner_state
 
 
-def accumulator_of(tx: Any) -> Optional[Accumulator]:
-  """The :class:`Accumulator` behind ``tx``, or None."""
+def owner_of(tx: Any, cls: type) -> Any:
+  """The ``cls`` (:class:`Accumulator`, ``Chain``) behind ``tx``, or None."""
   owner = getattr(getattr(tx, 'update', None), '__self__', None)
-  return owner if isinstance(owner, Accumulator) else None
+  return owner if isinstance(owner, cls) else None
+
+
+accumulator_of = functools.partial(owner_of, cls=Accumulator)
 
 
 def accumulate(

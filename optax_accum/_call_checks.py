@@ -90,26 +90,23 @@ def weight_of(value, dtype=jnp.float32):
   if value is None:
     return None
   _real_scalar(value, 'weight')
-  if unreduced_axes(value):
+  if isinstance(value, jax.Array) and unreduced_axes(value):
     fail(ValueError, 'weight', f'{jax.typeof(value)}; reduce it first')
-  if not isinstance(value, Tracer):
-    concrete = np.asarray(value, np.float64)
-    if not (concrete == 0 or 2.0**-64 <= concrete <= 2.0**64):
-      fail(ValueError, 'weight', f'{value!r}, not 0 nor in [2**-64, 2**64]')
-  value = jnp.asarray(value).astype(dtype)
+  if not isinstance(value, Tracer):  # in float64 (a numpy int64, a
+    given, value = value, np.asarray(value, np.float64)  # Python int whole)
+    if not (value == 0 or 2.0**-64 <= value <= 2.0**64):
+      fail(ValueError, 'weight', f'{given!r}, not 0 nor in [2**-64, 2**64]')
+  value = jnp.asarray(value, dtype)
   good = (value == 0) | ((value >= 2.0**-64) & (value <= 2.0**64))
   return jnp.where(good, value, jnp.full_like(value, jnp.nan))
 
 
-def sq_norms(value):
-  """None, or ``(sum_i w_i |g_i|^2, count)``: two real scalars."""
-  if value is not None and not (isinstance(value, tuple) and len(value) == 2):
-    fail(
-      TypeError, 'sq_norms', f'{value!r}; pass microbatched_value_and_grad\'s'
-    )
-  for x in value or ():
+def sq_norms(value) -> None:
+  """``(sum_i w_i |g_i|^2, count)``: two real scalars."""
+  if not (isinstance(value, tuple) and len(value) == 2):
+    fail(TypeError, 'sq_norms', f'{value!r}; give the in-step form\'s pair')
+  for x in value:
     _real_scalar(x, 'sq_norms')
-  return value
 
 
 def flush_of(value):
@@ -182,7 +179,8 @@ def unreduced_axes(x) -> frozenset:
 
 
 def varying_axes(x) -> frozenset:
-  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  typ = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+  manual = getattr(typ, 'manual_axis_type', None)
   return frozenset(getattr(manual, 'varying', ()) or ())
 
 
@@ -210,12 +208,17 @@ def _axes_of(tree, axes_fn) -> set:
 def no_axis_call(state, grads, weight, flush, value) -> None:
   """Without ``axis_name``: gradients typed per device (unreduced, or
   varying over axes the state does not) need one."""
-  del weight, flush, value
   for g, a in zip(jax.tree.leaves(grads), jax.tree.leaves(state.acc_grads)):
     axes = unreduced_axes(g) or (varying_axes(g) - varying_axes(a))
     if axes:
       need = _shown(sorted(axes))
       fail(ValueError, 'axis_name', f'None; the gradients need {need!r}')
+  own = varying_axes(state.acc_weight)  # a per-device state's axes
+  for argument, x in (('weight', weight), ('flush', flush), ('value', value)):
+    axes = set() if x is None else varying_axes(x) - own
+    if axes:
+      at = f'varies over {sorted(axes)}, the state does not'
+      fail(ValueError, argument, f'{at}: reduce it or give axis_name')
 
 
 def unreduced_state(names, acc_grads, acc_weight) -> None:

@@ -2,7 +2,8 @@
 per gradient step, by construction."""
 
 import dataclasses
-from typing import Any, Optional
+import functools
+from typing import Optional
 
 import optax
 
@@ -63,10 +64,7 @@ class Chain:
     return out, tuple(new_state)
 
 
-def chain_of(tx: Any) -> Optional[Chain]:
-  """The :class:`Chain` behind ``tx``, or None."""
-  owner = getattr(getattr(tx, 'update', None), '__self__', None)
-  return owner if isinstance(owner, Chain) else None
+chain_of = functools.partial(_accumulate.owner_of, cls=Chain)
 
 
 def chain(

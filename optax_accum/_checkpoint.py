@@ -9,15 +9,14 @@ import numpy as np
 import optax
 
 from optax_accum import _call_checks
+from optax_accum import _layout
 from optax_accum._errors import fail
 
 
 def _flat(tree, is_leaf=None) -> dict[tuple[str, ...], Any]:
   """Leaves by path of names, whatever the node types (dict or tuple)."""
-  attr = lambda e: next(
-    (a for a in ("name", "key", "idx") if hasattr(e, a)), ""
-  )
-  name = lambda e: str(getattr(e, attr(e)) if attr(e) else e)
+  attrs = lambda e: [a for a in ("name", "key", "idx") if hasattr(e, a)]
+  name = lambda e: str(getattr(e, attrs(e)[0]) if attrs(e) else e)
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
   return {tuple(name(e) for e in path): x for path, x in leaves}
 
@@ -37,10 +36,9 @@ def _check_against_metadata(saved_tree, abstract_state, path):
     hint = f"; pass an item's folder, {path}/{items[0]}" if items else ""
     here = f"its state has {show(missing)} where the checkpoint at {path}"
     fail(ValueError, "tx", f"{here} has {show(extra)}{hint}")
+  typed = lambda x: f"{np.dtype(x.dtype)}{list(x.shape)}"
   for key, target in want.items():
-    got, here = (
-      f"{np.dtype(x.dtype)}{list(x.shape)}" for x in (saved[key], target)
-    )
+    got, here = typed(saved[key]), typed(target)
     if got != here:
       fail(ValueError, "params", f"{'/'.join(key)}: {got} saved, {here} here")
 
@@ -123,29 +121,22 @@ def _unreduced(x) -> bool:
 
 
 def _reduced_leaf(x):
-  if isinstance(x, jax.ShapeDtypeStruct):
-    # jax.eval_shape records the abstract mesh, or no sharding for a
-    # counter: orbax places arrays on the concrete mesh that is set.
-    if not hasattr(jax.sharding, 'get_mesh'):  # jax < 0.10: no types
-      return x
-    mesh = jax.sharding.get_mesh()
-    sharding = x.sharding
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      spec = sharding.spec.update(unreduced=frozenset())
-      if not isinstance(sharding.mesh, jax.sharding.AbstractMesh):
-        mesh = sharding.mesh
-    elif sharding is None:
-      spec = P()
-    else:
-      return x
-    if mesh.empty:
-      return x
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  spec = _call_checks.spec_of(x)
-  if not spec.unreduced:
+  if not isinstance(x, jax.ShapeDtypeStruct):
+    return _layout.reduced(x)
+  # jax.eval_shape records the abstract mesh, or no sharding for a counter:
+  # orbax places arrays on the concrete mesh that is set (jax >= 0.10).
+  sharding, spec = x.sharding, P()
+  mesh = getattr(jax.sharding, 'get_mesh', lambda: None)()
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = sharding.spec.update(unreduced=frozenset())
+    real = not isinstance(sharding.mesh, jax.sharding.AbstractMesh)
+    mesh = sharding.mesh if real and mesh is not None else mesh
+  elif sharding is not None:
     return x
-  return jax.reshard(x, spec.update(unreduced=frozenset()))
+  if mesh is None or mesh.empty:
+    return x
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def reduced_state(opt_state: Any) -> Any:
@@ -216,7 +207,6 @@ def unreduced_state(opt_state: Any, like: Any) -> Any:
   """
   if jax.tree.structure(opt_state) != jax.tree.structure(like):
     fail(ValueError, 'opt_state', 'structured unlike `like`')
-
   leaves, treedef = jax.tree.flatten(opt_state)
   todo = [i for i, t in enumerate(jax.tree.leaves(like)) if _unreduced(t)]
   if not todo:

@@ -132,12 +132,20 @@ def axis_name(value) -> Union[tuple[str, ...], None]:
   return names
 
 
+def flag(value, argument: str) -> bool:
+  """A bool, numpy bool or concrete bool scalar array (inject_hyperparams
+  passes arrays) as a Python bool."""
+  concrete = not isinstance(value, Tracer) and jnp.shape(value) == ()
+  if isinstance(value, (jax.Array, np.ndarray, np.bool_)) and concrete:
+    value = bool(value) if jnp.result_type(value) == jnp.bool_ else value
+  if not isinstance(value, bool):
+    fail(TypeError, argument, f'{value!r}, not a bool')
+  return value
+
+
 def noise_scale(track, decay) -> bool:
-  """``track_noise_scale`` as a bool (inject_hyperparams passes arrays)."""
-  if isinstance(track, (jax.Array, np.bool_)) and not isinstance(track, Tracer):
-    track = bool(track) if track.shape == () else track
-  if not isinstance(track, bool):
-    fail(TypeError, 'track_noise_scale', f'{track!r}, not a bool')
+  """``track_noise_scale`` as a bool; ``noise_scale_decay`` checked."""
+  track = flag(track, 'track_noise_scale')
   try:
     ok = isinstance(decay, Tracer) or 0 <= float(decay) < 1  # a scalar
   except (TypeError, ValueError):

@@ -55,7 +55,7 @@ def axes_size(names) -> int:
 
 def vary(x, axes):
   """``x`` cast to varying over those of ``axes`` it does not vary over."""
-  missing = tuple(a for a in axes if a not in varying_axes(x))
+  missing = tuple(a for a in sorted(axes) if a not in varying_axes(x))
   return lax.pcast(x, missing, to='varying') if missing else x
 
 

@@ -32,9 +32,7 @@ def _split(batches, num_microbatches: int):
   for path, x in leaves:
     if jnp.ndim(x) == 0 or len(sizes) > 1 or jnp.shape(x)[0] % num_microbatches:
       at = f'shape {jnp.shape(x)} at {leaf_name(path)}'
-      want = (
-        f'one leading size divisible by k (sizes: {sorted(sizes, key=str)})'
-      )
+      want = f'one leading size divisible by k ({sorted(sizes, key=str)})'
       fail(ValueError, 'batch_argnums', f'{at}; give every batch leaf {want}')
   k = num_microbatches
   sharded = lambda x: _call_checks.spec_of(x)[:1] not in ((), (None,))
@@ -52,13 +50,12 @@ def _split(batches, num_microbatches: int):
 def check_args(
   loss_fn, num_microbatches, reduction, batch_argnums, key_argnum, **flags
 ):
-  """Checks the construction arguments; returns ``(k, batch_argnums)``, an
-  int and a tuple (k concrete: an int, numpy or JAX integer scalar)."""
+  """Checks the construction arguments; returns ``(k, batch_argnums,
+  flags)``: an int (k concrete: an int, numpy or JAX integer scalar), a
+  tuple and the ``flags`` as bools."""
   if not callable(loss_fn):
     fail(TypeError, 'loss_fn', f'{loss_fn!r}, not a function of params')
-  for name, flag in flags.items():  # has_aux, sq_norms: a wrong one would
-    if not isinstance(flag, bool):  # read the outputs as another form
-      fail(TypeError, name, f'{flag!r}, not a bool')
+  flags = {name: _checks.flag(v, name) for name, v in flags.items()}
   if isinstance(num_microbatches, Tracer):  # jit: static_argnames
     fail(TypeError, 'num_microbatches', 'traced; make it a static argument')
   try:
@@ -77,7 +74,7 @@ def check_args(
   for name, nums in (('batch_argnums', batch_argnums), ('key_argnum', keys)):
     if any(bad(n) or n < 1 for n in nums) or (name == 'key_argnum' and clash):
       fail(ValueError, name, f'{nums!r}; give distinct positions >= 1')
-  return k, tuple(int(n) for n in batch_argnums)
+  return k, tuple(int(n) for n in batch_argnums), flags
 
 
 def microbatched_value_and_grad(
@@ -159,7 +156,7 @@ def microbatched_value_and_grad(
     Face transformers PR #34191 (the global token mean); MaxText's in-step
     gradient accumulation.
   """
-  k, batch_argnums = check_args(
+  k, batch_argnums, flags = check_args(
     loss_fn,
     num_microbatches,
     reduction,
@@ -168,6 +165,7 @@ def microbatched_value_and_grad(
     has_aux=has_aux,
     sq_norms=sq_norms,
   )
+  has_aux, sq_norms = flags['has_aux'], flags['sq_norms']
   options = (has_aux, reduction, batch_argnums, key_argnum, unroll, sq_norms)
   sums = WindowSums(loss_fn, k, *options)
   names = _checks.axis_name(axis_name)
@@ -221,12 +219,8 @@ class WindowSums:
       fail(ValueError, 'loss_fn', f'returned {jax.tree.structure(out)}; {form}')
     loss, rest = out
     weight, aux = rest if self.has_aux else (rest, None)
-    if not all(
-      x is not None
-      and not isinstance(x, (tuple, list, dict))
-      and jnp.shape(x) == ()
-      for x in (loss, weight)
-    ):
+    scalar = lambda x: not isinstance(x, (tuple, list, dict, type(None)))
+    if not all(scalar(x) and jnp.shape(x) == () for x in (loss, weight)):
       fail(ValueError, 'loss_fn', f'returned non-scalars; return {form}')
     # A concrete bad weight raises; a traced one poisons the sums with NaN.
     # The unweighted loss is differentiated; the weight multiplies the
@@ -295,7 +289,8 @@ class WindowSums:
     # Inside shard_map(check_vma=True) a sum varies across devices where its
     # terms do: the initial carry takes the types of one step's output.
     out = jax.eval_shape(lambda c, x: body(c, x)[0], carry0, first)
-    carry0 = jax.tree.map(_vary_like, carry0, out)
+    like = lambda x, o: _layout.vary(x, sorted(_call_checks.varying_axes(o)))
+    carry0 = jax.tree.map(like, carry0, out)
     sums, _ = lax.scan(
       body,
       carry0,
@@ -310,9 +305,3 @@ def _is_key(key) -> bool:
   dtype = jnp.result_type(key)
   raw = dtype == jnp.uint32 and jnp.shape(key)[-1:] == (2,)
   return raw or jnp.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _vary_like(x, like):
-  """`x` cast to varying over the mesh axes `like`'s type varies over."""
-  manual = getattr(like, 'manual_axis_type', None)
-  return _layout.vary(x, tuple(sorted(getattr(manual, 'varying', ()) or ())))

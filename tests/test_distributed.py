@@ -293,3 +293,65 @@ def test_unchecked_flush_on_one_device_ends_the_window_on_all():
     _, state = step(params, state, flag)
   np.testing.assert_array_equal(state.gradient_step, np.ones(N_DEV))
   np.testing.assert_array_equal(state.mini_step, np.zeros(N_DEV))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_per_device_state_without_axis_name_trains_each_device_alone(
+  weighted,
+):
+  """In shard_map, params made varying and init there give a per-device
+  state (an ensemble over devices): each device's own exact mean, in a
+  lax.scan whose carry keeps its types."""
+  mesh = _mesh((N_DEV,), ("data",), AxisType.Explicit)
+  params, xs, _ = make_problem(steps=1, batch=8 * N_DEV, dim=3, out=1)
+  loss = lambda p, x: jnp.mean((x @ p["w"] + p["b"]) ** 2)  # noqa: E731
+  xs = xs[0].reshape(K, 8 * N_DEV // K, 3)  # K micro-batches, rows sharded
+  tx = optax_accum.accumulate(K, optax.adam(0.1))
+
+  def local(p, x):
+    p = jax.lax.pcast(p, "data", to="varying")
+    state = tx.init(p)
+
+    def body(carry, xm):
+      p, state = carry
+      n = jnp.sum(xm[:, 0] > -1e9).astype(jnp.float32)  # varying
+      w = {"weight": n} if weighted else {}
+      g = jax.grad(loss)(p, xm)
+      return optax_accum.apply_gradients(tx, g, state, p, **w), None
+
+    (p, _), _ = jax.lax.scan(body, (p, state), x)
+    return jax.tree.map(lambda a: a[None], p)
+
+  with jax.set_mesh(mesh):
+    step = jax.jit(
+      jax.shard_map(local, in_specs=(P(), P(None, "data")), out_specs=P("data"))
+    )
+    got = jax.tree.map(
+      np.asarray, step(params, jax.device_put(xs, P(None, "data")))
+    )
+
+  def large_batch_step(xs_of_device):  # one device's K micro-batches
+    g = jax.grad(lambda p: sum(loss(p, x) for x in xs_of_device) / K)(params)
+    o = optax.adam(0.1)
+    return optax.apply_updates(params, o.update(g, o.init(params))[0])
+
+  per_device = xs.reshape(K, N_DEV, -1, 3)
+  want = [large_batch_step(per_device[:, d]) for d in range(N_DEV)]
+  want = jax.tree.map(lambda *a: np.stack(a), *want)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_per_device_weight_for_a_replicated_state_names_weight():
+  mesh = _mesh((N_DEV,), ("data",), AxisType.Explicit)
+  tx = optax_accum.accumulate(2, optax.sgd(0.1))
+  params = {"w": jnp.ones(3)}
+
+  def local(p, s, x):
+    return tx.update(p, s, p, weight=jnp.sum(x))[1].mini_step
+
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    step = jax.shard_map(local, in_specs=(P(), P(), P("data")), out_specs=P())
+    with pytest.raises(ValueError) as e:
+      jax.jit(step)(params, state, jax.device_put(jnp.ones(N_DEV), P("data")))
+  assert e.value.argument == "weight"

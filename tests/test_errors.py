@@ -155,6 +155,16 @@ CASES = {
     TypeError,
     "has_aux",
   ),
+  "params missing a leaf of the updates": (
+    lambda: optax_accum.apply_gradients(
+      acc(1, optax.sgd(0.1)),
+      {"w": jnp.ones(3), "b": jnp.ones(2)},
+      acc(1, optax.sgd(0.1)).init({"w": jnp.ones(3), "b": jnp.ones(2)}),
+      [jnp.ones(3), jnp.ones(2)],
+    ),
+    ValueError,
+    "params",
+  ),
   "loss_fn not callable": (
     lambda: optax_accum.microbatched_value_and_grad("loss", 2),
     TypeError,
@@ -327,13 +337,14 @@ def test_share_counters_refuses_any_skip_function():
   assert e.value.argument == "opt_state"
 
 
-def test_eager_mid_steps_do_not_trace_the_inner():
-  """An inner branching in Python on values works eagerly: mid-steps do not
-  run it, even abstractly."""
+def test_eager_inner_runs_as_python_once_per_window():
+  """An inner branching in Python on values works eagerly: it runs on
+  values once per window (mid-steps type their zeros abstractly, as
+  optax.MultiSteps, falling back to the gradients' types)."""
   calls = []
 
   def update(u, s, p=None):
-    calls.append(1)
+    calls.append(not isinstance(u["w"], jax.core.Tracer))
     scale = 0.5 if float(jnp.sum(u["w"])) > 0 else 2.0
     return jax.tree.map(lambda x: -scale * x, u), s
 
@@ -343,13 +354,32 @@ def test_eager_mid_steps_do_not_trace_the_inner():
   for g in (1.0, 3.0, -1.0, -3.0):
     u, state = tx.update({"w": jnp.full(3, g)}, state, P0)
     outs.append(float(u["w"][0]))
-  assert outs == [0.0, -1.0, 0.0, 4.0] and len(calls) == 2
+  assert outs == [0.0, -1.0, 0.0, 4.0] and sum(calls) == 2
 
 
 def test_a_schedule_returning_none_names_every_k_schedule():
   with pytest.raises(TypeError) as e:
     acc(lambda step: None)
   assert e.value.argument == "every_k_schedule"
+
+
+@pytest.mark.parametrize("big", [2**40, np.int64(2**32 + 4)])
+def test_a_large_integer_weight_is_kept_whole(big):
+  """Not narrowed to int32 (which wraps numpy's and overflows Python's)."""
+  tx = acc(2, optax.sgd(1.0))
+  state = tx.init(P0)
+  _, state = tx.update({"w": jnp.full(3, 5.0)}, state, P0, weight=big)
+  u, state = tx.update({"w": jnp.ones(3)}, state, P0, weight=1)
+  want = -(5.0 * float(big) + 1.0) / (float(big) + 1.0)
+  np.testing.assert_allclose(u["w"], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("flag", [np.bool_(True), jnp.array(True)])
+def test_has_aux_takes_numpy_and_jax_bools(flag):
+  loss = lambda w, x: (jnp.mean(x * w), (x.shape[0], {"m": jnp.mean(x)}))  # noqa: E731
+  f = optax_accum.microbatched_value_and_grad(loss, 2, has_aux=flag)
+  (_, aux), g, n = f(1.0, jnp.arange(4.0))
+  np.testing.assert_allclose([aux["m"], g, n], [1.5, 1.5, 4.0])
 
 
 def test_value_none_means_not_given():
