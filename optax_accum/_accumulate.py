@@ -33,15 +33,8 @@ class Output(NamedTuple):
   hold: Callable[[Callable[[], Any], Any], Any]
 
 
-def _applied(updates, params):
-  got, want = jax.tree.structure(params), jax.tree.structure(updates)
-  if got != want:  # optax.lookahead's updates are LookaheadParams
-    fail(ValueError, 'params', f'structure {got}; the updates have {want}')
-  return optax.apply_updates(params, updates)
-
-
 UPDATE = Output(step=lambda u, p: u, hold=lambda zeros, p: zeros())
-APPLY = Output(step=_applied, hold=lambda zeros, p: p)
+APPLY = Output(step=lambda u, p: optax.apply_updates(p, u), hold=lambda z, p: p)
 
 
 def cond(pred, true_fn, false_fn, *operands):
@@ -256,18 +249,17 @@ class Accumulator:
   def _hold(self, layout, output, grads, extra, inner_state, params, *_):
     """No gradient step: ``output.hold`` and the inner state untouched."""
 
-    def zeros():  # typed like the inner's updates, as optax.MultiSteps'
+    def zeros():
+      if not any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
+        # Eager: the inner is not run, even abstractly (its Python runs
+        # once per window); zeros like what updates add to: the params
+        # where they hold more (optax.lookahead's), else the gradients.
+        tree = jax.tree.structure
+        same = params is None or tree(params) == tree(grads)
+        return jax.tree.map(jnp.zeros_like, grads if same else params)
       reduced = lambda g: jax.tree.map(layout.reduced_like, g)  # abstractly
       run = lambda g, s, p: self._inner_update(reduced(g), s, p, extra)
-      try:
-        shapes, _ = jax.eval_shape(run, grads, inner_state, params)
-      except jax.errors.ConcretizationTypeError:
-        if any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
-          raise
-        # Eager, an inner branching on values in Python: the gradients'.
-        shapes = jax.tree.map(
-          lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype), grads
-        )
+      shapes, _ = jax.eval_shape(run, grads, inner_state, params)
       if jax.tree.structure(shapes) != jax.tree.structure(grads):
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       return jax.tree.map(layout.zeros, shapes, grads)
@@ -339,7 +331,8 @@ def accumulate(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`AccumulateState`; outside ``jax.jit`` it runs op by op.
+    :class:`AccumulateState`; outside ``jax.jit`` it runs op by op (not
+    on a mesh with ``axis_name``: JAX runs no eager op on unreduced sums).
 
   Raises:
     TypeError: a wrong type (``inner=optax.adamw``, ``flush=1``, an integer

@@ -51,13 +51,16 @@ def _batched(x) -> bool:
 
 
 def structure(grads, acc_grads, params) -> None:
-  """The gradients have the params' structure, shapes and kind; params of
-  the gradients' structure have their shapes (optax.lookahead's params hold
-  more than the gradients: init with params.fast)."""
+  """The gradients have the params' structure, shapes and kind; the params
+  have it too, with their shapes, or hold it one level down (optax.lookahead's
+  ``LookaheadParams(fast, slow)``: init with ``params.fast``)."""
   got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
   if got != want:
     fail(ValueError, 'updates', f'structure {got}; init made {want}')
-  like = params is not None and jax.tree.structure(params) == got
+  ptree = None if params is None else jax.tree.structure(params)
+  like = ptree is not None and ptree == got
+  if ptree is not None and not like and got not in ptree.children():
+    fail(ValueError, 'params', f'structure {ptree}; the updates have {got}')
   leaves = jax.tree.leaves(params) if like else [None] * got.num_leaves
   for (path, g), a, p in zip(
     jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads), leaves
@@ -255,6 +258,8 @@ def mesh_call(names, grads, value) -> None:
   """Under plain ``jax.jit`` on a mesh: gradients typed unreduced over
   ``axis_name`` (from ``microbatched_value_and_grad(..., axis_name)``), a
   replicated ``value``."""
+  if not any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
+    fail(ValueError, 'updates', 'unreduced outside jax.jit: jit the step')
   for path, g in jax.tree.leaves_with_path(grads):
     if set(unreduced_axes(g)) != set(names):
       at = f'{jax.typeof(g)} at {leaf_name(path)}, not unreduced'

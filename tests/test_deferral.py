@@ -783,3 +783,16 @@ def test_the_window_mean_value_reaches_the_elements_after():
       params, state = step(tx, grads, state, params, weight=w, value=v)
   probe_state = jax.tree.leaves(state)[-1]
   assert float(probe_state) == 5.0
+
+
+def test_eager_unreduced_gradients_name_updates_and_ask_for_jit():
+  """JAX runs no eager op on unreduced arrays: a clear error, not its own."""
+  params, xs, ys, ms = _masked_problem()
+  tx = optax_accum.accumulate(2, optax.sgd(0.1), axis_name="data")
+  with jax.set_mesh(jax.make_mesh((N_DEV,), ("data",))):
+    p = jax.device_put(params, P())
+    x, y, m = (jax.device_put(a[0], P("data")) for a in (xs, ys, ms))
+    _, g, n = jax.jit(_masked_vg())(p, x, y, m)
+    with pytest.raises(ValueError) as e:
+      tx.update(g, tx.init(p), p, weight=n)
+  assert e.value.argument == "updates"
