@@ -19,6 +19,8 @@ def _blocks(page):
 def _missing_feature(code):
   if "axis_name" in code and jax.__version_info__ < (0, 10, 0):
     return "the deferred reduction (axis_name) needs jax>=0.10"
+  if "pcast" in code and not hasattr(jax.lax, "pcast"):
+    return "jax.lax.pcast (per-device values in shard_map) needs jax>=0.10"
   if "nnx" in code:
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
