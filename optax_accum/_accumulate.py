@@ -9,7 +9,6 @@ import functools
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
-from jax import lax
 from jax.core import Tracer
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +19,6 @@ from optax_accum import _call_checks
 from optax_accum import _checks
 from optax_accum import _layout
 from optax_accum import _noise
-from optax_accum._call_checks import varying_axes
 from optax_accum._errors import fail
 from optax_accum._state import AccumulateState
 from optax_accum._state import accumulate_states
@@ -35,20 +33,6 @@ class Output(NamedTuple):
 
 UPDATE = Output(step=lambda u, p: u, hold=lambda zeros, p: zeros())
 APPLY = Output(step=lambda u, p: optax.apply_updates(p, u), hold=lambda z, p: p)
-
-
-def cond(pred, true_fn, false_fn, *operands):
-  """``lax.cond``; on a concrete ``pred`` (eager), the branch as Python. In
-  ``jax.shard_map`` each output varies over the axes either branch's does
-  (a per-device state's sums against the counters it passes through)."""
-  if not isinstance(pred, Tracer):
-    return (true_fn if bool(pred) else false_fn)(*operands)
-  if jax.sharding.get_abstract_mesh().manual_axes:
-    outs = [jax.eval_shape(f, *operands) for f in (true_fn, false_fn)]
-    axes = jax.tree.map(lambda a, b: varying_axes(a) | varying_axes(b), *outs)
-    agree = lambda f: lambda *o: jax.tree.map(_layout.vary, f(*o), axes)
-    true_fn, false_fn = agree(true_fn), agree(false_fn)
-  return lax.cond(pred, true_fn, false_fn, *operands)
 
 
 def _strong(tree):
@@ -129,7 +113,9 @@ class Accumulator:
       inner_opt_state=inner_state,
       noise_scale=_noise.init(names) if self.track_noise_scale else None,
     )
-    axes = frozenset().union(*map(varying_axes, jax.tree.leaves(params)))
+    axes = frozenset().union(
+      *map(_layout.varying_axes, jax.tree.leaves(params))
+    )
     vary = lambda x: _layout.vary(x, axes)  # a per-device state
     return jax.tree.map(vary, state) if axes else state  # (in shard_map)
 
@@ -170,7 +156,7 @@ class Accumulator:
     end = mini_step >= k if flush is None else (mini_step >= k) | flush
     branch = lambda f: functools.partial(f, layout, output, grads, extra, state)
     ended, held = branch(self._end_window), branch(self._mid_step)
-    out, inner_state, stats = cond(end, ended, held, sums, noise, params)
+    out, inner_state, stats = layout.cond(end, ended, held, sums, noise, params)
     stepped, rejected, grad_norm, skip_state, noise = stats
     step = state.gradient_step
     gradient_step = jnp.where(stepped, optax.safe_increment(step), step)
@@ -233,7 +219,7 @@ class Accumulator:
 
     hold = functools.partial(self._hold, layout, output, grads, extra)
     operands = (state.inner_opt_state, params, acc_sum, weight)
-    out, new_inner = cond(stepped, step, hold, *operands)
+    out, new_inner = layout.cond(stepped, step, hold, *operands)
     if noise is not None:  # the window's estimates, from the reduced sums
       ends = (noise_sums, grad_norm, weight, stepped, self.noise_scale_decay)
       noise = _noise.end_window(noise, *ends)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import jax
 from jax import lax
+from jax.core import Tracer
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
@@ -73,6 +74,19 @@ class Layout:
   own_weight = True  # each device's weight is its own (False: global)
 
   check = staticmethod(_call_checks.no_axis_call)
+
+  def cond(self, pred, true_fn, false_fn, *operands):
+    """``lax.cond`` (eager: the branch as Python). In ``jax.shard_map`` each
+    output varies over the axes either branch's does: a per-device state
+    (init on varying params) against the other branch's constants."""
+    if not isinstance(pred, Tracer):
+      return (true_fn if bool(pred) else false_fn)(*operands)
+    if not self.names and jax.sharding.get_abstract_mesh().manual_axes:
+      outs = [jax.eval_shape(f, *operands) for f in (true_fn, false_fn)]
+      axes = jax.tree.map(lambda a, b: varying_axes(a) | varying_axes(b), *outs)
+      agree = lambda f: lambda *o: jax.tree.map(vary, f(*o), axes)
+      true_fn, false_fn = agree(true_fn), agree(false_fn)
+    return lax.cond(pred, true_fn, false_fn, *operands)
 
   def arrive(self, tree):
     """A micro-batch's values as this layout adds them."""
