@@ -84,8 +84,8 @@ def main():
     )
     calls = traced_calls(step, p, tx.init(p), g, n)
     rows.append(row("8 devices: `apply_gradients(..., axis_name)`", calls))
-  print(f"optax_accum {optax_accum.__version__}, jax {jax.__version__}, ")
-  print(f"optax {optax.__version__}\n")
+  versions = f"jax {jax.__version__}, optax {optax.__version__}"
+  print(f"optax_accum {optax_accum.__version__}, {versions}\n")
   print("| path | named functions | modules | module switches |")
   print("|---|---|---|---|")
   print("\n".join(rows))
