@@ -76,12 +76,13 @@ class Layout:
   check = staticmethod(_call_checks.no_axis_call)
 
   def cond(self, pred, true_fn, false_fn, *operands):
-    """``lax.cond`` (eager: the branch as Python). In ``jax.shard_map`` each
-    output varies over the axes either branch's does: a per-device state
-    (init on varying params) against the other branch's constants."""
+    """``lax.cond`` (eager: the branch as Python). Where the operands vary
+    (in ``jax.shard_map``, a per-device state: init on varying params), each
+    output varies over the axes either branch's does."""
     if not isinstance(pred, Tracer):
       return (true_fn if bool(pred) else false_fn)(*operands)
-    if not self.names and jax.sharding.get_abstract_mesh().manual_axes:
+    leaves = jax.tree.leaves(operands)
+    if not self.names and any(map(varying_axes, leaves)):
       outs = [jax.eval_shape(f, *operands) for f in (true_fn, false_fn)]
       axes = jax.tree.map(lambda a, b: varying_axes(a) | varying_axes(b), *outs)
       agree = lambda f: lambda *o: jax.tree.map(vary, f(*o), axes)
