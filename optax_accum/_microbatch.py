@@ -203,11 +203,12 @@ class WindowSums:
   def outputs(self, loss, grads, total, a_sum, denom):
     """What the function returns: ``(loss, grads, weight)`` (``(loss, aux)``
     with ``has_aux``), then ``sq_norms`` where asked."""
-    a_sum, norms = a_sum if self.sq_norms else (a_sum, (0, 0))
+    if self.sq_norms:
+      a_sum, (sq, n) = a_sum
     aux = jax.tree.map(lambda a: a / denom.astype(a.dtype), a_sum)
     out = ((loss, aux) if self.has_aux else loss, grads, total)
-    norms = (norms[0], jnp.round(norms[1]))  # n, summed as w (1 / w)
-    return (*out, norms) if self.sq_norms else out
+    # n is summed as w (1 / w): rounded back to a count.
+    return (*out, (sq, jnp.round(n))) if self.sq_norms else out
 
   def weighted_loss(self, params, args):
     """``(loss, (weight, loss, aux))`` of one micro-batch, checked."""

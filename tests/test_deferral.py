@@ -796,3 +796,30 @@ def test_eager_unreduced_gradients_name_updates_and_ask_for_jit():
     with pytest.raises(ValueError) as e:
       tx.update(g, tx.init(p), p, weight=n)
   assert e.value.argument == "updates"
+
+
+def test_the_shard_map_step_traces_the_inner_as_often_as_one_device():
+  """Making cond branches agree on what varies costs another trace only
+  where the operands vary (a per-device state), not with axis_name."""
+  traces = []
+
+  def update(u, s, p=None):
+    traces.append(1)
+    return u, s
+
+  inner = lambda: optax.GradientTransformation(  # noqa: E731
+    lambda p: optax.EmptyState(), update
+  )
+  params, xs, ys, ms = _masked_problem()
+  tx = optax_accum.accumulate(2, inner())
+  one = jax.jit(lambda p, s, g: optax_accum.apply_gradients(tx, g, s, p))
+  one.lower(params, tx.init(params), params)
+  alone, traces[:] = len(traces), []
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  tx = optax_accum.accumulate(2, inner(), axis_name="data")
+  with jax.set_mesh(mesh):
+    state = tx.init(jax.device_put(params, P()))
+    args = [jax.device_put(a[0], P("data")) for a in (xs, ys, ms)]
+    p = jax.device_put(params, P())
+    _checked_step(tx, mesh, state).lower(p, state, *args)
+  assert alone > 0 and len(traces) == alone
