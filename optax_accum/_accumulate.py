@@ -238,11 +238,9 @@ class Accumulator:
     def zeros():
       if not any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
         # Eager: the inner is not run, even abstractly (its Python runs
-        # once per window); zeros like what updates add to: the params
-        # where they hold more (optax.lookahead's), else the gradients.
-        tree = jax.tree.structure
-        same = params is None or tree(params) == tree(grads)
-        return jax.tree.map(jnp.zeros_like, grads if same else params)
+        # once per window); its zeros are like what updates add to.
+        exact = self.inner_tx is not None and params is not None
+        return jax.tree.map(jnp.zeros_like, params if exact else grads)
       reduced = lambda g: jax.tree.map(layout.reduced_like, g)  # abstractly
       run = lambda g, s, p: self._inner_update(reduced(g), s, p, extra)
       shapes, _ = jax.eval_shape(run, grads, inner_state, params)

@@ -12,6 +12,7 @@ from jax.core import Tracer
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
 
 from optax_accum import _checks
 from optax_accum._errors import fail
@@ -51,22 +52,23 @@ def _batched(x) -> bool:
 
 
 def structure(grads, acc_grads, params) -> None:
-  """The gradients have the params' structure, shapes and kind; the params
-  have it too, with their shapes, or hold it one level down (optax.lookahead's
-  ``LookaheadParams(fast, slow)``: init with ``params.fast``)."""
+  """The gradients have the params' structure, shapes and kind; so have the
+  params (or their ``fast`` and ``slow``: ``optax.lookahead``'s, whose
+  init takes ``params.fast``)."""
   got, want = jax.tree.structure(grads), jax.tree.structure(acc_grads)
   if got != want:
     fail(ValueError, 'updates', f'structure {got}; init made {want}')
-  ptree = None if params is None else jax.tree.structure(params)
-  like = ptree is not None and ptree == got
-  if ptree is not None and not like and got not in ptree.children():
-    fail(ValueError, 'params', f'structure {ptree}; the updates have {got}')
-  leaves = jax.tree.leaves(params) if like else [None] * got.num_leaves
-  for (path, g), a, p in zip(
-    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads), leaves
-  ):
-    for argument, x in (('updates', g), ('params', p)):
-      if x is not None and jnp.shape(x) != jnp.shape(a):
+  look = isinstance(params, optax.LookaheadParams)
+  trees = (params.fast, params.slow) if look else (params,)
+  trees = [t for t in trees if t is not None]
+  for t in trees:
+    if jax.tree.structure(t) != got:
+      at = f'structure {jax.tree.structure(t)}'
+      fail(ValueError, 'params', f'{at}; the updates have {got}')
+  leaves = (jax.tree.leaves(t) for t in (acc_grads, *trees))
+  for (path, g), a, *ps in zip(jax.tree.leaves_with_path(grads), *leaves):
+    for argument, x in [('updates', g)] + [('params', p) for p in ps]:
+      if jnp.shape(x) != jnp.shape(a):
         at = f'{jnp.shape(x)} at {leaf_name(path)}'
         want = f'the params have {jnp.shape(a)}'
         fail(ValueError, argument, f'shape {at}; {want}')
@@ -259,7 +261,7 @@ def mesh_call(names, grads, value) -> None:
   ``axis_name`` (from ``microbatched_value_and_grad(..., axis_name)``), a
   replicated ``value``."""
   if not any(isinstance(g, Tracer) for g in jax.tree.leaves(grads)):
-    fail(ValueError, 'updates', 'unreduced outside jax.jit: jit the step')
+    fail(ValueError, 'updates', 'eager on a mesh with axis_name: jit the step')
   for path, g in jax.tree.leaves_with_path(grads):
     if set(unreduced_axes(g)) != set(names):
       at = f'{jax.typeof(g)} at {leaf_name(path)}, not unreduced'

@@ -238,6 +238,23 @@ def test_a_param_of_another_shape_than_its_gradient_raises_naming_it(name):
     optax_accum.apply_gradients(tx, params, state, {"w": jnp.zeros(4)})
 
 
+def test_the_chainable_form_before_lookahead_emits_the_gradients_structure():
+  """Eager mid-steps of accumulate(k) emit zeros like its mean, whatever
+  params a follower (optax.lookahead) takes."""
+  params = {"w": jnp.ones(3)}
+  tx = optax.chain(
+    optax_accum.accumulate(2), optax.lookahead(optax.sgd(0.1), 2, 0.5)
+  )
+  lp, state = optax.LookaheadParams.init_synced(params), tx.init(params)
+  for _ in range(4):
+    u, state = tx.update({"w": jnp.ones(3)}, state, lp)
+    lp = optax.apply_updates(lp, u)
+  assert jax.tree.structure(lp) == jax.tree.structure(
+    optax.LookaheadParams.init_synced(params)
+  )
+  assert not np.allclose(lp.fast["w"], 1.0)
+
+
 @pytest.mark.parametrize("two_lines", [False, True])
 def test_params_of_another_structure_than_the_gradients_work(
   problem, two_lines

@@ -174,6 +174,22 @@ CASES = {
     ValueError,
     "params",
   ),
+  "params a list around the gradient's array": (
+    lambda: acc(2, optax.sgd(0.1)).update(
+      jnp.ones(3), acc(2, optax.sgd(0.1)).init(jnp.ones(3)), [jnp.ones(3)]
+    ),
+    ValueError,
+    "params",
+  ),
+  "LookaheadParams of another shape": (
+    lambda: acc(2, optax.lookahead(optax.sgd(0.1), 2, 0.5)).update(
+      {"w": jnp.ones(3)},
+      acc(2, optax.lookahead(optax.sgd(0.1), 2, 0.5)).init(P0),
+      optax.LookaheadParams.init_synced({"w": jnp.ones((4, 3))}),
+    ),
+    ValueError,
+    "params",
+  ),
   "loss_fn not callable": (
     lambda: optax_accum.microbatched_value_and_grad("loss", 2),
     TypeError,
@@ -379,6 +395,16 @@ def test_a_large_integer_weight_is_kept_whole(big):
   _, state = tx.update({"w": jnp.full(3, 5.0)}, state, P0, weight=big)
   u, state = tx.update({"w": jnp.ones(3)}, state, P0, weight=1)
   want = -(5.0 * float(big) + 1.0) / (float(big) + 1.0)
+  np.testing.assert_allclose(u["w"], want, rtol=1e-6)
+
+
+def test_a_large_count_passed_to_jit_as_a_float_is_exact():
+  """docs/getting-started.md: counts beyond 2**31 go to jit as floats."""
+  tx = acc(2, optax.sgd(1.0))
+  step = jax.jit(lambda g, s, w: tx.update(g, s, P0, weight=w))
+  _, state = step({"w": jnp.full(3, 5.0)}, tx.init(P0), float(2**32))
+  u, _ = step({"w": jnp.ones(3)}, state, 1.0)
+  want = -(5.0 * 2**32 + 1.0) / (2**32 + 1.0)
   np.testing.assert_allclose(u["w"], want, rtol=1e-6)
 
 
