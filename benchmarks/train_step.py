@@ -9,6 +9,9 @@ optimizer state and returns `(params, opt_state)`.
   large        one step at batch 8
   cross_floor_k  k steps at batch 8/k of grads + `acc += g` only (params
                untouched, no optimizer): the floor of any cross-step form
+  cond_floor_k the same, with AdamW on the mean on the k-th step inside one
+               `lax.cond` (hand-written): the floor of a cross-step form
+               that steps the optimizer once per window
   fused_k      k steps at batch 8/k through optax_accum.apply_gradients with
                optax_accum.chain(accumulate(k), adamw) (cross-step)
   in_step_k    one step: optax_accum.microbatched_value_and_grad over k
@@ -122,6 +125,29 @@ def systems(graphdef, ks):
     )
     return floor_tx, k, cross_floor
 
+  def cond_floor_system(k):
+    tx = adamw()
+
+    def cond_floor(params, state, tokens):
+      (acc, opt_state), count = state
+      grads = jax.grad(loss)(params, tokens)
+      acc = jax.tree.map(jnp.add, acc, grads)
+
+      def end(params, opt_state, acc):
+        mean = jax.tree.map(lambda a: a * (1 / k), acc)
+        updates, opt_state = tx.update(mean, opt_state, params)
+        zeros = jax.tree.map(jnp.zeros_like, acc)
+        return optax.apply_updates(params, updates), opt_state, zeros
+
+      ends = count % k == k - 1
+      mid = lambda p, s, a: (p, s, a)
+      params, opt_state, acc = lax.cond(ends, end, mid, params, opt_state, acc)
+      return params, ((acc, opt_state), count + 1)
+
+    init = lambda p: ((optax.tree.zeros_like(p), tx.init(p)), jnp.int32(0))
+    unused = lambda u, s, p=None: (u, s)  # the step is `cond_floor`
+    return optax.GradientTransformation(init, unused), k, cond_floor
+
   def in_step_system(k):
     tx = adamw()
     value_and_grad = optax_accum.microbatched_value_and_grad(
@@ -157,6 +183,7 @@ def systems(graphdef, ks):
   for k in ks:
     multisteps = optax.MultiSteps(adamw(), k).gradient_transformation()
     out[f"cross_floor_{k}"] = cross_floor_system(k)
+    out[f"cond_floor_{k}"] = cond_floor_system(k)
     out[f"fused_{k}"] = fused_system(k)
     out[f"in_step_{k}"] = in_step_system(k)
     out[f"scan_{k}"] = scan_system(k)

@@ -18,7 +18,7 @@ from optax_accum._state import AccumulateState
 from optax_accum._state import has_updated
 from optax_accum._vmap import share_counters
 
-__version__ = "0.5.1"
+__version__ = "0.6.0"
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ from optax_accum import _checks
 from optax_accum import _layout
 from optax_accum import _noise
 from optax_accum._errors import fail
+from optax_accum._state import ACCUMULATORS
 from optax_accum._state import AccumulateState
 from optax_accum._state import accumulate_states
 
@@ -93,9 +94,8 @@ class Accumulator:
       _, skip_state = _checks.skip_result(verdict)
     inner_state = None  # None: the chainable form
     if self.inner_tx is not None:
-      inner_state = _strong(self.inner_tx.init(params))
-      inner_state = _NoneState() if inner_state is None else inner_state
-      if accumulate_states(inner_state):
+      inner_state = self._inner_init(params)
+      if accumulate_states(inner_state, ACCUMULATORS):
         _checks.nested_accumulator()
     value_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     state = AccumulateState(
@@ -103,7 +103,6 @@ class Accumulator:
       gradient_step=gradient_step,
       every_k=self.schedule(gradient_step),
       acc_grads=acc_grads,
-      acc_compensation=None,
       acc_weight=_layout.scalar_zeros(wdtype, names),
       acc_value=_layout.scalar_zeros(value_dtype, names),
       has_updated=jnp.zeros([], jnp.bool_),
@@ -112,10 +111,10 @@ class Accumulator:
       skip_state=_strong(skip_state),
       inner_opt_state=inner_state,
       noise_scale=_noise.init(names) if self.track_noise_scale else None,
+      acc_value_weight=_layout.scalar_zeros(value_dtype, names),
     )
-    axes = frozenset().union(
-      *map(_layout.varying_axes, jax.tree.leaves(params))
-    )
+    leaves = jax.tree.leaves(params)
+    axes = frozenset().union(*map(_layout.varying_axes, leaves))
     vary = lambda x: _layout.vary(x, axes)  # a per-device state
     return jax.tree.map(vary, state) if axes else state  # (in shard_map)
 
@@ -142,6 +141,10 @@ class Accumulator:
     arrived = _call_checks.mini_step(grads, state, params, weight, flush, extra)
     layout = _layout.of(self.names)
     layout.check(state, *arrived)
+    if self.inner_tx is not None:  # a state init made for another inner
+      like = grads if params is None else params
+      made = jax.eval_shape(self._inner_init, like)
+      _call_checks.inner_state(state.inner_opt_state, made)
     grads, weight, flush, value = layout.arrive(arrived)
     fresh = state.mini_step == 0
     k = jnp.where(fresh, self.schedule(state.gradient_step), state.every_k)
@@ -160,21 +163,27 @@ class Accumulator:
     stepped, rejected, grad_norm, skip_state, noise = stats
     step = state.gradient_step
     gradient_step = jnp.where(stepped, optax.safe_increment(step), step)
-    _, acc_weight, acc_value = sums
+    restart = lambda x: jnp.where(end, jnp.zeros_like(x), x)
+    _, acc_weight, acc_value, value_weight = sums
     return out, state._replace(
       mini_step=jnp.where(end, 0, mini_step),
       gradient_step=gradient_step,
       every_k=jnp.where(end, self.schedule(gradient_step), k),
       acc_grads=sums[0],
-      acc_weight=jnp.where(end, jnp.zeros_like(acc_weight), acc_weight),
-      acc_value=jnp.where(end, jnp.zeros_like(acc_value), acc_value),
+      acc_weight=restart(acc_weight),
+      acc_value=restart(acc_value),
       has_updated=stepped,
       num_rejected=state.num_rejected + rejected.astype(jnp.int32),
       grad_norm=grad_norm,
       skip_state=skip_state,
       inner_opt_state=inner_state,
       noise_scale=noise,
+      acc_value_weight=restart(value_weight),
     )
+
+  def _inner_init(self, params):
+    inner_state = _strong(self.inner_tx.init(params))  # type: ignore
+    return _NoneState() if inner_state is None else inner_state
 
   def _inner_update(self, mean, inner_state, params, extra):
     if self.inner_tx is None:
@@ -192,7 +201,7 @@ class Accumulator:
     gradient step unless the window has weight 0 or is rejected."""
     noise_sums = noise and (noise.acc_sq_norm, noise.acc_count)  # or None
     *sums, noise_sums = layout.reduce((*sums, noise_sums))
-    acc_sum, weight, value = sums
+    acc_sum, weight, value, value_weight = sums
     stepped = weight != 0  # a window of total weight 0 takes no step
     weight = jnp.where(stepped, weight, jnp.ones_like(weight))
     norm = jnp.sqrt(_accumulator.sq_norm(acc_sum, layout.complete))
@@ -205,10 +214,10 @@ class Accumulator:
       rejected = jnp.asarray(skip) & stepped
       stepped = stepped & ~rejected
       skip_state = _strong(skip_state)
-    if 'value' in extra:  # the window's weighted mean reaches inner
+    if 'value' in extra:  # the weighted mean of the values given
       dtype = _accumulator.promote(extra['value'], jnp.float32)
-      mean_value = (value / weight.astype(value.dtype)).astype(dtype)
-      extra = {**extra, 'value': mean_value}
+      value = value / jnp.where(value_weight == 0, 1, value_weight)
+      extra = {**extra, 'value': value.astype(dtype)}
 
     def step(inner_state, params, acc_sum, weight):
       # The mean is formed here, where XLA fuses its multiply into the
@@ -292,11 +301,11 @@ def accumulate(
       or wider params' dtype), float32, float64, bfloat16 or complex.
     should_skip_update_fn: ``fn(mean, gradient_step, params) -> (skip,
       skip_state)`` (``optax.MultiSteps``'s), on each window's mean.
-    axis_name: the data-parallel mesh axis (or axes) reduced once per
-      window; ``init`` under ``jax.set_mesh``. Under plain ``jax.jit``:
-      gradients from ``microbatched_value_and_grad(..., axis_name=...)``,
-      ``weight`` global; in ``jax.shard_map``: each device's own gradient
-      (w.r.t. ``lax.pcast(params, axis_name, to='varying')``) and weight.
+    axis_name: the data-parallel mesh axes reduced once per window;
+      ``init`` under ``jax.set_mesh``. Under plain ``jax.jit``, gradients
+      from ``microbatched_value_and_grad(..., axis_name=...)`` and a global
+      ``weight``; in ``jax.shard_map``, each device's own gradient (w.r.t.
+      ``lax.pcast(params, axis_name, to='varying')``) and weight.
     track_noise_scale: estimate :func:`optax_accum.gradient_noise_scale`:
       one squared norm per mini-step (per device with ``axis_name``; under
       plain jit on a mesh, the in-step form's ``sq_norms``).
@@ -308,21 +317,22 @@ def accumulate(
       takes no step, a bad traced weight makes the update NaN.
     flush: a bool scalar; true ends the window after this micro-batch.
     value: a real scalar, the loss: ``inner`` (``reduce_on_plateau``) gets
-      the window's weighted mean. Other keywords reach ``inner`` as given
-      with the window's last micro-batch.
+      the weighted mean over the window's micro-batches that gave it.
+      Other keywords reach ``inner`` as given with the last micro-batch.
     sq_norms: for ``track_noise_scale``, the micro-batches' squared norms
       from ``microbatched_value_and_grad(..., sq_norms=True)`` (in-step).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`AccumulateState`; outside ``jax.jit`` it runs op by op (not
-    on a mesh with ``axis_name``: JAX runs no eager op on unreduced sums).
+    with ``axis_name`` on a mesh: JAX runs no eager op on unreduced sums).
 
   Raises:
-    TypeError: a wrong type (``inner=optax.adamw``, ``flush=1``, an integer
-      param). ValueError: a value out of range (k, ``weight``), a nested
-      accumulator, updates unlike the params, or unfit for ``axis_name``.
-      NameError: no ``axis_name`` axis here. ``.argument`` names each.
+    TypeError: a wrong type (``inner=optax.adamw``, ``flush=1``, integer
+      params or updates). ValueError: a value out of range (k, ``weight``),
+      a nested accumulator (``optax.MultiSteps`` too), updates unlike the
+      params, a state made for another ``inner``, or unfit for
+      ``axis_name``. NameError: no such axis. ``.argument`` names each.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_accum

@@ -48,7 +48,7 @@ def init(params, accumulator_dtype, names):
 
 
 def add(state, grads, weight, value, fresh, layout):
-  """``(acc_grads, acc_weight, acc_value)`` with ``weight
+  """``(acc_grads, acc_weight, acc_value, acc_value_weight)`` with ``weight
   * grads`` added; overwritten where ``fresh`` (in the same pass, never
   zeroed apart). Weight 0 adds nothing, even a NaN gradient."""
   wdtype = state.acc_weight.dtype
@@ -67,13 +67,16 @@ def add(state, grads, weight, value, fresh, layout):
   # anyway; a restored state of another version may hold more).
   w_term = layout.scalar(w)
   acc_weight = jnp.where(fresh, w_term, state.acc_weight + w_term)
-  acc_value = jnp.where(fresh, jnp.zeros_like(state.acc_value), state.acc_value)
-  if value is not None:
-    vdtype = acc_value.dtype
-    term = w.astype(vdtype) * value.astype(vdtype)
-    term = jnp.where(w > 0, term, jnp.zeros([], vdtype))
+  restart = lambda x: jnp.where(fresh, jnp.zeros_like(x), x)
+  sums = (state.acc_value, state.acc_value_weight)
+  acc_value, value_weight = map(restart, sums)
+  if value is not None:  # averaged over the micro-batches that give it
+    w_value = w.astype(acc_value.dtype)
+    term = w_value * value.astype(w_value.dtype)
+    term = jnp.where(w > 0, term, jnp.zeros_like(term))
     acc_value = acc_value + layout.scalar(term)
-  return acc_grads, acc_weight, acc_value
+    value_weight = value_weight + layout.scalar(w_value)
+  return acc_grads, acc_weight, acc_value, value_weight
 
 
 def mean(acc_sum, total_weight, like):

@@ -77,9 +77,8 @@ def apply_gradients(
     _call_checks.misspelt_keywords(extra_args)
   _call_checks.unreduced_without_accumulator(grads, holds)
   try:
-    updates, opt_state = optax.with_extra_args_support(tx).update(
-      grads, opt_state, params, **extra_args
-    )
+    update = optax.with_extra_args_support(tx).update
+    updates, opt_state = update(grads, opt_state, params, **extra_args)
   except Exception as e:  # JAX types what touches each device's part
     _call_checks.acted_on_parts(grads, e)
     raise

@@ -38,12 +38,9 @@ def mini_step(grads, state, params, weight, flush, extra):
   if 'value' in extra:
     _real_scalar(extra['value'], 'value')
     extra = {'value': jnp.asarray(extra['value'], state.acc_value.dtype)}
-  return (
-    jax.tree.map(jnp.asarray, grads),
-    None if weight is None else weight_of(weight, state.acc_weight.dtype),
-    None if flush is None else flush_of(flush),
-    extra.get('value'),
-  )
+  weight = weight_of(weight, state.acc_weight.dtype)  # None: not given
+  flush = None if flush is None else flush_of(flush)
+  return jax.tree.map(jnp.asarray, grads), weight, flush, extra.get('value')
 
 
 def _batched(x) -> bool:
@@ -72,8 +69,20 @@ def structure(grads, acc_grads, params) -> None:
         at = f'{jnp.shape(x)} at {leaf_name(path)}'
         want = f'the params have {jnp.shape(a)}'
         fail(ValueError, argument, f'shape {at}; {want}')
+    if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
+      at = f'{jnp.result_type(g)} at {leaf_name(path)}'
+      fail(TypeError, 'updates', f'{at}; gradients are floating')
     if jnp.iscomplexobj(g) and not jnp.iscomplexobj(a):
       fail(TypeError, 'updates', f'complex at {leaf_name(path)}, params real')
+
+
+def inner_state(got, made) -> None:
+  """``inner_opt_state`` is structured as ``inner.init`` makes it."""
+  if jax.tree.structure(got) != jax.tree.structure(made):
+    kind = lambda x: type(x).__name__
+    name = lambda t: list(map(kind, t)) if type(t) is tuple else kind(t)
+    at = f'its inner_opt_state is {name(got)}, inner.init makes {name(made)}'
+    fail(ValueError, 'state', f'{at}: use this tx.init(params)')
 
 
 def _real_scalar(value: Any, argument: str) -> None:
@@ -240,9 +249,8 @@ def checked_call(names, grads, acc_grads, scalars) -> None:
   """In ``shard_map(check_vma=True)``: each device's own gradient (w.r.t.
   ``lax.pcast(params, names, to='varying')``), and no value varying over
   axes the accumulator does not."""
-  for (path, g), a in zip(
-    jax.tree.leaves_with_path(grads), jax.tree.leaves(acc_grads)
-  ):
+  accs = jax.tree.leaves(acc_grads)
+  for (path, g), a in zip(jax.tree.leaves_with_path(grads), accs):
     extra = varying_axes(g) - set(names) - varying_axes(a)
     if not set(names) <= varying_axes(g) or extra:
       at = f'{jax.typeof(g)} at {leaf_name(path)}'

@@ -25,10 +25,7 @@ def _check_against_metadata(saved_tree, abstract_state, path):
   """Raises where the checkpoint and the target disagree, leaf by leaf."""
   is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
   saved, want = _flat(saved_tree, is_leaf=is_meta), _flat(abstract_state)
-  missing, extra = (
-    sorted(set(want) - set(saved)),
-    sorted(set(saved) - set(want)),
-  )
+  missing, extra = sorted(want.keys() - saved), sorted(saved.keys() - want)
   if missing or extra:
     show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) or "none"
     found = sorted(os.listdir(path)) if os.path.isdir(path) else []
@@ -51,9 +48,9 @@ def restore_checkpoint(
 ) -> Any:
   """Restores an optimizer state saved with orbax, checked against ``tx``.
 
-  Compares the checkpoint's metadata leaf by leaf (path, shape, dtype) with
-  ``jax.eval_shape(tx.init, params)``, restores into it (a window in flight
-  finishes with its saved k) and reshards a :func:`reduced_state` back.
+  Compares the metadata leaf by leaf (path, shape, dtype) with
+  ``jax.eval_shape(tx.init, params)``, restores into it (a window in
+  flight keeps its k), reshards a :func:`reduced_state` back.
 
   Args:
     path: the checkpoint directory (a str or ``pathlib.Path``).

@@ -45,7 +45,11 @@ def real_dtype(dtype) -> bool:
 
 def _probe(k, gradient_step):
   """``k(gradient_step)`` as an array (a Python int of any size as 0)."""
-  out = k(gradient_step)
+  try:  # jit traces it: Python branching on gradient_step cannot run
+    out = k(gradient_step)
+  except TypeError as e:  # (JAX's tracer errors are TypeErrors)
+    want = 'gradient_step -> k, traceable (jnp.where, not if)'
+    fail(TypeError, 'every_k_schedule', f'{k!r}; give {want}', e)
   try:
     return jnp.asarray(0 if isinstance(out, int) else out)
   except (TypeError, ValueError) as e:

@@ -1,25 +1,21 @@
-"""The parallel layout of an accumulator: where its sums live and how the
-window's one reduction runs, decided once per trace by :func:`of`.
+"""The parallel layout of an accumulator, decided once per trace by
+:func:`of`: where its sums live and how the window's one reduction runs.
 
-Without ``axis_name`` (:class:`Layout`) every method is an identity. With it,
-each device adds into its own sum and the sums meet in one reduction per window
-(DDP's ``no_sync``, MaxText #5099): :class:`Checked` in ``jax.shard_map``
-(varying gradients, ``lax.psum``); :class:`Mesh` under plain ``jax.jit`` with
-``jax.set_mesh`` (gradients typed unreduced, ``jax.reshard``);
+No ``axis_name`` (:class:`Layout`): every method is an identity. With it,
+each device adds into its own sum and the sums meet once per window (DDP's
+``no_sync``, MaxText #5099): :class:`Checked` in ``jax.shard_map``
+(``lax.psum``), :class:`Mesh` under plain ``jax.jit`` (``jax.reshard``),
 :class:`Unchecked` in ``shard_map(check_vma=False)`` or ``pmap`` (a state
-stacked by the caller); :class:`Single`, axes of one device (no reduction).
+stacked by the caller), :class:`Single` for axes of one device.
 
-The state's layout, and why. ``Checked`` and ``Mesh`` share one state made
-by ``init`` under ``jax.set_mesh``: the three sums typed *unreduced* over
-``axis_name`` (JAX's type for per-device parts of a sum), the rest
-replicated. JAX's own type, not per-device sums stacked on a leading axis,
-because it makes the plain-``jit`` path possible (GSPMD's partial sums
-enter the state without a copy or a second layout of the params) and
-because JAX itself refuses mixing it up with a reduced state. Its cost is
-at tools that read whole states (numpy, ``device_put``, orbax): one call,
-:func:`optax_accum.reduced_state`, gives the same values in a layout every
-tool takes, and :func:`optax_accum.unreduced_state` (or
-:func:`optax_accum.restore_checkpoint`) turns it back.
+The state's layout, and why: ``init`` under ``jax.set_mesh`` types the
+sums *unreduced* over ``axis_name`` (JAX's type for per-device parts of a
+sum), the rest replicated; not per-device sums on a leading axis, because
+then GSPMD's partial sums enter the state under plain ``jit`` with no copy
+and no second layout of the params, and JAX refuses mixing it up with a
+reduced state. Tools that read whole states (numpy, ``device_put``,
+orbax) take :func:`optax_accum.reduced_state`, one call; and
+:func:`optax_accum.unreduced_state` (or ``restore_checkpoint``) turns it back.
 """
 
 import math

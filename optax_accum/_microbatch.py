@@ -120,10 +120,9 @@ def microbatched_value_and_grad(
       with the device's index first).
     unroll: ``lax.scan``'s ``unroll`` (``True``: straight-line code).
     axis_name: None, or Explicit mesh axes (``jax.set_mesh``) sharding the
-      batch: ``loss_fn`` runs per device in a ``jax.shard_map`` (HSDP:
-      params sharded over other batch axes gathered) and ``grads`` come out
-      unreduced over them, for ``accumulate(..., axis_name=...)``;
-      ``num_microbatches`` per device.
+      batch: ``loss_fn`` runs per device in ``jax.shard_map`` (HSDP: params
+      sharded over other axes gathered), ``grads`` unreduced over them for
+      ``accumulate(..., axis_name=...)``; ``num_microbatches`` per device.
     sq_norms: also return ``(sum_i w_i |g_i|^2, n)`` of the micro-batch mean
       gradients (float32, summed over devices), for ``accumulate``'s
       ``sq_norms`` (the noise scale of the in-step form).
@@ -131,17 +130,15 @@ def microbatched_value_and_grad(
   Returns:
     A function of ``loss_fn``'s arguments returning ``(loss, grads,
     weight)``, ``((loss, aux), grads, weight)`` with ``has_aux``, then
-    ``sq_norms`` where asked:
-    ``grads`` shaped and typed like the params, ``loss`` and ``aux`` in
-    float32 (or wider), ``weight`` the total (float64 for float64 params).
+    ``sq_norms`` where asked: ``grads`` shaped and typed like the params,
+    ``loss`` and ``aux`` float32 (or wider), ``weight`` the total.
 
   Raises:
-    ValueError: ``num_microbatches``, ``reduction`` or an argnum out of
-      range; when called, batch leaves whose leading sizes differ or are
-      not divisible by ``num_microbatches``, or ``loss_fn`` not returning
-      scalar ``(loss, weight)`` (``(loss, (weight, aux))``). TypeError:
-      ``loss_fn`` not callable, ``key_argnum`` not at a key. A traced bad
-      weight makes the result NaN. Each error names its argument.
+    ValueError: an argument out of range; when called, batch leaves whose
+      leading sizes differ or do not divide by ``num_microbatches``, or
+      ``loss_fn`` not returning scalar ``(loss, weight)``. TypeError: a
+      wrong type (``loss_fn``, ``unroll``, an integer param, ``key_argnum``
+      not at a key). A traced bad weight makes the result NaN.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_accum
@@ -156,17 +153,12 @@ def microbatched_value_and_grad(
     Face transformers PR #34191 (the global token mean); MaxText's in-step
     gradient accumulation.
   """
-  k, batch_argnums, flags = check_args(
-    loss_fn,
-    num_microbatches,
-    reduction,
-    batch_argnums,
-    key_argnum,
-    has_aux=has_aux,
-    sq_norms=sq_norms,
-  )
+  given = (loss_fn, num_microbatches, reduction, batch_argnums, key_argnum)
+  k, argnums, flags = check_args(*given, has_aux=has_aux, sq_norms=sq_norms)
   has_aux, sq_norms = flags['has_aux'], flags['sq_norms']
-  options = (has_aux, reduction, batch_argnums, key_argnum, unroll, sq_norms)
+  if not isinstance(unroll, numbers.Integral) or unroll < 0:  # bools pass
+    fail(TypeError, 'unroll', f'{unroll!r}; give a bool or an int >= 0')
+  options = (has_aux, reduction, argnums, key_argnum, unroll, sq_norms)
   sums = WindowSums(loss_fn, k, *options)
   names = _checks.axis_name(axis_name)
   if names is not None:
@@ -223,10 +215,8 @@ class WindowSums:
     scalar = lambda x: not isinstance(x, (tuple, list, dict, type(None)))
     if not all(scalar(x) and jnp.shape(x) == () for x in (loss, weight)):
       fail(ValueError, 'loss_fn', f'returned non-scalars; return {form}')
-    # A concrete bad weight raises; a traced one poisons the sums with NaN.
-    # The unweighted loss is differentiated; the weight multiplies the
-    # float32 gradient afterwards, so a large count never overflows a
-    # low-precision loss's cotangent.
+    # A bad weight raises (concrete) or poisons the sums (traced). It scales
+    # the float32 gradient, never a low-precision loss's cotangent.
     weight = _call_checks.weight_of(weight, self.weight_dtype(params))
     return loss, (weight, loss, aux)
 
@@ -276,13 +266,15 @@ class WindowSums:
     if key is not None and not _is_key(key):
       fail(TypeError, 'key_argnum', f'{jax.typeof(key)}, not a random key')
     first = (jnp.zeros([], jnp.int32), jax.tree.map(lambda x: x[0], split))
+    acc_dtype = lambda p: _accumulator.default_dtype(jnp.result_type(p))
+    check = lambda path, p: _checks.param_dtype(path, p.dtype, acc_dtype(p))
+    jax.tree.map_with_path(check, jax.eval_shape(lambda: params))
     call0 = lambda p: self.weighted_loss(p, self.call_args(args, first[1], 0))
     loss0, aux0 = jax.eval_shape(lambda p: call0(p)[1][1:], params)
     if self.sq_norms:
       aux0 = (aux0, (jax.ShapeDtypeStruct((), jnp.float32),) * 2)
     # The loss and aux sums in float32, or their own dtype when wider.
     zeros = lambda s: jnp.zeros(s.shape, _accumulator.promote(s.dtype, 'f4'))
-    acc_dtype = lambda p: _accumulator.default_dtype(jnp.result_type(p))
     g0 = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype(p)), params)
     w0 = jnp.zeros([], self.weight_dtype(params))
     carry0 = (g0, w0, zeros(loss0), jax.tree.map(zeros, aux0))
@@ -292,13 +284,8 @@ class WindowSums:
     out = jax.eval_shape(lambda c, x: body(c, x)[0], carry0, first)
     like = lambda x, o: _layout.vary(x, sorted(_call_checks.varying_axes(o)))
     carry0 = jax.tree.map(like, carry0, out)
-    sums, _ = lax.scan(
-      body,
-      carry0,
-      (jnp.arange(self.num_microbatches), split),
-      unroll=self.unroll,
-    )
-    return sums
+    xs = (jnp.arange(self.num_microbatches), split)
+    return lax.scan(body, carry0, xs, unroll=self.unroll)[0]
 
 
 def _is_key(key) -> bool:

@@ -63,12 +63,11 @@ def end_window(noise, sums, mean_norm, weight, used, decay) -> NoiseScaleState:
 def gradient_noise_scale(opt_state: Any) -> jax.Array:
   r"""The simple gradient noise scale ``B_simple = tr(S) / |G|^2``.
 
-  The batch size (in the units of ``weight``: items or tokens; micro-batches
-  without ``weight``) beyond which a larger batch stops paying (McCandlish
-  et al.). Read from the first accumulator in ``opt_state`` built with
-  ``track_noise_scale=True``: each window of n >= 2 micro-batches gives
-  unbiased estimates of ``tr(S)`` and ``|G|^2`` from its micro-batch gradients
-  :math:`g_i` (weights :math:`w_i`, total :math:`W`) and mean :math:`\bar g`:
+  The batch size (units of ``weight``, or micro-batches) beyond which a
+  larger batch stops paying (McCandlish et al.), from the first accumulator
+  with ``track_noise_scale=True``: each window of n >= 2 micro-batches
+  gives unbiased ``tr(S)`` and ``|G|^2`` from its gradients :math:`g_i`
+  (weights :math:`w_i`, total :math:`W`) and mean :math:`\bar g`:
 
   .. math::
     a = \sum_i w_i |g_i|^2 / W, \quad b = |\bar g|^2, \quad

@@ -153,13 +153,12 @@ def plan_microbatches(
 ) -> MicrobatchPlan:
   """The largest micro-batch whose compiled ``step`` fits ``memory_limit``.
 
-  Compiles ``step`` for micro-batch sizes that divide the global batch
-  (nothing runs) and reads each one's peak bytes per device from
-  ``memory_analysis()`` (temp + arguments + outputs - aliased): the largest
-  size, the middle one, twice where a line (a fixed cost plus a cost per
-  item) through the probes meets the limit, then bisection: at most
-  5 + log2(divisors) compilations. The chosen size's compiled
-  peak fits; the next larger size's does not (peaks grow with the size).
+  Compiles ``step`` (nothing runs) for micro-batch sizes dividing the
+  global batch and reads each peak per device from ``memory_analysis()``
+  (temp + arguments + outputs - aliased): the largest size, the middle,
+  twice where the line through the probes meets the limit, then bisection
+  (at most 5 + log2(divisors) compilations). The chosen size's peak fits,
+  the next larger size's does not.
 
   Args:
     step: the train step as you run it: ``jax.jit``- or ``nnx.jit``-ed
@@ -169,8 +168,7 @@ def plan_microbatches(
     *args: its arguments (arrays or ``jax.ShapeDtypeStruct``), the global
       batch at ``batch_argnums``: pytrees of one leading size (items).
     batch_argnums: the positions of the batch in ``args`` (0-based).
-    memory_limit: bytes per device; None: ``memory_stats()["bytes_limit"]``
-      less 10%.
+    memory_limit: bytes per device; None: 90% of ``bytes_limit``.
     k_argname: None (cross-step form) or the keyword taking k.
 
   Returns:

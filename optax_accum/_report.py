@@ -163,12 +163,11 @@ def reduction_report(
 ) -> ReductionReport:
   """Compiles ``fn`` for these arguments and reports where it reduces.
 
-  Lowers and compiles ``fn`` (nothing runs) and lists every all-reduce and
-  reduce-scatter of its HLO: bytes per device (a reduce-scatter's
-  operand), the mesh axes its device groups span, whether it runs in a
-  conditional's branch (a gradient step) or a loop body (a micro-batch
-  scan). ``every_call_bytes`` small and ``emitting_bytes`` the gradient's
-  is "reduces once per window".
+  Nothing runs. Lists every all-reduce and reduce-scatter of the HLO:
+  bytes per device (a reduce-scatter's operand), the mesh axes its device
+  groups span, whether it runs in a conditional's branch (a gradient step)
+  or a loop body (a micro-batch scan). Small ``every_call_bytes`` and
+  ``emitting_bytes`` the gradient's: "reduces once per window".
 
   Args:
     fn: the step as you run it (as ``step`` of :func:`plan_microbatches`).

@@ -18,7 +18,6 @@ class AccumulateState(NamedTuple):
     every_k: int32 scalar, the k of the window in flight (or of the next).
     acc_grads: like the params, :math:`\\sum_i w_i g_i` of the window in
       flight (the last one's when ``mini_step`` is 0), accumulator dtype.
-    acc_compensation: None (kept so states saved by 0.4 restore).
     acc_weight: scalar :math:`\\sum_i w_i` (widest real accumulator dtype).
     acc_value: scalar :math:`\\sum_i w_i v_i` of the ``value`` arguments.
     has_updated: bool scalar, whether the last mini-step took a step.
@@ -29,6 +28,7 @@ class AccumulateState(NamedTuple):
       chainable form.
     noise_scale: with ``track_noise_scale=True``, the sums and averages of
       :func:`optax_accum.gradient_noise_scale`; else None.
+    acc_value_weight: scalar :math:`\\sum_i w_i` of those that gave ``value``.
 
   With ``axis_name`` the sums are typed unreduced (:func:`reduced_state`).
 
@@ -48,7 +48,6 @@ class AccumulateState(NamedTuple):
   gradient_step: jax.Array
   every_k: jax.Array
   acc_grads: optax.Updates
-  acc_compensation: None
   acc_weight: jax.Array
   acc_value: jax.Array
   has_updated: jax.Array
@@ -57,15 +56,20 @@ class AccumulateState(NamedTuple):
   skip_state: Any
   inner_opt_state: Any
   noise_scale: Any = None
+  acc_value_weight: Any = None
 
 
-def accumulate_states(tree) -> list[AccumulateState]:
-  """Every :class:`AccumulateState` in a pytree, in pytree order, with the
-  values of ``nnx.Optimizer``'s variables."""
+# Accumulators, ours and optax's: nested in an inner they count windows wrong.
+ACCUMULATORS = (AccumulateState, optax.MultiStepsState, optax.ApplyEvery)
+
+
+def accumulate_states(tree, kinds=(AccumulateState,)) -> list[Any]:
+  """Every state of ``kinds`` in a pytree, in pytree order, with the values
+  of ``nnx.Optimizer``'s variables."""
   nnx = lambda x: hasattr(x, 'get_value')
   value = lambda x: x.get_value() if nnx(x) else x
   tree = jax.tree.map(value, tree, is_leaf=nnx)
-  is_acc = lambda x: isinstance(x, AccumulateState)
+  is_acc = lambda x: isinstance(x, kinds)
   return [s for s in jax.tree.leaves(tree, is_leaf=is_acc) if is_acc(s)]
 
 

@@ -18,9 +18,9 @@ _SHARED = ('mini_step', 'gradient_step', 'every_k', 'has_updated', 'acc_weight')
 def share_counters(opt_state: Any) -> tuple[Any, Any]:
   """Splits an ensemble's optimizer state for ``jax.vmap``: shared counters.
 
-  Stacked counters make ``lax.cond`` a select under ``jax.vmap`` (the inner
-  runs every mini-step): this keeps member 0's, unbatched by the returned
-  axes; pass ``weight`` and ``flush`` unbatched too.
+  Stacked counters make ``lax.cond`` a select under ``jax.vmap`` (the
+  inner would run every mini-step): keeps member 0's, unbatched by the
+  returned axes; pass ``weight`` and ``flush`` unbatched too.
 
   Args:
     opt_state: a state stacked along axis 0 (``jax.vmap(tx.init)``), with

@@ -123,13 +123,9 @@ class TrainState(train_state.TrainState):
     **kwargs,
   ):
     """One mini-step; returns the new state."""
-    params, opt_state = _apply.apply_gradients(
-      self.tx,
-      grads,
-      self.opt_state,
-      self.params,
-      **_extra(weight, flush, extra_args, value),
-    )
+    extra = _extra(weight, flush, extra_args, value)
+    args = (self.tx, grads, self.opt_state, self.params)
+    params, opt_state = _apply.apply_gradients(*args, **extra)
     step = self.step + _steps_taken(opt_state, jnp.result_type(self.step))
     return self.replace(step=step, params=params, opt_state=opt_state, **kwargs)
 

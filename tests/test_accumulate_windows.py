@@ -329,6 +329,36 @@ def test_value_reaches_the_inner_optimizer_as_the_window_weighted_mean():
   np.testing.assert_allclose(seen, [19.0 / 4.0, 5.0])
 
 
+def test_value_is_averaged_over_the_micro_batches_that_give_it():
+  """Polyak SGD reads the loss: given with every micro-batch it matches the
+  large batch; given with some, it is their weighted mean (not diluted by
+  the weights of those that did not give it)."""
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(12, 3)), rng.normal(size=12)
+  loss = lambda w, x, y: jnp.mean((x @ w - y) ** 2)
+  w0, rows = (
+    jnp.array([0.3, -0.2, 0.1]),
+    [slice(0, 2), slice(2, 8), slice(8, 12)],
+  )
+  inner = optax.polyak_sgd(max_learning_rate=1.0)
+  big_loss, big_grad = jax.value_and_grad(loss)(w0, x, y)
+  big_step, _ = inner.update(big_grad, inner.init(w0), w0, value=big_loss)
+  for given in ([0, 1, 2], [1, 2]):
+    tx, values = optax_accum.accumulate(3, inner), []
+    state, w = tx.init(w0), w0
+    for i, r in enumerate(rows):
+      value, g = jax.value_and_grad(loss)(w0, x[r], y[r])
+      n = float(len(y[r]))
+      kw = {"value": value} if i in given else {}
+      values += [(float(value), n)] if i in given else []
+      w, state = optax_accum.apply_gradients(tx, g, state, w, weight=n, **kw)
+    mean = sum(v * n for v, n in values) / sum(n for _, n in values)
+    want, _ = inner.update(big_grad, inner.init(w0), w0, value=mean)
+    np.testing.assert_allclose(w, w0 + want, rtol=1e-5)
+    if given == [0, 1, 2]:
+      np.testing.assert_allclose(w, w0 + big_step, rtol=1e-5)
+
+
 def test_reduce_on_plateau_sees_the_window_loss():
   tx = optax_accum.chain(
     optax_accum.accumulate(2),

@@ -344,15 +344,3 @@ def test_reduced_state_runs_on_the_state_s_own_mesh():
     reduced = optax_accum.reduced_state(state)
   assert not reduced.acc_grads["w"].sharding.spec.unreduced
   np.testing.assert_array_equal(np.asarray(reduced.acc_grads["w"]), 0.0)
-
-
-def test_a_state_saved_by_0_4_restores(tmp_path):
-  """0.4 saved `acc_compensation=None` (the removed Kahan mode's field);
-  orbax records the None, so the field stays."""
-  fields = optax_accum.AccumulateState._fields
-  assert fields[4] == "acc_compensation"
-  tx = optax_accum.accumulate(3, optax.adam(0.1))
-  params = {"w": jnp.zeros(3)}
-  state, restored = _one_step_saved_and_restored(tmp_path, tx, params)
-  assert int(restored.mini_step) == 1
-  assert restored.acc_compensation is None

@@ -781,7 +781,7 @@ def test_the_window_mean_value_reaches_the_elements_after():
     step = jax.jit(optax_accum.apply_gradients, static_argnums=0)
     for w, v in ((1.0, 2.0), (3.0, 6.0)):  # weighted mean (2 + 18) / 4
       params, state = step(tx, grads, state, params, weight=w, value=v)
-  probe_state = jax.tree.leaves(state)[-1]
+  probe_state = state.inner_opt_state  # the element after, folded in
   assert float(probe_state) == 5.0
 
 

@@ -219,6 +219,68 @@ CASES = {
     TypeError,
     "checkpointer",
   ),
+  "optax.MultiSteps nested": (
+    lambda: acc(
+      2, optax.MultiSteps(optax.sgd(1.0), 2).gradient_transformation()
+    ).init(P0),
+    ValueError,
+    "inner",
+  ),
+  "optax.apply_every nested": (
+    lambda: acc(2, optax.chain(optax.apply_every(2), optax.sgd(1.0))).init(P0),
+    ValueError,
+    "inner",
+  ),
+  "an exact form's state for another inner": (
+    lambda: acc(2, optax.adam(1.0)).update(
+      P0, acc(2, optax.sgd(1.0)).init(P0), P0
+    ),
+    ValueError,
+    "state",
+  ),
+  "the same under jit": (
+    lambda: jax.jit(acc(2, optax.sgd(1.0)).update)(
+      P0, acc(2, optax.adam(1.0)).init(P0), P0
+    ),
+    ValueError,
+    "state",
+  ),
+  "integer gradients": (
+    lambda: acc(2, optax.sgd(1.0)).update(
+      {"w": jnp.ones(3, jnp.int32)}, acc(2).init(P0)
+    ),
+    TypeError,
+    "updates",
+  ),
+  "bool gradients": (
+    lambda: acc(2).update({"w": jnp.ones(3, bool)}, acc(2).init(P0)),
+    TypeError,
+    "updates",
+  ),
+  "schedule branching in Python": (
+    lambda: acc(lambda s: 2 if s < 100 else 8),
+    TypeError,
+    "every_k_schedule",
+  ),
+  "schedule of no argument": (
+    lambda: acc(lambda: 2),
+    TypeError,
+    "every_k_schedule",
+  ),
+  "unroll of -1": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x: (p, 1.0), 2, unroll=-1
+    ),
+    TypeError,
+    "unroll",
+  ),
+  "microbatched with an integer param": (
+    lambda: optax_accum.microbatched_value_and_grad(
+      lambda p, x: (jnp.sum(p["w"] * x), 1.0), 2
+    )({"w": jnp.ones(3), "n": jnp.int32(0)}, jnp.ones((4, 3))),
+    TypeError,
+    "params",
+  ),
   "a state made on another mesh": (
     lambda: _other_mesh_step(),  # noqa: PLW0108
     ValueError,
