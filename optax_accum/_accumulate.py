@@ -95,8 +95,8 @@ class Accumulator:
     inner_state = None  # None: the chainable form
     if self.inner_tx is not None:
       inner_state = self._inner_init(params)
-      if accumulate_states(inner_state, ACCUMULATORS):
-        _checks.nested_accumulator()
+      nested = lambda _: bool(accumulate_states(inner_state, ACCUMULATORS))
+      _checks.inner(self.inner, nested)  # optax's accumulators too
     value_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     state = AccumulateState(
       mini_step=jnp.zeros([], jnp.int32),
@@ -111,7 +111,7 @@ class Accumulator:
       skip_state=_strong(skip_state),
       inner_opt_state=inner_state,
       noise_scale=_noise.init(names) if self.track_noise_scale else None,
-      acc_value_weight=_layout.scalar_zeros(value_dtype, names),
+      acc_value_weight=_layout.scalar_zeros(wdtype, names),
     )
     leaves = jax.tree.leaves(params)
     axes = frozenset().union(*map(_layout.varying_axes, leaves))
@@ -214,9 +214,10 @@ class Accumulator:
       rejected = jnp.asarray(skip) & stepped
       stepped = stepped & ~rejected
       skip_state = _strong(skip_state)
-    if 'value' in extra:  # the weighted mean of the values given
-      dtype = _accumulator.promote(extra['value'], jnp.float32)
-      value = value / jnp.where(value_weight == 0, 1, value_weight)
+    if 'value' in extra:  # the weighted mean; NaN if one of weight > 0
+      dtype = _accumulator.promote(extra['value'], jnp.float32)  # lacked it
+      value = value / weight.astype(value.dtype)
+      value = jnp.where(value_weight == weight, value, jnp.nan)
       extra = {**extra, 'value': value.astype(dtype)}
 
     def step(inner_state, params, acc_sum, weight):
@@ -316,9 +317,10 @@ def accumulate(
       in [2**-64, 2**64]; 0 adds nothing (even NaN), a window of total 0
       takes no step, a bad traced weight makes the update NaN.
     flush: a bool scalar; true ends the window after this micro-batch.
-    value: a real scalar, the loss: ``inner`` (``reduce_on_plateau``) gets
-      the weighted mean over the window's micro-batches that gave it.
-      Other keywords reach ``inner`` as given with the last micro-batch.
+    value: a real scalar, the loss, with every micro-batch: ``inner``
+      (``reduce_on_plateau``) gets their weighted mean (NaN if one of
+      weight > 0 lacked it). Other keywords reach ``inner`` as given with
+      the last micro-batch.
     sq_norms: for ``track_noise_scale``, the micro-batches' squared norms
       from ``microbatched_value_and_grad(..., sq_norms=True)`` (in-step).
 

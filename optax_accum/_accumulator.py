@@ -70,12 +70,12 @@ def add(state, grads, weight, value, fresh, layout):
   restart = lambda x: jnp.where(fresh, jnp.zeros_like(x), x)
   sums = (state.acc_value, state.acc_value_weight)
   acc_value, value_weight = map(restart, sums)
-  if value is not None:  # averaged over the micro-batches that give it
-    w_value = w.astype(acc_value.dtype)
-    term = w_value * value.astype(w_value.dtype)
-    term = jnp.where(w > 0, term, jnp.zeros_like(term))
+  if value is not None:  # value_weight summed as acc_weight: equal if all
+    vdtype = acc_value.dtype  # micro-batches gave a value
+    term = w.astype(vdtype) * value.astype(vdtype)
+    term = jnp.where(w > 0, term, jnp.zeros([], vdtype))
     acc_value = acc_value + layout.scalar(term)
-    value_weight = value_weight + layout.scalar(w_value)
+    value_weight = value_weight + w_term
   return acc_grads, acc_weight, acc_value, value_weight
 
 

@@ -32,6 +32,8 @@ class Chain:
     for i, s in enumerate(states):
       chainable = _state.holds_chainable_form(s)
       _call_checks.no_chainable_form(chainable, f'transforms[{i}]')
+      if self.acc and _state.accumulate_states(s, _state.ACCUMULATORS):
+        fail(ValueError, f'transforms[{i}]', 'an accumulator before one')
     if self.acc is None:
       return states
     return (*states, self.acc.init(params))

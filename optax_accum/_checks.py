@@ -25,8 +25,8 @@ ScheduleLike = Union[int, jax.Array, Callable[[jax.Array], Any]]
 def window_k(value) -> jax.Array:
   """A schedule value as an int32 k in [1, 2**31 - 1]: rounded; below 1
   and NaN mean 1."""
-  if isinstance(value, int):  # a Python int of any size
-    value = min(max(value, 1), INT32_MAX)
+  if isinstance(value, (int, np.integer)):  # a Python int of any size
+    value = min(max(int(value), 1), INT32_MAX)
   k = jnp.asarray(value)
   if k.dtype == jnp.bool_:
     k = k.astype(jnp.int32)
@@ -48,8 +48,8 @@ def _probe(k, gradient_step):
   try:  # jit traces it: Python branching on gradient_step cannot run
     out = k(gradient_step)
   except TypeError as e:  # (JAX's tracer errors are TypeErrors)
-    want = 'gradient_step -> k, traceable (jnp.where, not if)'
-    fail(TypeError, 'every_k_schedule', f'{k!r}; give {want}', e)
+    raised = f'{k!r} raised on a traced gradient_step (jnp.where, not if)'
+    fail(TypeError, 'every_k_schedule', f'{raised}: {e}', e)
   try:
     return jnp.asarray(0 if isinstance(out, int) else out)
   except (TypeError, ValueError) as e:
@@ -92,11 +92,7 @@ def inner(value, is_accumulator: Callable[[Any], bool]) -> None:
   if value is not None:
     transformation(value, 'inner')
   if value is not None and is_accumulator(value):
-    nested_accumulator()
-
-
-def nested_accumulator():
-  fail(ValueError, 'inner', 'an accumulator; write accumulate(k1 * k2, opt)')
+    fail(ValueError, 'inner', 'an accumulator; write accumulate(k1 * k2, opt)')
 
 
 def accumulator_dtype(value):

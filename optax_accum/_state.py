@@ -28,7 +28,7 @@ class AccumulateState(NamedTuple):
       chainable form.
     noise_scale: with ``track_noise_scale=True``, the sums and averages of
       :func:`optax_accum.gradient_noise_scale`; else None.
-    acc_value_weight: scalar :math:`\\sum_i w_i` of those that gave ``value``.
+    acc_value_weight: ``acc_weight`` over the micro-batches that gave ``value``.
 
   With ``axis_name`` the sums are typed unreduced (:func:`reduced_state`).
 

@@ -329,10 +329,9 @@ def test_value_reaches_the_inner_optimizer_as_the_window_weighted_mean():
   np.testing.assert_allclose(seen, [19.0 / 4.0, 5.0])
 
 
-def test_value_is_averaged_over_the_micro_batches_that_give_it():
-  """Polyak SGD reads the loss: given with every micro-batch it matches the
-  large batch; given with some, it is their weighted mean (not diluted by
-  the weights of those that did not give it)."""
+def test_value_with_every_micro_batch_is_the_large_batch_loss():
+  """Polyak SGD reads the loss: given with every micro-batch (weights the
+  sizes) it steps as on the large batch."""
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(12, 3)), rng.normal(size=12)
   loss = lambda w, x, y: jnp.mean((x @ w - y) ** 2)
@@ -343,20 +342,41 @@ def test_value_is_averaged_over_the_micro_batches_that_give_it():
   inner = optax.polyak_sgd(max_learning_rate=1.0)
   big_loss, big_grad = jax.value_and_grad(loss)(w0, x, y)
   big_step, _ = inner.update(big_grad, inner.init(w0), w0, value=big_loss)
-  for given in ([0, 1, 2], [1, 2]):
-    tx, values = optax_accum.accumulate(3, inner), []
-    state, w = tx.init(w0), w0
-    for i, r in enumerate(rows):
-      value, g = jax.value_and_grad(loss)(w0, x[r], y[r])
-      n = float(len(y[r]))
-      kw = {"value": value} if i in given else {}
-      values += [(float(value), n)] if i in given else []
-      w, state = optax_accum.apply_gradients(tx, g, state, w, weight=n, **kw)
-    mean = sum(v * n for v, n in values) / sum(n for _, n in values)
-    want, _ = inner.update(big_grad, inner.init(w0), w0, value=mean)
-    np.testing.assert_allclose(w, w0 + want, rtol=1e-5)
-    if given == [0, 1, 2]:
-      np.testing.assert_allclose(w, w0 + big_step, rtol=1e-5)
+  tx = optax_accum.accumulate(3, inner)
+  state, w = tx.init(w0), w0
+  for r in rows:
+    value, g = jax.value_and_grad(loss)(w0, x[r], y[r])
+    n = float(len(y[r]))
+    w, state = optax_accum.apply_gradients(
+      tx, g, state, w, weight=n, value=value
+    )
+  np.testing.assert_allclose(w, w0 + big_step, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "given, want",  # (weight, value or None) per micro-batch
+  [
+    ([(1.0, 2.0), (3.0, None), (2.0, 4.0)], np.nan),  # diluted, were it read
+    ([(1.0, None), (2.0, None), (0.0, 5.0)], np.nan),  # only weight 0 gave it
+    ([(1.0, 2.0), (0.0, None), (3.0, 6.0)], 5.0),  # weight 0 may lack it
+  ],
+)
+def test_a_value_missing_where_the_weight_is_not_0_reaches_inner_as_nan(
+  given, want
+):
+  seen = []
+
+  def update(updates, state, params=None, *, value):
+    del params
+    seen.append(float(value))
+    return updates, state
+
+  tx = optax_accum.accumulate(3, stateless(update))
+  state = tx.init(jnp.zeros(2))
+  for weight, value in given:
+    kw = {} if value is None else {"value": value}
+    _, state = tx.update(jnp.ones(2), state, jnp.zeros(2), weight=weight, **kw)
+  np.testing.assert_equal(seen, [want])
 
 
 def test_reduce_on_plateau_sees_the_window_loss():

@@ -245,6 +245,15 @@ CASES = {
     ValueError,
     "state",
   ),
+  "optax.MultiSteps before an accumulator": (
+    lambda: optax_accum.chain(
+      optax.MultiSteps(optax.sgd(1.0), 2).gradient_transformation(),
+      acc(2),
+      optax.sgd(1.0),
+    ).init(P0),
+    ValueError,
+    "transforms[0]",
+  ),
   "integer gradients": (
     lambda: acc(2, optax.sgd(1.0)).update(
       {"w": jnp.ones(3, jnp.int32)}, acc(2).init(P0)
