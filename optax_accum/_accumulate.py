@@ -214,10 +214,10 @@ class Accumulator:
       rejected = jnp.asarray(skip) & stepped
       stepped = stepped & ~rejected
       skip_state = _strong(skip_state)
-    if 'value' in extra:  # the weighted mean; NaN if one of weight > 0
-      dtype = _accumulator.promote(extra['value'], jnp.float32)  # lacked it
+    if 'value' in extra:  # the weighted mean, NaN where a micro-batch
+      dtype = _accumulator.promote(extra['value'], jnp.float32)  # of w > 0
       value = value / weight.astype(value.dtype)
-      value = jnp.where(value_weight == weight, value, jnp.nan)
+      value = jnp.where(value_weight == weight, value, jnp.nan)  # lacked it
       extra = {**extra, 'value': value.astype(dtype)}
 
     def step(inner_state, params, acc_sum, weight):

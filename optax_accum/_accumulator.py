@@ -70,8 +70,8 @@ def add(state, grads, weight, value, fresh, layout):
   restart = lambda x: jnp.where(fresh, jnp.zeros_like(x), x)
   sums = (state.acc_value, state.acc_value_weight)
   acc_value, value_weight = map(restart, sums)
-  if value is not None:  # value_weight summed as acc_weight: equal if all
-    vdtype = acc_value.dtype  # micro-batches gave a value
+  if value is not None:  # value_weight sums w_term as acc_weight does, so
+    vdtype = acc_value.dtype  # the two are equal where all gave a value
     term = w.astype(vdtype) * value.astype(vdtype)
     term = jnp.where(w > 0, term, jnp.zeros([], vdtype))
     acc_value = acc_value + layout.scalar(term)
