@@ -96,7 +96,7 @@ class Accumulator:
     if self.inner_tx is not None:
       inner_state = self._inner_init(params)
       nested = lambda _: bool(accumulate_states(inner_state, ACCUMULATORS))
-      _checks.inner(self.inner, nested)  # optax's accumulators too
+      _checks.inner(self.inner, nested)  # optax's too: windows miscounted
     value_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     state = AccumulateState(
       mini_step=jnp.zeros([], jnp.int32),
@@ -214,10 +214,10 @@ class Accumulator:
       rejected = jnp.asarray(skip) & stepped
       stepped = stepped & ~rejected
       skip_state = _strong(skip_state)
-    if 'value' in extra:  # the weighted mean, NaN where a micro-batch
-      dtype = _accumulator.promote(extra['value'], jnp.float32)  # of w > 0
+    if 'value' in extra:  # weighted mean; NaN where one of w > 0 lacked it
+      dtype = _accumulator.promote(jnp.result_type(extra['value']), 'f4')
       value = value / weight.astype(value.dtype)
-      value = jnp.where(value_weight == weight, value, jnp.nan)  # lacked it
+      value = jnp.where(value_weight == weight, value, jnp.nan)
       extra = {**extra, 'value': value.astype(dtype)}
 
     def step(inner_state, params, acc_sum, weight):

@@ -25,8 +25,10 @@ ScheduleLike = Union[int, jax.Array, Callable[[jax.Array], Any]]
 def window_k(value) -> jax.Array:
   """A schedule value as an int32 k in [1, 2**31 - 1]: rounded; below 1
   and NaN mean 1."""
-  if isinstance(value, (int, np.integer)):  # a Python int of any size
-    value = min(max(int(value), 1), INT32_MAX)
+  if isinstance(value, (np.ndarray, np.generic)) and not np.ndim(value):
+    value = value.item()  # numpy as a Python number (whole, any size)
+  if isinstance(value, int):  # a Python int of any size
+    value = min(max(value, 1), INT32_MAX)
   k = jnp.asarray(value)
   if k.dtype == jnp.bool_:
     k = k.astype(jnp.int32)

@@ -24,8 +24,7 @@ class AccumulateState(NamedTuple):
     num_rejected: int32 scalar, windows ``should_skip_update_fn`` rejected.
     grad_norm: float32 scalar, the L2 norm of the last window's mean.
     skip_state: ``should_skip_update_fn``'s for the last window, or None.
-    inner_opt_state: ``inner``'s state (its init's dtypes); None in the
-      chainable form.
+    inner_opt_state: ``inner``'s state (init's dtypes); None: chainable form.
     noise_scale: with ``track_noise_scale=True``, the sums and averages of
       :func:`optax_accum.gradient_noise_scale`; else None.
     acc_value_weight: ``acc_weight`` over the micro-batches that gave ``value``.
@@ -59,7 +58,6 @@ class AccumulateState(NamedTuple):
   acc_value_weight: Any = None
 
 
-# Accumulators, ours and optax's: nested in an inner they count windows wrong.
 ACCUMULATORS = (AccumulateState, optax.MultiStepsState, optax.ApplyEvery)
 
 

@@ -417,8 +417,9 @@ def test_an_integer_value_reaches_inner_as_an_untruncated_mean(form):
   np.testing.assert_allclose(plateau_state.best_value, 3.5)
 
 
+@pytest.mark.parametrize("as_given", [jnp.float64, float])  # a Python float
 @pytest.mark.parametrize("form", ["exact", "after_an_element"])
-def test_a_float64_value_keeps_float64_under_x64(form):
+def test_a_float64_value_keeps_float64_under_x64(form, as_given):
   with jax.enable_x64(True):
     plateau = optax.contrib.reduce_on_plateau(patience=0)
     head = [optax.identity()] if form == "after_an_element" else []
@@ -429,7 +430,7 @@ def test_a_float64_value_keeps_float64_under_x64(form):
     state = tx.init(params)
     for v in (1e8 + 0.25, 1e8 + 0.5):  # float32 holds neither
       params, state = optax_accum.apply_gradients(
-        tx, jnp.ones(3), state, params, value=jnp.float64(v)
+        tx, jnp.ones(3), state, params, value=as_given(v)
       )
     is_plateau = lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
     (plateau_state,) = [

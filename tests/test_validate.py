@@ -145,7 +145,9 @@ def test_float8_accumulator_dtype_is_rejected_at_construction(dtype):
     optax_accum.accumulate(2, accumulator_dtype=getattr(jnp, dtype))
 
 
-@pytest.mark.parametrize("big", [2**31, np.int64(2**40)])
+@pytest.mark.parametrize(
+  "big", [2**31, np.int64(2**40), np.array(2**40), np.array(2**32, np.uint64)]
+)
 def test_schedule_returning_an_integer_beyond_int32_is_clipped(big):
   tx = optax_accum.accumulate(lambda step: big)
   assert int(tx.init(jnp.zeros(2)).every_k) == 2**31 - 1
